@@ -1,0 +1,197 @@
+use crate::consts::*;
+use crate::*;
+
+struct OneExport;
+
+fn disk() -> ExportInfo {
+    ExportInfo {
+        name: "disk".into(),
+        description: "a test disk".into(),
+        size: 1 << 20,
+        flags: TF_SEND_FLUSH | TF_SEND_DF,
+        block_sizes: (1, 4096, 32 << 20),
+        contexts: vec![BASE_ALLOCATION.into(), "qemu:dirty-bitmap:b0".into()],
+    }
+}
+
+impl Catalog for OneExport {
+    fn list(&self) -> Vec<ExportInfo> {
+        vec![disk()]
+    }
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        (name == "disk" || name.is_empty()).then(disk)
+    }
+}
+
+fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = IHAVEOPT.to_be_bytes().to_vec();
+    v.extend_from_slice(&opt.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+fn go_data(name: &str) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    d
+}
+
+/// Splits option replies into (option, type, payload).
+fn replies(mut b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+    let mut v = Vec::new();
+    while !b.is_empty() {
+        assert_eq!(u64::from_be_bytes(b[..8].try_into().unwrap()), OPT_REPLY_MAGIC);
+        let opt = u32::from_be_bytes(b[8..12].try_into().unwrap());
+        let kind = u32::from_be_bytes(b[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize;
+        v.push((opt, kind, b[20..20 + len].to_vec()));
+        b = &b[20 + len..];
+    }
+    v
+}
+
+fn start() -> ServerHandshake {
+    let mut out = Vec::new();
+    let mut hs = ServerHandshake::new(&mut out);
+    assert_eq!(&out[..8], &NBDMAGIC.to_be_bytes());
+    let (n, step) = hs.process(&3u32.to_be_bytes(), &OneExport, &mut out).unwrap();
+    assert_eq!(n, 4);
+    assert!(matches!(step, Step::NeedMore));
+    hs
+}
+
+#[test]
+fn unknown_option_is_refused_and_negotiation_continues() {
+    let mut hs = start();
+    let mut input = option(99, b"some payload");
+    input.extend(option(OPT_GO, &go_data("disk")));
+    let mut out = Vec::new();
+    let (n, step) = hs.process(&input, &OneExport, &mut out).unwrap();
+    assert_eq!(n, input.len());
+    assert!(matches!(step, Step::Ready(_)));
+    let r = replies(&out);
+    assert_eq!(r[0].0, 99);
+    assert_eq!(r[0].1, REP_ERR_UNSUP);
+    assert_eq!(r.last().unwrap().1, REP_ACK);
+}
+
+#[test]
+fn handshake_input_split_byte_by_byte_gives_the_same_result() {
+    let mut hs = start();
+    let input = option(OPT_GO, &go_data("disk"));
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut done = false;
+    for b in input {
+        buf.push(b);
+        let (n, step) = hs.process(&buf, &OneExport, &mut out).unwrap();
+        buf.drain(..n);
+        if let Step::Ready(neg) = step {
+            assert_eq!(neg.export.name, "disk");
+            assert_eq!(neg.mode, ReplyMode::Simple);
+            // DF is only for clients with structured replies.
+            assert_eq!(neg.flags & TF_SEND_DF, 0);
+            done = true;
+        }
+    }
+    assert!(done);
+}
+
+#[test]
+fn go_for_a_missing_export_answers_unknown_and_allows_retry() {
+    let mut hs = start();
+    let mut out = Vec::new();
+    let input = option(OPT_GO, &go_data("nope"));
+    let (_, step) = hs.process(&input, &OneExport, &mut out).unwrap();
+    assert!(matches!(step, Step::NeedMore));
+    assert_eq!(replies(&out)[0].1, REP_ERR_UNKNOWN);
+}
+
+#[test]
+fn oversized_option_is_skipped_then_refused_as_too_big() {
+    let mut hs = start();
+    let mut out = Vec::new();
+    let len = MAX_OPTION_LEN + 10;
+    let mut input = IHAVEOPT.to_be_bytes().to_vec();
+    input.extend_from_slice(&OPT_LIST.to_be_bytes());
+    input.extend_from_slice(&len.to_be_bytes());
+    input.extend(std::iter::repeat(7u8).take(len as usize));
+    let (n, step) = hs.process(&input, &OneExport, &mut out).unwrap();
+    assert_eq!(n, input.len());
+    assert!(matches!(step, Step::NeedMore));
+    assert_eq!(replies(&out)[0].1, REP_ERR_TOO_BIG);
+}
+
+#[test]
+fn meta_context_needs_structured_replies_and_selects_base_allocation() {
+    let mut hs = start();
+    let mut q = go_data("disk");
+    q.truncate(q.len() - 2);
+    q.extend_from_slice(&1u32.to_be_bytes());
+    q.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
+    q.extend_from_slice(BASE_ALLOCATION.as_bytes());
+    let mut out = Vec::new();
+    hs.process(&option(OPT_SET_META_CONTEXT, &q), &OneExport, &mut out).unwrap();
+    assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+
+    let mut input = option(OPT_EXTENDED_HEADERS, &[]);
+    input.extend(option(OPT_SET_META_CONTEXT, &q));
+    input.extend(option(OPT_GO, &go_data("disk")));
+    out.clear();
+    let (_, step) = hs.process(&input, &OneExport, &mut out).unwrap();
+    let Step::Ready(neg) = step else { panic!("not ready") };
+    assert_eq!(neg.mode, ReplyMode::Extended);
+    assert_eq!(neg.contexts, vec![(1, BASE_ALLOCATION.to_string())]);
+}
+
+#[test]
+fn list_meta_context_wildcard_lists_namespace() {
+    let mut hs = start();
+    let mut q = go_data("disk");
+    q.truncate(q.len() - 2);
+    q.extend_from_slice(&1u32.to_be_bytes());
+    q.extend_from_slice(&5u32.to_be_bytes());
+    q.extend_from_slice(b"qemu:");
+    let mut input = option(OPT_STRUCTURED_REPLY, &[]);
+    input.extend(option(OPT_LIST_META_CONTEXT, &q));
+    let mut out = Vec::new();
+    hs.process(&input, &OneExport, &mut out).unwrap();
+    let r = replies(&out);
+    assert_eq!(r[1].1, REP_META_CONTEXT);
+    assert_eq!(&r[1].2[4..], b"qemu:dirty-bitmap:b0");
+    assert_eq!(r[2].1, REP_ACK);
+}
+
+#[test]
+fn compact_and_extended_requests_round_trip() {
+    for mode in [ReplyMode::Simple, ReplyMode::Extended] {
+        let req = Request {
+            flags: CMD_FLAG_FUA | if mode == ReplyMode::Extended { CMD_FLAG_PAYLOAD_LEN } else { 0 },
+            command: CMD_WRITE,
+            cookie: 42,
+            offset: 4096,
+            length: 512,
+            payload_len: 512,
+        };
+        let mut b = Vec::new();
+        encode_request(&mut b, &req, mode);
+        assert_eq!(decode_request(&b[..b.len() - 1], mode).unwrap(), None);
+        let (got, n) = decode_request(&b, mode).unwrap().unwrap();
+        assert_eq!(n, b.len());
+        assert_eq!(got, req);
+    }
+    assert_eq!(decode_request(&[0u8; 28], ReplyMode::Simple), Err(ProtocolError::BadMagic));
+}
+
+#[test]
+fn error_messages_are_cut_to_qemus_limit() {
+    let r = Replies::new(ReplyMode::Structured);
+    let req = Request { flags: 0, command: CMD_READ, cookie: 1, offset: 0, length: 1, payload_len: 0 };
+    let mut out = Vec::new();
+    r.error(&mut out, &req, EINVAL, &"é".repeat(2000));
+    let len = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
+    assert_eq!(out.len(), 20 + len);
+    assert!(len - 6 <= MAX_ERROR_MESSAGE);
+}

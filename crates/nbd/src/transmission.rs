@@ -1,0 +1,224 @@
+//! Transmission phase: request headers in, reply messages out.
+
+use crate::consts::*;
+use crate::wire::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
+use crate::{ProtocolError, ReplyMode};
+
+/// A decoded request header. For writes the payload follows on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// `NBD_CMD_FLAG_*` bits as sent.
+    pub flags: u16,
+    /// `NBD_CMD_*` type as sent (unknown values are kept, to be refused).
+    pub command: u16,
+    /// Opaque client value echoed in every reply chunk.
+    pub cookie: u64,
+    /// Byte offset into the export.
+    pub offset: u64,
+    /// Effect length, or payload length for writes.
+    pub length: u64,
+    /// Bytes of payload that follow this header on the wire.
+    pub payload_len: u64,
+}
+
+/// Decodes one request header from the start of `buf`.
+///
+/// Returns `Ok(None)` when more bytes are needed (that is not an error), and
+/// the header with its size otherwise. A bad magic is a protocol violation
+/// after which the stream cannot be re-synchronised.
+pub fn decode_request(buf: &[u8], mode: ReplyMode) -> Result<Option<(Request, usize)>, ProtocolError> {
+    let extended = mode == ReplyMode::Extended;
+    let need = if extended { EXTENDED_REQUEST_LEN } else { REQUEST_LEN };
+    if buf.len() < need {
+        return Ok(None);
+    }
+    let magic = get_u32(buf);
+    let expected = if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC };
+    if magic != expected {
+        return Err(ProtocolError::BadMagic);
+    }
+    let flags = get_u16(&buf[4..]);
+    let command = get_u16(&buf[6..]);
+    let cookie = get_u64(&buf[8..]);
+    let offset = get_u64(&buf[16..]);
+    let length = if extended { get_u64(&buf[24..]) } else { get_u32(&buf[24..]) as u64 };
+    let payload_len = if extended {
+        if flags & CMD_FLAG_PAYLOAD_LEN != 0 {
+            length
+        } else {
+            0
+        }
+    } else if command == CMD_WRITE {
+        length
+    } else {
+        0
+    };
+    Ok(Some((
+        Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+            payload_len,
+        },
+        need,
+    )))
+}
+
+/// Encodes a request header (the client side, used by tests and push backup).
+pub fn encode_request(out: &mut Vec<u8>, req: &Request, mode: ReplyMode) {
+    if mode == ReplyMode::Extended {
+        put_u32(out, EXTENDED_REQUEST_MAGIC);
+        put_u16(out, req.flags);
+        put_u16(out, req.command);
+        put_u64(out, req.cookie);
+        put_u64(out, req.offset);
+        put_u64(out, req.length);
+    } else {
+        put_u32(out, REQUEST_MAGIC);
+        put_u16(out, req.flags);
+        put_u16(out, req.command);
+        put_u64(out, req.cookie);
+        put_u64(out, req.offset);
+        put_u32(out, req.length as u32);
+    }
+}
+
+/// One extent of a block-status reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes, never zero.
+    pub length: u64,
+    /// Context-specific status bits.
+    pub flags: u64,
+}
+
+/// Writes replies in the header style the connection negotiated.
+#[derive(Clone, Copy, Debug)]
+pub struct Replies {
+    mode: ReplyMode,
+}
+
+impl Replies {
+    /// Replies for a connection in `mode`.
+    pub fn new(mode: ReplyMode) -> Self {
+        Replies { mode }
+    }
+
+    /// The negotiated style.
+    pub fn mode(&self) -> ReplyMode {
+        self.mode
+    }
+
+    fn chunk_header(&self, out: &mut Vec<u8>, req: &Request, flags: u16, kind: u16, len: u64) {
+        match self.mode {
+            ReplyMode::Extended => {
+                put_u32(out, EXTENDED_REPLY_MAGIC);
+                put_u16(out, flags);
+                put_u16(out, kind);
+                put_u64(out, req.cookie);
+                put_u64(out, req.offset);
+                put_u64(out, len);
+            }
+            _ => {
+                put_u32(out, STRUCTURED_REPLY_MAGIC);
+                put_u16(out, flags);
+                put_u16(out, kind);
+                put_u64(out, req.cookie);
+                put_u32(out, len as u32);
+            }
+        }
+    }
+
+    fn simple(&self, out: &mut Vec<u8>, req: &Request, error: u32) {
+        put_u32(out, SIMPLE_REPLY_MAGIC);
+        put_u32(out, error);
+        put_u64(out, req.cookie);
+    }
+
+    /// Success with no payload (the whole reply).
+    pub fn ok(&self, out: &mut Vec<u8>, req: &Request) {
+        match self.mode {
+            ReplyMode::Simple => self.simple(out, req, 0),
+            _ => self.chunk_header(out, req, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0),
+        }
+    }
+
+    /// Failure of the whole request with an errno-style `error` and a message
+    /// for people (cut to the length qemu accepts).
+    pub fn error(&self, out: &mut Vec<u8>, req: &Request, error: u32, message: &str) {
+        match self.mode {
+            ReplyMode::Simple => self.simple(out, req, error),
+            _ => {
+                let mut end = message.len().min(MAX_ERROR_MESSAGE);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let msg = &message.as_bytes()[..end];
+                self.chunk_header(out, req, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len() as u64);
+                put_u32(out, error);
+                put_u16(out, msg.len() as u16);
+                out.extend_from_slice(msg);
+            }
+        }
+    }
+
+    /// Header of a successful read whose `len` data bytes at `offset` the
+    /// caller appends next; the reply is complete after them.
+    pub fn read_data_header(&self, out: &mut Vec<u8>, req: &Request, offset: u64, len: u64, done: bool) {
+        match self.mode {
+            ReplyMode::Simple => self.simple(out, req, 0),
+            _ => {
+                let flags = if done { REPLY_FLAG_DONE } else { 0 };
+                self.chunk_header(out, req, flags, REPLY_TYPE_OFFSET_DATA, 8 + len);
+                put_u64(out, offset);
+            }
+        }
+    }
+
+    /// Size of what [`read_data_header`](Self::read_data_header) writes, so a
+    /// reply buffer can reserve it in front of the data.
+    pub fn read_data_header_len(&self) -> usize {
+        match self.mode {
+            ReplyMode::Simple => 16,
+            ReplyMode::Structured => 20 + 8,
+            ReplyMode::Extended => 32 + 8,
+        }
+    }
+
+    /// A chunk saying `len` bytes at `offset` read as zeroes (structured only).
+    pub fn read_hole(&self, out: &mut Vec<u8>, req: &Request, offset: u64, len: u32, done: bool) {
+        let flags = if done { REPLY_FLAG_DONE } else { 0 };
+        self.chunk_header(out, req, flags, REPLY_TYPE_OFFSET_HOLE, 12);
+        put_u64(out, offset);
+        put_u32(out, len);
+    }
+
+    /// A final empty chunk, closing a reply sent in several chunks.
+    pub fn done(&self, out: &mut Vec<u8>, req: &Request) {
+        self.chunk_header(out, req, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0);
+    }
+
+    /// One block-status chunk for context `id`. Extents must be non-empty;
+    /// in compact mode lengths are clamped to 32 bits by the caller.
+    pub fn block_status(&self, out: &mut Vec<u8>, req: &Request, id: u32, extents: &[Extent], done: bool) {
+        let flags = if done { REPLY_FLAG_DONE } else { 0 };
+        if self.mode == ReplyMode::Extended {
+            self.chunk_header(out, req, flags, REPLY_TYPE_BLOCK_STATUS_EXT, 8 + 16 * extents.len() as u64);
+            put_u32(out, id);
+            put_u32(out, extents.len() as u32);
+            for e in extents {
+                put_u64(out, e.length);
+                put_u64(out, e.flags);
+            }
+        } else {
+            self.chunk_header(out, req, flags, REPLY_TYPE_BLOCK_STATUS, 4 + 8 * extents.len() as u64);
+            put_u32(out, id);
+            for e in extents {
+                put_u32(out, e.length as u32);
+                put_u32(out, e.flags as u32);
+            }
+        }
+    }
+}
