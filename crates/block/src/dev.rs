@@ -1,0 +1,82 @@
+//! The one trait every node of the block layer implements.
+
+use crate::{Error, ErrorKind, Result};
+
+/// What a range of a device reads as, for block status and copy skipping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    /// Allocated data that may be anything.
+    Data,
+    /// Allocated, reads as zeroes.
+    Zero,
+    /// Not allocated, reads as zeroes.
+    Hole,
+}
+
+/// A run of bytes with one mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes, never zero.
+    pub length: u64,
+    /// What those bytes are.
+    pub mapping: Mapping,
+}
+
+/// How a write-zeroes request may be carried out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range may be deallocated (no NBD `NO_HOLE`).
+    pub may_unmap: bool,
+    /// Fail with `NotSupported` rather than write zero buffers (NBD `FAST_ZERO`).
+    pub fast_only: bool,
+    /// Durable before returning (NBD `FUA`).
+    pub fua: bool,
+}
+
+/// What a device can do, asked once when an export is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Writes, zeroes and trims are refused.
+    pub read_only: bool,
+    /// Trim deallocates (otherwise it is accepted and ignored).
+    pub trim: bool,
+    /// Write-zeroes can be done without writing buffers.
+    pub fast_zero: bool,
+}
+
+/// A byte-addressed block device. All methods take `&self` and may be called
+/// from many threads at once; implementations order their own conflicts.
+pub trait BlockDev: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// What the device supports.
+    fn capabilities(&self) -> Capabilities;
+    /// Fills `buf` from `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Writes `buf` at `offset`; with `fua` it is durable on return.
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()>;
+    /// Makes the range read as zeroes.
+    fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()>;
+    /// Says the range is no longer needed; it may then read as anything
+    /// (our raw files read it as zeroes).
+    fn trim(&self, offset: u64, length: u64) -> Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+    /// Hints that the range will be read soon.
+    fn cache(&self, offset: u64, length: u64) -> Result<()>;
+    /// Mapping of the range from `offset`, covering at least one byte and at
+    /// most `length` bytes.
+    fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>>;
+}
+
+/// Checks that `[offset, offset+length)` lies inside a device of `size` bytes,
+/// without overflowing.
+pub fn check_range(size: u64, offset: u64, length: u64) -> Result<()> {
+    match offset.checked_add(length) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::new(
+            ErrorKind::OutOfRange,
+            format!("range {offset}+{length} is beyond the end of the device ({size} bytes)"),
+        )),
+    }
+}

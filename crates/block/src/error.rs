@@ -1,0 +1,75 @@
+use std::io;
+
+/// What went wrong, coarse enough to map onto an NBD error code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Offset or length outside the device.
+    OutOfRange,
+    /// Writing past the end of the device.
+    NoSpace,
+    /// The operation is not possible quickly (FAST_ZERO) or at all.
+    NotSupported,
+    /// The device is read-only.
+    ReadOnly,
+    /// Read of data the snapshot does not hold (outside its bitmap, or discarded).
+    AccessDenied,
+    /// The snapshot was broken by an earlier copy-before-write failure.
+    Broken,
+    /// The store hit its limit or the file system is full.
+    StoreFull,
+    /// The copy-before-write did not finish within its timeout.
+    TimedOut,
+    /// An I/O error from the operating system.
+    Io,
+    /// Bad argument from a caller (not a client request).
+    Invalid,
+}
+
+/// The one error type of the block layer: a kind, a message for people,
+/// and the OS error underneath when there is one.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    #[source]
+    source: Option<io::Error>,
+}
+
+impl Error {
+    /// An error of `kind` with a message for people.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An I/O error, with what was being done when it happened.
+    pub fn io(context: impl std::fmt::Display, err: io::Error) -> Self {
+        let kind = match err.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorKind::StoreFull,
+            Some(libc::EOPNOTSUPP) => ErrorKind::NotSupported,
+            _ => ErrorKind::Io,
+        };
+        Error {
+            kind,
+            message: format!("{context}: {err}"),
+            source: Some(err),
+        }
+    }
+
+    /// The kind, for callers that map errors to wire codes.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The OS error number underneath, if any.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.source.as_ref().and_then(|e| e.raw_os_error())
+    }
+}
+
+/// Result of block-layer operations.
+pub type Result<T> = std::result::Result<T, Error>;

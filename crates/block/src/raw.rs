@@ -1,0 +1,354 @@
+//! A raw image file: the bottom of every stack.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::dev::{check_range, BlockDev, Capabilities, Extent, Mapping, ZeroFlags};
+use crate::{Error, ErrorKind, Result};
+
+/// Largest zero buffer written at once when the file system cannot zero a
+/// range by itself.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// A raw image file accessed with positioned I/O, so many threads share one
+/// descriptor without locks.
+#[derive(Debug)]
+pub struct RawFile {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    read_only: bool,
+}
+
+impl RawFile {
+    /// Opens an existing image; its size is the file's size.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
+        if !meta.is_file() {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("{} is not a regular file", path.display()),
+            ));
+        }
+        Ok(RawFile {
+            file,
+            path: path.to_path_buf(),
+            size: meta.len(),
+            read_only,
+        })
+    }
+
+    /// Creates (or truncates) a sparse file of `size` bytes and opens it.
+    pub fn create(path: &Path, size: u64) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
+        file.set_len(size)
+            .map_err(|e| Error::io(format!("cannot size {}", path.display()), e))?;
+        Ok(RawFile {
+            file,
+            path: path.to_path_buf(),
+            size,
+            read_only: false,
+        })
+    }
+
+    /// Path the file was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::new(ErrorKind::ReadOnly, "device is read-only"));
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, length: u64) -> io::Result<()> {
+        // SAFETY: plain syscall on a descriptor we own; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(self.file.as_raw_fd(), mode, offset as libc::off_t, length as libc::off_t)
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn punch_hole(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, length)
+    }
+
+    fn write_zero_buffers(&self, offset: u64, length: u64) -> Result<()> {
+        let zeroes = vec![0u8; ZERO_CHUNK.min(length as usize)];
+        let mut done = 0;
+        while done < length {
+            let n = (length - done).min(zeroes.len() as u64) as usize;
+            self.file
+                .write_all_at(&zeroes[..n], offset + done)
+                .map_err(|e| Error::io("write zeroes", e))?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn datasync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| Error::io("flush", e))
+    }
+
+    /// `lseek` with SEEK_DATA / SEEK_HOLE; `None` when there is no such
+    /// position before the end (ENXIO).
+    fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+        // SAFETY: plain syscall on a descriptor we own. Moving the shared file
+        // position is harmless because all data I/O is positioned.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
+}
+
+impl BlockDev for RawFile {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            read_only: self.read_only,
+            trim: true,
+            fast_zero: true,
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        match self.file.read_exact_at(buf, offset) {
+            Ok(()) => Ok(()),
+            // The file shrank under us: what is gone reads as zeroes, as a
+            // sparse tail would.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                let mut done = 0;
+                while done < buf.len() {
+                    match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                        Ok(0) => break,
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(Error::io("read", e)),
+                    }
+                }
+                buf[done..].fill(0);
+                Ok(())
+            }
+            Err(e) => Err(Error::io("read", e)),
+        }
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.writable()?;
+        check_range(self.size, offset, buf.len() as u64)?;
+        if fua {
+            let iov = libc::iovec {
+                iov_base: buf.as_ptr() as *mut libc::c_void,
+                iov_len: buf.len(),
+            };
+            // SAFETY: the iovec points at `buf`, which outlives the call.
+            let r = unsafe {
+                libc::pwritev2(self.file.as_raw_fd(), &iov, 1, offset as libc::off_t, libc::RWF_DSYNC)
+            };
+            if r >= 0 && r as usize == buf.len() {
+                return Ok(());
+            }
+            // Short write or no RWF_DSYNC here: finish the plain way.
+        }
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| Error::io("write", e))?;
+        if fua {
+            self.datasync()?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
+        self.writable()?;
+        check_range(self.size, offset, length)?;
+        if length == 0 {
+            return Ok(());
+        }
+        let done = if flags.may_unmap {
+            self.punch_hole(offset, length).is_ok()
+        } else {
+            self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, length)
+                .is_ok()
+        };
+        if !done {
+            if flags.fast_only {
+                return Err(Error::new(
+                    ErrorKind::NotSupported,
+                    "this file system cannot zero a range faster than writing it",
+                ));
+            }
+            self.write_zero_buffers(offset, length)?;
+        }
+        if flags.fua {
+            self.datasync()?;
+        }
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, length: u64) -> Result<()> {
+        self.writable()?;
+        check_range(self.size, offset, length)?;
+        if length == 0 {
+            return Ok(());
+        }
+        match self.punch_hole(offset, length) {
+            Ok(()) => Ok(()),
+            // Trim is advisory: a file system without hole punching keeps the data.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(Error::io("trim", e)),
+        }
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.datasync()
+    }
+
+    fn cache(&self, offset: u64, length: u64) -> Result<()> {
+        check_range(self.size, offset, length)?;
+        // SAFETY: plain syscall on a descriptor we own. The hint's result
+        // does not matter: a failed prefetch costs nothing but speed.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                length as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        check_range(self.size, offset, length)?;
+        let end = offset + length;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let data = match self.seek(pos, libc::SEEK_DATA) {
+                Ok(d) => d.unwrap_or(self.size).min(end),
+                // No SEEK_DATA support: report everything as data.
+                Err(_) => {
+                    push(&mut out, end - pos, Mapping::Data);
+                    break;
+                }
+            };
+            if data > pos {
+                push(&mut out, data - pos, Mapping::Hole);
+                pos = data;
+                continue;
+            }
+            let hole = self
+                .seek(pos, libc::SEEK_HOLE)
+                .map_err(|e| Error::io("block status", e))?
+                .unwrap_or(self.size)
+                .min(end);
+            let hole = hole.max(pos + 1);
+            push(&mut out, hole - pos, Mapping::Data);
+            pos = hole;
+            // Enough extents for any reply: the client asks again from here.
+            if out.len() >= 1024 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn push(out: &mut Vec<Extent>, length: u64, mapping: Mapping) {
+    if let Some(last) = out.last_mut() {
+        if last.mapping == mapping {
+            last.length += length;
+            return;
+        }
+    }
+    out.push(Extent { length, mapping });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(size: u64) -> (tempfile::TempDir, RawFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = RawFile::create(&dir.path().join("a.raw"), size).unwrap();
+        (dir, f)
+    }
+
+    #[test]
+    fn written_data_reads_back_and_holes_read_as_zeroes() {
+        let (_d, f) = tmp(1 << 20);
+        f.write_at(&[7u8; 4096], 8192, false).unwrap();
+        let mut buf = vec![1u8; 16384];
+        f.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..8192].iter().all(|&b| b == 0));
+        assert!(buf[8192..12288].iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn block_status_reports_holes_and_data_of_a_sparse_file() {
+        let (_d, f) = tmp(1 << 20);
+        f.write_at(&[7u8; 65536], 262144, false).unwrap();
+        let ext = f.block_status(0, 1 << 20).unwrap();
+        let total: u64 = ext.iter().map(|e| e.length).sum();
+        assert_eq!(total, 1 << 20);
+        assert_eq!(ext[0].mapping, Mapping::Hole);
+        assert!(ext.iter().any(|e| e.mapping == Mapping::Data));
+    }
+
+    #[test]
+    fn trim_and_write_zeroes_read_as_zeroes() {
+        let (_d, f) = tmp(1 << 20);
+        f.write_at(&[9u8; 131072], 0, false).unwrap();
+        f.trim(0, 65536).unwrap();
+        f.write_zeroes(65536, 1000, ZeroFlags::default()).unwrap();
+        let mut buf = vec![1u8; 131072];
+        f.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..66536].iter().all(|&b| b == 0));
+        assert!(buf[66536..].iter().all(|&b| b == 9));
+    }
+
+    #[test]
+    fn ranges_past_the_end_are_refused_without_overflow() {
+        let (_d, f) = tmp(4096);
+        let mut buf = [0u8; 2];
+        assert_eq!(f.read_at(&mut buf, 4095).unwrap_err().kind(), ErrorKind::OutOfRange);
+        assert_eq!(f.trim(u64::MAX, 2).unwrap_err().kind(), ErrorKind::OutOfRange);
+    }
+}
