@@ -42,13 +42,10 @@ pub fn decode_request(buf: &[u8], mode: ReplyMode) -> Result<Option<(Request, us
     let cookie = get_u64(&buf[8..]);
     let offset = get_u64(&buf[16..]);
     let length = if extended { get_u64(&buf[24..]) } else { get_u32(&buf[24..]) as u64 };
-    let payload_len = if extended {
-        if flags & CMD_FLAG_PAYLOAD_LEN != 0 {
-            length
-        } else {
-            0
-        }
-    } else if command == CMD_WRITE {
+    // A write always carries `length` bytes. qemu 10 sends extended writes
+    // without NBD_CMD_FLAG_PAYLOAD_LEN, so the flag only matters for other
+    // commands (whose payload is then consumed and refused).
+    let payload_len = if command == CMD_WRITE || (extended && flags & CMD_FLAG_PAYLOAD_LEN != 0) {
         length
     } else {
         0

@@ -1,0 +1,266 @@
+//! Control API: HTTP/1.1 + JSON on a Unix socket. It only changes daemon
+//! state; it is never on the data path.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::UnixListener;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::error::{Error, Result};
+use crate::events::Events;
+use crate::nbd::ListenAddr;
+use crate::registry::Registry;
+
+/// Every route the server answers, as (method, OpenAPI path template). A
+/// test checks `docs/openapi.json` against this list.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/status"),
+    ("GET", "/v1/disks"),
+    ("POST", "/v1/disks"),
+    ("GET", "/v1/disks/{name}"),
+    ("DELETE", "/v1/disks/{name}"),
+    ("GET", "/v1/events"),
+];
+
+/// Request bodies are small JSON documents.
+const MAX_BODY: usize = 1 << 20;
+
+/// Daemon state shared by the control API and the shutdown path.
+pub struct Daemon {
+    /// Disks and exports.
+    pub registry: Arc<Registry>,
+    /// Event fan-out.
+    pub events: Events,
+    /// When the daemon started.
+    pub started: Instant,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Control socket path.
+    pub control: PathBuf,
+    /// NBD listen addresses (TCP with the real port).
+    pub listen: Vec<ListenAddr>,
+}
+
+impl Daemon {
+    /// NBD URI of an export on the first listener.
+    pub fn uri(&self, export: &str) -> String {
+        self.listen.first().map(|l| l.uri(export)).unwrap_or_default()
+    }
+
+    fn disk_json(&self, d: &crate::registry::Disk) -> Value {
+        self.registry.disk_json(d, &|e| self.uri(e))
+    }
+}
+
+type ApiBody = BoxBody<Bytes, Infallible>;
+
+/// Serves the control API until `stop` turns true.
+pub async fn run(listener: UnixListener, daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let d = daemon.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (d, stop) = (d.clone(), stop.clone());
+                        async move { Ok::<_, Infallible>(handle(&d, req, stop).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc);
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "control connection ended");
+                    }
+                });
+            }
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+async fn handle(d: &Arc<Daemon>, req: Request<Incoming>, stop: watch::Receiver<bool>) -> Response<ApiBody> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    tracing::debug!(%method, %path, "control request");
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(Error::invalid("request body is too large or unreadable")),
+    };
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let result = match (&method, segs.as_slice()) {
+        (&Method::GET, ["v1", "status"]) => Ok(ok(StatusCode::OK, status(d))),
+        (&Method::GET, ["v1", "disks"]) => {
+            let list: Vec<Value> = d.registry.disks().iter().map(|x| d.disk_json(x)).collect();
+            Ok(ok(StatusCode::OK, Value::Array(list)))
+        }
+        (&Method::POST, ["v1", "disks"]) => add_disk(d, &body),
+        (&Method::GET, ["v1", "disks", name]) => d.registry.disk(name).map(|x| ok(StatusCode::OK, d.disk_json(&x))),
+        (&Method::DELETE, ["v1", "disks", name]) => {
+            let force = query.split('&').any(|kv| kv == "force=true" || kv == "force=1");
+            d.registry.remove_disk(name, force).map(|_| {
+                d.events.emit("disk_removed", json!({ "name": name }));
+                empty(StatusCode::NO_CONTENT)
+            })
+        }
+        (&Method::GET, ["v1", "events"]) => Ok(sse(&d.events, stop)),
+        _ => {
+            let known = ROUTES.iter().any(|(_, p)| template_matches(p, &segs));
+            if known {
+                Ok(error_with(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    Error::invalid(format!("method {method} is not allowed on {path}")),
+                ))
+            } else {
+                Err(Error::not_found(format!("no such API path: {method} {path} (see docs/openapi.json)")))
+            }
+        }
+    };
+    result.unwrap_or_else(error)
+}
+
+fn template_matches(template: &str, segs: &[&str]) -> bool {
+    let t: Vec<&str> = template.trim_matches('/').split('/').collect();
+    t.len() == segs.len() && t.iter().zip(segs).all(|(a, b)| a.starts_with('{') || a == b)
+}
+
+fn status(d: &Daemon) -> Value {
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": d.started.elapsed().as_secs(),
+        "state_dir": d.state_dir,
+        "control": d.control,
+        "nbd": d.listen.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
+        "disks": d.registry.disks().len(),
+        "connections": d.registry.connection_count(),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddDisk {
+    name: String,
+    path: PathBuf,
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| Error::invalid(format!("bad request body: {e}")))
+}
+
+fn add_disk(d: &Daemon, body: &[u8]) -> Result<Response<ApiBody>> {
+    let req: AddDisk = parse(body)?;
+    let disk = d.registry.add_disk(&req.name, &req.path)?;
+    let v = d.disk_json(&disk);
+    d.events.emit("disk_added", v.clone());
+    Ok(ok(StatusCode::CREATED, v))
+}
+
+fn ok(status: StatusCode, v: Value) -> Response<ApiBody> {
+    let mut body = serde_json::to_vec_pretty(&v).unwrap_or_default();
+    body.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+fn empty(status: StatusCode) -> Response<ApiBody> {
+    let mut r = Response::new(Full::new(Bytes::new()).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+fn error(e: Error) -> Response<ApiBody> {
+    error_with(e.kind.status(), e)
+}
+
+fn error_with(status: StatusCode, e: Error) -> Response<ApiBody> {
+    ok(status, json!({ "error": { "code": e.kind.code(), "message": e.message } }))
+}
+
+/// Server-sent events: each daemon event becomes `event:` and `data:` lines.
+fn sse(events: &Events, mut stop: watch::Receiver<bool>) -> Response<ApiBody> {
+    let mut rx = events.subscribe();
+    let (tx, body_rx) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        // A comment line first, so clients see the stream is open.
+        if tx.send(Bytes::from_static(b": fleece events\n\n")).await.is_err() {
+            return;
+        }
+        loop {
+            let msg = tokio::select! {
+                m = rx.recv() => m,
+                _ = stop.changed() => return,
+            };
+            let text = match msg {
+                Ok(ev) => format!("event: {}\ndata: {}\n\n", ev.kind, ev.data),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    format!("event: lagged\ndata: {{\"missed\":{n}}}\n\n")
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            if tx.send(Bytes::from(text)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(ChannelBody(body_rx).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<std::result::Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_document_lists_exactly_the_served_routes() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (p, ops) in doc["paths"].as_object().unwrap() {
+            for m in ops.as_object().unwrap().keys() {
+                if ["get", "post", "put", "delete", "patch"].contains(&m.as_str()) {
+                    documented.push((m.to_uppercase(), p.clone()));
+                }
+            }
+        }
+        let mut served: Vec<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        documented.sort();
+        served.sort();
+        assert_eq!(documented, served, "docs/openapi.json and api::ROUTES differ");
+    }
+
+    #[test]
+    fn path_templates_match_segments() {
+        assert!(template_matches("/v1/disks/{name}", &["v1", "disks", "x"]));
+        assert!(!template_matches("/v1/disks/{name}", &["v1", "disks"]));
+    }
+}

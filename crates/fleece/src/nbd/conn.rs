@@ -1,0 +1,368 @@
+//! One client connection: handshake, then the request loop.
+
+use std::io::{self, BufReader, Cursor, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use fleece_block::{ErrorKind, Mapping, ZeroFlags};
+use fleece_nbd::consts::*;
+use fleece_nbd::{decode_request, Extent, Negotiated, Replies, ReplyMode, Request, ServerHandshake, Step};
+
+use super::{Pool, Stream};
+use crate::registry::{Export, Registry, MAX_PAYLOAD};
+
+/// A client that stalls mid-handshake is dropped after this long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Requests one connection may have queued or running at once.
+const MAX_INFLIGHT: usize = 256;
+/// Payload bytes one connection may have buffered at once (at least one
+/// request of the largest size always fits).
+const MAX_INFLIGHT_BYTES: u64 = 128 << 20;
+
+pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, pool: Arc<Pool>) {
+    let negotiated = match handshake(&mut stream, &registry) {
+        Ok(Some(n)) => n,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(error = %e, "handshake ended");
+            return;
+        }
+    };
+    let (neg, leftover) = negotiated;
+    let Some(export) = registry.export(&neg.export.name) else {
+        // Removed between negotiation and now.
+        return;
+    };
+    if let Err(e) = stream.set_read_timeout(None) {
+        tracing::debug!(error = %e, "cannot clear handshake timeout");
+        return;
+    }
+    let (Ok(reader), Ok(handle)) = (stream.try_clone(), stream.try_clone()) else {
+        return;
+    };
+    let id = registry.register_conn(&export.name, handle);
+    export.connections.fetch_add(1, Ordering::SeqCst);
+    tracing::debug!(export = %export.name, mode = ?neg.mode, "client connected");
+    let conn = Arc::new(Conn {
+        replies: Replies::new(neg.mode),
+        writer: Mutex::new(stream),
+        export: export.clone(),
+        contexts: neg.contexts.clone(),
+        structured: neg.mode != ReplyMode::Simple,
+        inflight: Mutex::new((0, 0)),
+        idle: Condvar::new(),
+        broken: AtomicBool::new(false),
+    });
+    let reason = read_loop(&conn, Cursor::new(leftover).chain(reader), &pool);
+    tracing::debug!(export = %export.name, %reason, "client disconnecting");
+    conn.wait_idle();
+    if let Ok(w) = conn.writer.lock() {
+        w.shutdown_both();
+    }
+    export.connections.fetch_sub(1, Ordering::SeqCst);
+    registry.unregister_conn(id);
+}
+
+type Handshaken = (Negotiated, Vec<u8>);
+
+fn handshake(stream: &mut Stream, registry: &Registry) -> io::Result<Option<Handshaken>> {
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut out = Vec::new();
+    let mut hs = ServerHandshake::new(&mut out);
+    stream.write_all(&out)?;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 16 << 10];
+    loop {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        out.clear();
+        let (used, step) = hs
+            .process(&buf, registry, &mut out)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        buf.drain(..used);
+        stream.write_all(&out)?;
+        match step {
+            Step::NeedMore => {}
+            Step::Ready(neg) => return Ok(Some((*neg, buf))),
+            Step::Close => return Ok(None),
+        }
+    }
+}
+
+struct Conn {
+    replies: Replies,
+    writer: Mutex<Stream>,
+    export: Arc<Export>,
+    contexts: Vec<(u32, String)>,
+    structured: bool,
+    /// (requests, payload bytes) queued or running.
+    inflight: Mutex<(usize, u64)>,
+    idle: Condvar,
+    broken: AtomicBool,
+}
+
+impl Conn {
+    fn acquire(&self, bytes: u64) {
+        let mut g = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        while g.0 > 0 && (g.0 >= MAX_INFLIGHT || g.1 + bytes > MAX_INFLIGHT_BYTES) {
+            g = self.idle.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.0 += 1;
+        g.1 += bytes;
+    }
+
+    fn release(&self, bytes: u64) {
+        let mut g = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 -= 1;
+        g.1 -= bytes;
+        self.idle.notify_all();
+    }
+
+    fn wait_idle(&self) {
+        let mut g = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        while g.0 > 0 {
+            g = self.idle.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        if self.broken.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = w.write_all(bytes) {
+            tracing::debug!(error = %e, "reply write failed; closing connection");
+            self.broken.store(true, Ordering::Relaxed);
+            w.shutdown_read();
+        }
+    }
+}
+
+/// Reads requests until the client leaves or breaks the protocol; returns why.
+fn read_loop(conn: &Arc<Conn>, raw: impl Read, pool: &Arc<Pool>) -> String {
+    let mut reader = BufReader::with_capacity(256 << 10, raw);
+    let mode = conn.replies.mode();
+    let hlen = if mode == ReplyMode::Extended { EXTENDED_REQUEST_LEN } else { REQUEST_LEN };
+    let mut hdr = [0u8; EXTENDED_REQUEST_LEN];
+    loop {
+        if let Err(e) = reader.read_exact(&mut hdr[..hlen]) {
+            return format!("read: {e}");
+        }
+        let req = match decode_request(&hdr[..hlen], mode) {
+            Ok(Some((req, _))) => req,
+            Ok(None) => return "short header".into(),
+            Err(e) => return e.to_string(),
+        };
+        if req.command == CMD_DISC {
+            return "NBD_CMD_DISC".into();
+        }
+        if req.payload_len > MAX_PAYLOAD as u64 {
+            return format!("payload of {} bytes exceeds the maximum", req.payload_len);
+        }
+        let mut payload = vec![0u8; req.payload_len as usize];
+        if let Err(e) = reader.read_exact(&mut payload) {
+            return format!("read payload: {e}");
+        }
+        let cost = if req.command == CMD_READ {
+            req.length.min(MAX_PAYLOAD as u64)
+        } else {
+            req.payload_len
+        };
+        conn.acquire(cost);
+        let c = conn.clone();
+        pool.submit(move || {
+            let reply = handle(&c, &req, &payload);
+            drop(payload);
+            c.send(&reply);
+            c.release(cost);
+        });
+    }
+}
+
+fn allowed_flags(command: u16, structured: bool) -> u16 {
+    match command {
+        CMD_READ if structured => CMD_FLAG_DF,
+        CMD_WRITE => CMD_FLAG_FUA | CMD_FLAG_PAYLOAD_LEN,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_TRIM => CMD_FLAG_FUA,
+        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+        _ => 0,
+    }
+}
+
+fn errno(kind: ErrorKind) -> u32 {
+    match kind {
+        ErrorKind::OutOfRange | ErrorKind::Invalid => EINVAL,
+        ErrorKind::NoSpace | ErrorKind::StoreFull => ENOSPC,
+        ErrorKind::NotSupported => ENOTSUP,
+        ErrorKind::ReadOnly | ErrorKind::AccessDenied => EPERM,
+        ErrorKind::Broken | ErrorKind::TimedOut | ErrorKind::Io => EIO,
+    }
+}
+
+/// Runs one request and returns its whole reply.
+fn handle(conn: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
+    let r = &conn.replies;
+    let mut out = Vec::new();
+    let fail = |out: &mut Vec<u8>, code: u32, msg: &str| {
+        r.error(out, req, code, msg);
+    };
+    if req.flags & !allowed_flags(req.command, conn.structured) != 0 {
+        fail(&mut out, EINVAL, "flags not valid for this command");
+        return out;
+    }
+    if req.command != CMD_WRITE && req.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
+        fail(&mut out, EINVAL, "this command takes no payload");
+        return out;
+    }
+    let dev = &conn.export.dev;
+    let size = dev.size();
+    let in_range = req.offset.checked_add(req.length).is_some_and(|end| end <= size);
+    let writes = matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM);
+    if writes && conn.export.read_only {
+        fail(&mut out, EPERM, "export is read-only");
+        return out;
+    }
+    let result = match req.command {
+        CMD_READ => {
+            if req.length > MAX_PAYLOAD as u64 {
+                fail(&mut out, EINVAL, "read is larger than the maximum block size");
+                return out;
+            }
+            if !in_range {
+                fail(&mut out, EINVAL, "read beyond the end of the export");
+                return out;
+            }
+            if req.length == 0 {
+                r.ok(&mut out, req);
+                return out;
+            }
+            return read(conn, req);
+        }
+        CMD_WRITE => {
+            if !in_range {
+                fail(&mut out, ENOSPC, "write beyond the end of the export");
+                return out;
+            }
+            dev.write_at(payload, req.offset, req.flags & CMD_FLAG_FUA != 0)
+        }
+        CMD_WRITE_ZEROES => {
+            if !in_range {
+                fail(&mut out, ENOSPC, "write beyond the end of the export");
+                return out;
+            }
+            let flags = ZeroFlags {
+                may_unmap: req.flags & CMD_FLAG_NO_HOLE == 0,
+                fast_only: req.flags & CMD_FLAG_FAST_ZERO != 0,
+                fua: req.flags & CMD_FLAG_FUA != 0,
+            };
+            dev.write_zeroes(req.offset, req.length, flags)
+        }
+        CMD_TRIM => {
+            if !in_range {
+                fail(&mut out, EINVAL, "trim beyond the end of the export");
+                return out;
+            }
+            let res = dev.trim(req.offset, req.length);
+            if res.is_ok() && req.flags & CMD_FLAG_FUA != 0 {
+                dev.flush()
+            } else {
+                res
+            }
+        }
+        CMD_FLUSH => dev.flush(),
+        CMD_CACHE => {
+            if !in_range {
+                fail(&mut out, EINVAL, "cache beyond the end of the export");
+                return out;
+            }
+            dev.cache(req.offset, req.length)
+        }
+        CMD_BLOCK_STATUS => return block_status(conn, req),
+        _ => {
+            fail(&mut out, EINVAL, "unknown command");
+            return out;
+        }
+    };
+    match result {
+        Ok(()) => r.ok(&mut out, req),
+        Err(e) => {
+            if e.kind() != ErrorKind::NotSupported {
+                tracing::warn!(export = %conn.export.name, cmd = req.command, offset = req.offset, error = %e, "request failed");
+            }
+            fail(&mut out, errno(e.kind()), &e.to_string())
+        }
+    }
+    out
+}
+
+fn read(conn: &Conn, req: &Request) -> Vec<u8> {
+    let r = &conn.replies;
+    let hl = r.read_data_header_len();
+    let len = req.length as usize;
+    let mut buf = vec![0u8; hl + len];
+    match conn.export.dev.read_at(&mut buf[hl..], req.offset) {
+        Ok(()) => {
+            let mut head = Vec::with_capacity(hl);
+            r.read_data_header(&mut head, req, req.offset, req.length, true);
+            buf[..hl].copy_from_slice(&head);
+            buf
+        }
+        Err(e) => {
+            tracing::warn!(export = %conn.export.name, offset = req.offset, error = %e, "read failed");
+            let mut out = Vec::new();
+            r.error(&mut out, req, errno(e.kind()), &e.to_string());
+            out
+        }
+    }
+}
+
+fn block_status(conn: &Conn, req: &Request) -> Vec<u8> {
+    let r = &conn.replies;
+    let mut out = Vec::new();
+    let size = conn.export.dev.size();
+    if conn.contexts.is_empty() {
+        r.error(&mut out, req, EINVAL, "no metadata context was negotiated");
+        return out;
+    }
+    if req.length == 0 || req.offset >= size {
+        r.error(&mut out, req, EINVAL, "block status range is empty or beyond the end");
+        return out;
+    }
+    let len = req.length.min(size - req.offset);
+    for (i, (id, _name)) in conn.contexts.iter().enumerate() {
+        // base:allocation is the only context so far.
+        let extents = match conn.export.dev.block_status(req.offset, len) {
+            Ok(e) => e,
+            Err(e) => {
+                out.clear();
+                r.error(&mut out, req, errno(e.kind()), &e.to_string());
+                return out;
+            }
+        };
+        let mut wire: Vec<Extent> = extents
+            .iter()
+            .map(|e| Extent {
+                length: e.length,
+                flags: match e.mapping {
+                    Mapping::Data => 0,
+                    Mapping::Zero => STATE_ZERO as u64,
+                    Mapping::Hole => (STATE_HOLE | STATE_ZERO) as u64,
+                },
+            })
+            .collect();
+        if wire.is_empty() {
+            wire.push(Extent { length: len, flags: 0 });
+        }
+        if req.flags & CMD_FLAG_REQ_ONE != 0 {
+            wire.truncate(1);
+            wire[0].length = wire[0].length.min(req.length);
+        }
+        r.block_status(&mut out, req, *id, &wire, i + 1 == conn.contexts.len());
+    }
+    out
+}

@@ -1,0 +1,180 @@
+//! Accept loops for Unix and TCP listeners.
+
+use std::fmt;
+use std::net::TcpListener;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread;
+
+use super::{conn, Pool, Stream};
+use crate::error::{Error, Result};
+use crate::registry::Registry;
+
+/// Where to listen for NBD clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `unix:PATH`
+    Unix(PathBuf),
+    /// `tcp:HOST:PORT`
+    Tcp(String),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(Error::invalid("unix: needs a socket path, as in unix:/run/fleece/nbd.sock"));
+            }
+            Ok(ListenAddr::Unix(PathBuf::from(p)))
+        } else if let Some(a) = s.strip_prefix("tcp:") {
+            if !a.contains(':') {
+                return Err(Error::invalid(format!("tcp:{a} needs HOST:PORT, as in tcp:127.0.0.1:10809")));
+            }
+            Ok(ListenAddr::Tcp(a.to_string()))
+        } else {
+            Err(Error::invalid(format!(
+                "'{s}' is not a listen address: use unix:PATH or tcp:HOST:PORT"
+            )))
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+impl ListenAddr {
+    /// NBD URI of `export` on this address.
+    pub fn uri(&self, export: &str) -> String {
+        match self {
+            ListenAddr::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
+            ListenAddr::Tcp(a) => format!("nbd://{a}/{export}"),
+        }
+    }
+}
+
+enum Sock {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+/// A bound listener with its accept thread.
+pub struct Listener {
+    /// What it listens on (with the real port for `tcp:HOST:0`).
+    pub addr: ListenAddr,
+    stop_w: RawFd,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Listener {
+    /// Binds `addr` and starts accepting clients.
+    pub fn start(addr: &ListenAddr, registry: Arc<Registry>, pool: Arc<Pool>) -> Result<Listener> {
+        let (sock, addr) = match addr {
+            ListenAddr::Unix(p) => {
+                // A stale socket file from a killed daemon would make bind fail.
+                if std::os::unix::net::UnixStream::connect(p).is_err() {
+                    let _ = std::fs::remove_file(p);
+                }
+                let l = UnixListener::bind(p)
+                    .map_err(|e| Error::invalid(format!("cannot listen on {}: {e}", p.display())))?;
+                (Sock::Unix(l), addr.clone())
+            }
+            ListenAddr::Tcp(a) => {
+                let l = TcpListener::bind(a).map_err(|e| Error::invalid(format!("cannot listen on tcp:{a}: {e}")))?;
+                let real = l.local_addr().map(|s| s.to_string()).unwrap_or_else(|_| a.clone());
+                (Sock::Tcp(l), ListenAddr::Tcp(real))
+            }
+        };
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe2 writes two descriptors into the array we pass.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(Error::new(crate::error::Kind::Internal, "cannot create a pipe"));
+        }
+        let (stop_r, stop_w) = (fds[0], fds[1]);
+        let name = addr.to_string();
+        let thread = thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || accept_loop(sock, stop_r, registry, pool, name))
+            .map_err(|e| Error::new(crate::error::Kind::Internal, format!("cannot start thread: {e}")))?;
+        Ok(Listener {
+            addr,
+            stop_w,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops accepting (open connections are not touched) and removes a
+    /// Unix socket file.
+    pub fn stop(&mut self) {
+        // SAFETY: writing one byte from a local to a pipe we own.
+        unsafe {
+            libc::write(self.stop_w, [1u8].as_ptr().cast(), 1);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // SAFETY: closing our own descriptor once.
+        unsafe {
+            libc::close(self.stop_w);
+        }
+        if let ListenAddr::Unix(p) = &self.addr {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn accept_loop(sock: Sock, stop_r: RawFd, registry: Arc<Registry>, pool: Arc<Pool>, name: String) {
+    let lfd = match &sock {
+        Sock::Unix(l) => l.as_raw_fd(),
+        Sock::Tcp(l) => l.as_raw_fd(),
+    };
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: lfd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop_r, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: the array outlives the call and its length is passed.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            break;
+        }
+        let stream = match &sock {
+            Sock::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Sock::Tcp(l) => l.accept().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }),
+        };
+        match stream {
+            Ok(s) => {
+                let (reg, pool) = (registry.clone(), pool.clone());
+                let spawned = thread::Builder::new()
+                    .name("nbd-conn".into())
+                    .spawn(move || conn::serve(s, reg, pool));
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start a connection thread");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(listener = %name, error = %e, "accept failed");
+                // Out of descriptors and similar: do not spin.
+                thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+    // SAFETY: closing our own descriptor once.
+    unsafe {
+        libc::close(stop_r);
+    }
+}

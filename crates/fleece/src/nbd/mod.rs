@@ -1,0 +1,80 @@
+//! NBD server: listeners, connections and the worker pool.
+//!
+//! The data path runs on plain threads, not on the async runtime: each
+//! connection has a reader thread that parses requests and hands them to a
+//! shared pool of I/O workers, which run them against the block layer and
+//! write each reply whole under the connection's writer lock. Replies thus
+//! go out in completion order, and a slow request never holds up others.
+
+mod conn;
+mod listener;
+mod pool;
+
+pub use listener::{Listener, ListenAddr};
+pub use pool::Pool;
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+
+/// A client connection over TCP or a Unix socket.
+#[derive(Debug)]
+pub enum Stream {
+    /// Unix-domain socket.
+    Unix(UnixStream),
+    /// TCP socket (loopback in tests).
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    /// Another handle to the same socket.
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Stops the reader: a blocked read returns end-of-file.
+    pub fn shutdown_read(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Read),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Read),
+        };
+    }
+
+    fn shutdown_both(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
