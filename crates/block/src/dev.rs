@@ -53,6 +53,18 @@ pub trait BlockDev: Send + Sync {
     fn capabilities(&self) -> Capabilities;
     /// Fills `buf` from `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Fills `buf` only if that can be done without blocking (data in the
+    /// page cache); `None` means "would block, use [`read_at`](Self::read_at)
+    /// from a worker thread". Lets the connection reader serve cached reads
+    /// inline, without a thread hand-off.
+    fn try_read_at(&self, _buf: &mut [u8], _offset: u64) -> Option<Result<()>> {
+        None
+    }
+    /// Writes `buf` (not FUA) only if that needs no waiting, such as a
+    /// copy-before-write or lock; `None` means "use a worker thread".
+    fn try_write_at(&self, _buf: &[u8], _offset: u64) -> Option<Result<()>> {
+        None
+    }
     /// Writes `buf` at `offset`; with `fua` it is durable on return.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()>;
     /// Makes the range read as zeroes.

@@ -5,6 +5,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::dev::{check_range, BlockDev, Capabilities, Extent, Mapping, ZeroFlags};
 use crate::{Error, ErrorKind, Result};
@@ -21,6 +22,10 @@ pub struct RawFile {
     path: PathBuf,
     size: u64,
     read_only: bool,
+    /// Cleared once `RWF_NOWAIT` reads turn out unsupported here.
+    nowait: AtomicBool,
+    /// The file lives in memory (tmpfs), so a read never waits for a disk.
+    in_memory: bool,
 }
 
 impl RawFile {
@@ -45,7 +50,10 @@ impl RawFile {
             path: path.to_path_buf(),
             size: meta.len(),
             read_only,
-        })
+            nowait: AtomicBool::new(true),
+            in_memory: false,
+        }
+        .detect_memory())
     }
 
     /// Creates (or truncates) a sparse file of `size` bytes and opens it.
@@ -64,7 +72,22 @@ impl RawFile {
             path: path.to_path_buf(),
             size,
             read_only: false,
-        })
+            nowait: AtomicBool::new(true),
+            in_memory: false,
+        }
+        .detect_memory())
+    }
+
+    fn detect_memory(mut self) -> Self {
+        const TMPFS_MAGIC: i64 = 0x0102_1994;
+        const RAMFS_MAGIC: i64 = 0x8584_58f6;
+        // SAFETY: fstatfs fills the zeroed struct we pass; nothing else.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstatfs(self.file.as_raw_fd(), &mut st) } == 0 {
+            let t = st.f_type as i64;
+            self.in_memory = t == TMPFS_MAGIC || t == RAMFS_MAGIC;
+        }
+        self
     }
 
     /// Path the file was opened from.
@@ -164,6 +187,38 @@ impl BlockDev for RawFile {
             }
             Err(e) => Err(Error::io("read", e)),
         }
+    }
+
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+        if check_range(self.size, offset, buf.len() as u64).is_err() {
+            return None;
+        }
+        if self.in_memory {
+            return Some(self.read_at(buf, offset));
+        }
+        if !self.nowait.load(Ordering::Relaxed) {
+            return None;
+        }
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: the iovec points at `buf`, which outlives the call.
+        let r = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
+        if r >= 0 && r as usize == buf.len() {
+            return Some(Ok(()));
+        }
+        if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+            self.nowait.store(false, Ordering::Relaxed);
+        }
+        // Would block, short (partly cached or past EOF), or failed: the
+        // blocking path handles all of these properly.
+        None
+    }
+
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
+        // Buffered writes only copy into the page cache.
+        Some(self.write_at(buf, offset, false))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {

@@ -143,12 +143,23 @@ impl Conn {
 }
 
 /// Reads requests until the client leaves or breaks the protocol; returns why.
+///
+/// Requests that cannot block (cached reads, plain writes that need no
+/// copy-before-write, block status) run right here and their replies are
+/// batched into one send per burst of input; everything else goes to the
+/// worker pool. On a fast disk this saves a thread hand-off and most
+/// syscalls per request.
 fn read_loop(conn: &Arc<Conn>, raw: impl Read, pool: &Arc<Pool>) -> String {
     let mut reader = BufReader::with_capacity(256 << 10, raw);
     let mode = conn.replies.mode();
     let hlen = if mode == ReplyMode::Extended { EXTENDED_REQUEST_LEN } else { REQUEST_LEN };
     let mut hdr = [0u8; EXTENDED_REQUEST_LEN];
+    let mut pending: Vec<u8> = Vec::with_capacity(64 << 10);
     loop {
+        if !pending.is_empty() && (reader.buffer().len() < hlen || pending.len() >= 256 << 10) {
+            conn.send(&pending);
+            pending.clear();
+        }
         if let Err(e) = reader.read_exact(&mut hdr[..hlen]) {
             return format!("read: {e}");
         }
@@ -158,6 +169,7 @@ fn read_loop(conn: &Arc<Conn>, raw: impl Read, pool: &Arc<Pool>) -> String {
             Err(e) => return e.to_string(),
         };
         if req.command == CMD_DISC {
+            conn.send(&pending);
             return "NBD_CMD_DISC".into();
         }
         if req.payload_len > MAX_PAYLOAD as u64 {
@@ -167,6 +179,9 @@ fn read_loop(conn: &Arc<Conn>, raw: impl Read, pool: &Arc<Pool>) -> String {
         if let Err(e) = reader.read_exact(&mut payload) {
             return format!("read payload: {e}");
         }
+        if handle(conn, &req, &payload, &mut pending, Exec::Inline) {
+            continue;
+        }
         let cost = if req.command == CMD_READ {
             req.length.min(MAX_PAYLOAD as u64)
         } else {
@@ -175,12 +190,22 @@ fn read_loop(conn: &Arc<Conn>, raw: impl Read, pool: &Arc<Pool>) -> String {
         conn.acquire(cost);
         let c = conn.clone();
         pool.submit(move || {
-            let reply = handle(&c, &req, &payload);
+            let mut reply = Vec::new();
+            handle(&c, &req, &payload, &mut reply, Exec::Blocking);
             drop(payload);
             c.send(&reply);
             c.release(cost);
         });
     }
+}
+
+/// Where a request runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Exec {
+    /// On the reader thread: must not block; may decline.
+    Inline,
+    /// On a worker thread: may block; always answers.
+    Blocking,
 }
 
 fn allowed_flags(command: u16, structured: bool) -> u16 {
@@ -204,56 +229,65 @@ fn errno(kind: ErrorKind) -> u32 {
     }
 }
 
-/// Runs one request and returns its whole reply.
-fn handle(conn: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
+/// Runs one request and appends its whole reply to `out`. Returns false,
+/// with nothing appended, when `exec` is inline and the request would block.
+fn handle(conn: &Conn, req: &Request, payload: &[u8], out: &mut Vec<u8>, exec: Exec) -> bool {
     let r = &conn.replies;
-    let mut out = Vec::new();
-    let fail = |out: &mut Vec<u8>, code: u32, msg: &str| {
+    let mut fail = |code: u32, msg: &str| {
         r.error(out, req, code, msg);
+        true
     };
     if req.flags & !allowed_flags(req.command, conn.structured) != 0 {
-        fail(&mut out, EINVAL, "flags not valid for this command");
-        return out;
+        return fail(EINVAL, "flags not valid for this command");
     }
     if req.command != CMD_WRITE && req.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
-        fail(&mut out, EINVAL, "this command takes no payload");
-        return out;
+        return fail(EINVAL, "this command takes no payload");
     }
     let dev = &conn.export.dev;
     let size = dev.size();
     let in_range = req.offset.checked_add(req.length).is_some_and(|end| end <= size);
     let writes = matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM);
     if writes && conn.export.read_only {
-        fail(&mut out, EPERM, "export is read-only");
-        return out;
+        return fail(EPERM, "export is read-only");
     }
+    let inline = exec == Exec::Inline;
     let result = match req.command {
         CMD_READ => {
             if req.length > MAX_PAYLOAD as u64 {
-                fail(&mut out, EINVAL, "read is larger than the maximum block size");
-                return out;
+                return fail(EINVAL, "read is larger than the maximum block size");
             }
             if !in_range {
-                fail(&mut out, EINVAL, "read beyond the end of the export");
-                return out;
+                return fail(EINVAL, "read beyond the end of the export");
             }
             if req.length == 0 {
-                r.ok(&mut out, req);
-                return out;
+                r.ok(out, req);
+                return true;
             }
-            return read(conn, req);
+            return read(conn, req, out, exec);
         }
         CMD_WRITE => {
             if !in_range {
-                fail(&mut out, ENOSPC, "write beyond the end of the export");
-                return out;
+                return fail(ENOSPC, "write beyond the end of the export");
             }
-            dev.write_at(payload, req.offset, req.flags & CMD_FLAG_FUA != 0)
+            let fua = req.flags & CMD_FLAG_FUA != 0;
+            if inline {
+                if fua {
+                    return false;
+                }
+                match dev.try_write_at(payload, req.offset) {
+                    Some(res) => res,
+                    None => return false,
+                }
+            } else {
+                dev.write_at(payload, req.offset, fua)
+            }
         }
         CMD_WRITE_ZEROES => {
             if !in_range {
-                fail(&mut out, ENOSPC, "write beyond the end of the export");
-                return out;
+                return fail(ENOSPC, "write beyond the end of the export");
+            }
+            if inline {
+                return false;
             }
             let flags = ZeroFlags {
                 may_unmap: req.flags & CMD_FLAG_NO_HOLE == 0,
@@ -264,8 +298,10 @@ fn handle(conn: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
         }
         CMD_TRIM => {
             if !in_range {
-                fail(&mut out, EINVAL, "trim beyond the end of the export");
-                return out;
+                return fail(EINVAL, "trim beyond the end of the export");
+            }
+            if inline {
+                return false;
             }
             let res = dev.trim(req.offset, req.length);
             if res.is_ok() && req.flags & CMD_FLAG_FUA != 0 {
@@ -274,64 +310,76 @@ fn handle(conn: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
                 res
             }
         }
-        CMD_FLUSH => dev.flush(),
+        CMD_FLUSH => {
+            if inline {
+                return false;
+            }
+            dev.flush()
+        }
         CMD_CACHE => {
             if !in_range {
-                fail(&mut out, EINVAL, "cache beyond the end of the export");
-                return out;
+                return fail(EINVAL, "cache beyond the end of the export");
+            }
+            if inline {
+                return false;
             }
             dev.cache(req.offset, req.length)
         }
-        CMD_BLOCK_STATUS => return block_status(conn, req),
-        _ => {
-            fail(&mut out, EINVAL, "unknown command");
-            return out;
+        CMD_BLOCK_STATUS => {
+            block_status(conn, req, out);
+            return true;
         }
+        _ => return fail(EINVAL, "unknown command"),
     };
     match result {
-        Ok(()) => r.ok(&mut out, req),
+        Ok(()) => r.ok(out, req),
         Err(e) => {
             if e.kind() != ErrorKind::NotSupported {
                 tracing::warn!(export = %conn.export.name, cmd = req.command, offset = req.offset, error = %e, "request failed");
             }
-            fail(&mut out, errno(e.kind()), &e.to_string())
+            r.error(out, req, errno(e.kind()), &e.to_string());
         }
     }
-    out
+    true
 }
 
-fn read(conn: &Conn, req: &Request) -> Vec<u8> {
+fn read(conn: &Conn, req: &Request, out: &mut Vec<u8>, exec: Exec) -> bool {
     let r = &conn.replies;
     let hl = r.read_data_header_len();
+    let start = out.len();
     let len = req.length as usize;
-    let mut buf = vec![0u8; hl + len];
-    match conn.export.dev.read_at(&mut buf[hl..], req.offset) {
-        Ok(()) => {
-            let mut head = Vec::with_capacity(hl);
-            r.read_data_header(&mut head, req, req.offset, req.length, true);
-            buf[..hl].copy_from_slice(&head);
-            buf
-        }
-        Err(e) => {
-            tracing::warn!(export = %conn.export.name, offset = req.offset, error = %e, "read failed");
-            let mut out = Vec::new();
-            r.error(&mut out, req, errno(e.kind()), &e.to_string());
-            out
-        }
+    r.read_data_header(out, req, req.offset, req.length, true);
+    debug_assert_eq!(out.len(), start + hl);
+    out.resize(start + hl + len, 0);
+    let res = match exec {
+        Exec::Inline => match conn.export.dev.try_read_at(&mut out[start + hl..], req.offset) {
+            Some(res) => res,
+            None => {
+                out.truncate(start);
+                return false;
+            }
+        },
+        Exec::Blocking => conn.export.dev.read_at(&mut out[start + hl..], req.offset),
+    };
+    if let Err(e) = res {
+        tracing::warn!(export = %conn.export.name, offset = req.offset, error = %e, "read failed");
+        out.truncate(start);
+        r.error(out, req, errno(e.kind()), &e.to_string());
     }
+    true
 }
 
-fn block_status(conn: &Conn, req: &Request) -> Vec<u8> {
+fn block_status(conn: &Conn, req: &Request, out: &mut Vec<u8>) {
     let r = &conn.replies;
-    let mut out = Vec::new();
+    let start = out.len();
     let size = conn.export.dev.size();
     if conn.contexts.is_empty() {
-        r.error(&mut out, req, EINVAL, "no metadata context was negotiated");
-        return out;
+        r.error(out, req, EINVAL, "no metadata context was negotiated");
+        return;
     }
     if req.length == 0 || req.offset >= size {
-        r.error(&mut out, req, EINVAL, "block status range is empty or beyond the end");
-        return out;
+        r.error(out, req, EINVAL, "block status range is empty or beyond the end");
+        return;
     }
     let len = req.length.min(size - req.offset);
     for (i, (id, _name)) in conn.contexts.iter().enumerate() {
@@ -339,9 +387,9 @@ fn block_status(conn: &Conn, req: &Request) -> Vec<u8> {
         let extents = match conn.export.dev.block_status(req.offset, len) {
             Ok(e) => e,
             Err(e) => {
-                out.clear();
-                r.error(&mut out, req, errno(e.kind()), &e.to_string());
-                return out;
+                out.truncate(start);
+                r.error(out, req, errno(e.kind()), &e.to_string());
+                return;
             }
         };
         let mut wire: Vec<Extent> = extents
@@ -362,7 +410,6 @@ fn block_status(conn: &Conn, req: &Request) -> Vec<u8> {
             wire.truncate(1);
             wire[0].length = wire[0].length.min(req.length);
         }
-        r.block_status(&mut out, req, *id, &wire, i + 1 == conn.contexts.len());
+        r.block_status(out, req, *id, &wire, i + 1 == conn.contexts.len());
     }
-    out
 }
