@@ -105,7 +105,12 @@ impl RawFile {
     fn fallocate(&self, mode: libc::c_int, offset: u64, length: u64) -> io::Result<()> {
         // SAFETY: plain syscall on a descriptor we own; no memory is passed.
         let r = unsafe {
-            libc::fallocate(self.file.as_raw_fd(), mode, offset as libc::off_t, length as libc::off_t)
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                length as libc::off_t,
+            )
         };
         if r == 0 {
             Ok(())
@@ -115,7 +120,11 @@ impl RawFile {
     }
 
     fn punch_hole(&self, offset: u64, length: u64) -> io::Result<()> {
-        self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, length)
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            length,
+        )
     }
 
     fn write_zero_buffers(&self, offset: u64, length: u64) -> Result<()> {
@@ -204,7 +213,15 @@ impl BlockDev for RawFile {
             iov_len: buf.len(),
         };
         // SAFETY: the iovec points at `buf`, which outlives the call.
-        let r = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
+        let r = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
         if r >= 0 && r as usize == buf.len() {
             return Some(Ok(()));
         }
@@ -231,7 +248,13 @@ impl BlockDev for RawFile {
             };
             // SAFETY: the iovec points at `buf`, which outlives the call.
             let r = unsafe {
-                libc::pwritev2(self.file.as_raw_fd(), &iov, 1, offset as libc::off_t, libc::RWF_DSYNC)
+                libc::pwritev2(
+                    self.file.as_raw_fd(),
+                    &iov,
+                    1,
+                    offset as libc::off_t,
+                    libc::RWF_DSYNC,
+                )
             };
             if r >= 0 && r as usize == buf.len() {
                 return Ok(());
@@ -256,8 +279,12 @@ impl BlockDev for RawFile {
         let done = if flags.may_unmap {
             self.punch_hole(offset, length).is_ok()
         } else {
-            self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, length)
-                .is_ok()
+            self.fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                length,
+            )
+            .is_ok()
         };
         if !done {
             if flags.fast_only {
@@ -403,7 +430,10 @@ mod tests {
     fn ranges_past_the_end_are_refused_without_overflow() {
         let (_d, f) = tmp(4096);
         let mut buf = [0u8; 2];
-        assert_eq!(f.read_at(&mut buf, 4095).unwrap_err().kind(), ErrorKind::OutOfRange);
+        assert_eq!(
+            f.read_at(&mut buf, 4095).unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
         assert_eq!(f.trim(u64::MAX, 2).unwrap_err().kind(), ErrorKind::OutOfRange);
     }
 }

@@ -108,7 +108,9 @@ async fn handle(d: &Arc<Daemon>, req: Request<Incoming>, stop: watch::Receiver<b
             Ok(ok(StatusCode::OK, Value::Array(list)))
         }
         (&Method::POST, ["v1", "disks"]) => add_disk(d, &body),
-        (&Method::GET, ["v1", "disks", name]) => d.registry.disk(name).map(|x| ok(StatusCode::OK, d.disk_json(&x))),
+        (&Method::GET, ["v1", "disks", name]) => {
+            d.registry.disk(name).map(|x| ok(StatusCode::OK, d.disk_json(&x)))
+        }
         (&Method::DELETE, ["v1", "disks", name]) => {
             let force = query.split('&').any(|kv| kv == "force=true" || kv == "force=1");
             d.registry.remove_disk(name, force).map(|_| {
@@ -125,7 +127,9 @@ async fn handle(d: &Arc<Daemon>, req: Request<Incoming>, stop: watch::Receiver<b
                     Error::invalid(format!("method {method} is not allowed on {path}")),
                 ))
             } else {
-                Err(Error::not_found(format!("no such API path: {method} {path} (see docs/openapi.json)")))
+                Err(Error::not_found(format!(
+                    "no such API path: {method} {path} (see docs/openapi.json)"
+                )))
             }
         }
     };
@@ -189,7 +193,10 @@ fn error(e: Error) -> Response<ApiBody> {
 }
 
 fn error_with(status: StatusCode, e: Error) -> Response<ApiBody> {
-    ok(status, json!({ "error": { "code": e.kind.code(), "message": e.message } }))
+    ok(
+        status,
+        json!({ "error": { "code": e.kind.code(), "message": e.message } }),
+    )
 }
 
 /// Server-sent events: each daemon event becomes `event:` and `data:` lines.
@@ -231,7 +238,10 @@ struct ChannelBody(mpsc::Receiver<Bytes>);
 impl Body for ChannelBody {
     type Data = Bytes;
     type Error = Infallible;
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<std::result::Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, Infallible>>> {
         self.0.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b))))
     }
 }
@@ -252,7 +262,10 @@ mod tests {
                 }
             }
         }
-        let mut served: Vec<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        let mut served: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
         documented.sort();
         served.sort();
         assert_eq!(documented, served, "docs/openapi.json and api::ROUTES differ");

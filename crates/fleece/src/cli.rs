@@ -66,7 +66,12 @@ pub struct ServeArgs {
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
     /// The daemon's control socket.
-    #[arg(long, env = "FLEECE_CONTROL", default_value = "fleece-state/control.sock", value_name = "PATH")]
+    #[arg(
+        long,
+        env = "FLEECE_CONTROL",
+        default_value = "fleece-state/control.sock",
+        value_name = "PATH"
+    )]
     pub control: PathBuf,
     /// Print JSON for scripts instead of tables.
     #[arg(long)]
@@ -155,17 +160,35 @@ fn disk(action: DiskCommand) -> Result<()> {
             table(&["NAME", "SIZE", "CONNS", "PATH", "URI"], &rows);
             Ok(())
         }
-        DiskCommand::Add { name, path, client: c } => {
+        DiskCommand::Add {
+            name,
+            path,
+            client: c,
+        } => {
             // The daemon may run elsewhere in the tree: send an absolute path.
             let abs = std::path::absolute(&path).unwrap_or(path);
-            let v = client::request(&c.control, "POST", "/v1/disks", Some(&json!({ "name": name, "path": abs })))?;
+            let v = client::request(
+                &c.control,
+                "POST",
+                "/v1/disks",
+                Some(&json!({ "name": name, "path": abs })),
+            )?;
             if c.json {
                 return print_json(&v);
             }
-            println!("added disk {} ({}): {}", s(&v["name"]), human(v["size"].as_u64().unwrap_or(0)), s(&v["uri"]));
+            println!(
+                "added disk {} ({}): {}",
+                s(&v["name"]),
+                human(v["size"].as_u64().unwrap_or(0)),
+                s(&v["uri"])
+            );
             Ok(())
         }
-        DiskCommand::Remove { name, force, client: c } => {
+        DiskCommand::Remove {
+            name,
+            force,
+            client: c,
+        } => {
             let path = format!("/v1/disks/{name}{}", if force { "?force=true" } else { "" });
             client::request(&c.control, "DELETE", &path, None)?;
             if c.json {

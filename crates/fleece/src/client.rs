@@ -21,8 +21,12 @@ pub fn call(control: &Path, method: &str, path: &str, body: Option<&Value>) -> R
     let value = if text.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
-        serde_json::from_slice(&text)
-            .map_err(|e| Error::new(Kind::Internal, format!("daemon sent a body that is not JSON: {e}")))?
+        serde_json::from_slice(&text).map_err(|e| {
+            Error::new(
+                Kind::Internal,
+                format!("daemon sent a body that is not JSON: {e}"),
+            )
+        })?
     };
     Ok((status, value))
 }
@@ -34,7 +38,10 @@ pub fn request(control: &Path, method: &str, path: &str, body: Option<&Value>) -
     if (200..300).contains(&status) {
         return Ok(v);
     }
-    let msg = v["error"]["message"].as_str().unwrap_or("request failed").to_string();
+    let msg = v["error"]["message"]
+        .as_str()
+        .unwrap_or("request failed")
+        .to_string();
     let kind = match v["error"]["code"].as_str() {
         Some("not_found") => Kind::NotFound,
         Some("exists") => Kind::Exists,
@@ -70,7 +77,8 @@ fn send(control: &Path, method: &str, path: &str, body: Option<&Value>) -> Resul
 
 fn read_head(r: &mut BufReader<UnixStream>, control: &Path) -> Result<u16> {
     let mut line = String::new();
-    r.read_line(&mut line).map_err(|e| unavailable(control, &e.to_string()))?;
+    r.read_line(&mut line)
+        .map_err(|e| unavailable(control, &e.to_string()))?;
     let status = line
         .split_whitespace()
         .nth(1)
@@ -78,7 +86,9 @@ fn read_head(r: &mut BufReader<UnixStream>, control: &Path) -> Result<u16> {
         .ok_or_else(|| Error::new(Kind::Internal, format!("daemon sent a bad status line: {line:?}")))?;
     loop {
         line.clear();
-        let n = r.read_line(&mut line).map_err(|e| unavailable(control, &e.to_string()))?;
+        let n = r
+            .read_line(&mut line)
+            .map_err(|e| unavailable(control, &e.to_string()))?;
         if n == 0 || line == "\r\n" || line == "\n" {
             return Ok(status);
         }

@@ -46,9 +46,11 @@ impl FileConfig {
 
 /// Parses `NAME=PATH`.
 pub fn parse_disk_arg(s: &str) -> Result<DiskConfig> {
-    let (name, path) = s
-        .split_once('=')
-        .ok_or_else(|| Error::invalid(format!("--disk '{s}' must be NAME=PATH, as in --disk vm1=/images/vm1.raw")))?;
+    let (name, path) = s.split_once('=').ok_or_else(|| {
+        Error::invalid(format!(
+            "--disk '{s}' must be NAME=PATH, as in --disk vm1=/images/vm1.raw"
+        ))
+    })?;
     Ok(DiskConfig {
         name: name.to_string(),
         path: PathBuf::from(path),
@@ -71,7 +73,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.disk[0].name, "a");
-        assert_eq!(parse_listen(&c.nbd).unwrap()[0], ListenAddr::Tcp("127.0.0.1:10809".into()));
+        assert_eq!(
+            parse_listen(&c.nbd).unwrap()[0],
+            ListenAddr::Tcp("127.0.0.1:10809".into())
+        );
     }
 
     #[test]

@@ -112,8 +112,10 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         banner(&daemon);
         let (stop_tx, stop_rx) = watch::channel(false);
         let api = tokio::spawn(api::run(control_listener, daemon.clone(), stop_rx));
-        let mut term = signal(SignalKind::terminate()).map_err(|e| Error::new(Kind::Internal, e.to_string()))?;
-        let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::new(Kind::Internal, e.to_string()))?;
+        let mut term =
+            signal(SignalKind::terminate()).map_err(|e| Error::new(Kind::Internal, e.to_string()))?;
+        let mut int =
+            signal(SignalKind::interrupt()).map_err(|e| Error::new(Kind::Internal, e.to_string()))?;
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),

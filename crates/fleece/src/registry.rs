@@ -92,7 +92,9 @@ pub struct Registry {
 pub fn check_name(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         && !name.starts_with('.');
     if ok {
         Ok(())
@@ -107,7 +109,13 @@ impl Registry {
     /// Opens the image at `path` and exports it as `name`.
     pub fn add_disk(&self, name: &str, path: &Path) -> Result<Arc<Disk>> {
         check_name("disk", name)?;
-        if self.inner.read().unwrap_or_else(|p| p.into_inner()).disks.contains_key(name) {
+        if self
+            .inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .disks
+            .contains_key(name)
+        {
             return Err(Error::new(Kind::Exists, format!("disk '{name}' already exists")));
         }
         let file = RawFile::open(path, false).map_err(|e| Error::invalid(e.to_string()))?;
@@ -181,13 +189,23 @@ impl Registry {
 
     /// All disks, by name.
     pub fn disks(&self) -> Vec<Arc<Disk>> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).disks.values().cloned().collect()
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .disks
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// An export by the name a client sent (`""` is the default disk).
     pub fn export(&self, name: &str) -> Option<Arc<Export>> {
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        let name = if name.is_empty() { inner.default.as_deref()? } else { name };
+        let name = if name.is_empty() {
+            inner.default.as_deref()?
+        } else {
+            name
+        };
         inner.exports.get(name).cloned()
     }
 

@@ -69,7 +69,10 @@ enum State {
     ClientFlags,
     Options,
     /// Discarding an oversized option payload before refusing it.
-    Skipping { option: u32, remaining: u64 },
+    Skipping {
+        option: u32,
+        remaining: u64,
+    },
     Finished,
 }
 

@@ -117,7 +117,7 @@ fn oversized_option_is_skipped_then_refused_as_too_big() {
     let mut input = IHAVEOPT.to_be_bytes().to_vec();
     input.extend_from_slice(&OPT_LIST.to_be_bytes());
     input.extend_from_slice(&len.to_be_bytes());
-    input.extend(std::iter::repeat(7u8).take(len as usize));
+    input.extend(std::iter::repeat_n(7u8, len as usize));
     let (n, step) = hs.process(&input, &OneExport, &mut out).unwrap();
     assert_eq!(n, input.len());
     assert!(matches!(step, Step::NeedMore));
@@ -133,7 +133,8 @@ fn meta_context_needs_structured_replies_and_selects_base_allocation() {
     q.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
     q.extend_from_slice(BASE_ALLOCATION.as_bytes());
     let mut out = Vec::new();
-    hs.process(&option(OPT_SET_META_CONTEXT, &q), &OneExport, &mut out).unwrap();
+    hs.process(&option(OPT_SET_META_CONTEXT, &q), &OneExport, &mut out)
+        .unwrap();
     assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
 
     let mut input = option(OPT_EXTENDED_HEADERS, &[]);
@@ -141,7 +142,9 @@ fn meta_context_needs_structured_replies_and_selects_base_allocation() {
     input.extend(option(OPT_GO, &go_data("disk")));
     out.clear();
     let (_, step) = hs.process(&input, &OneExport, &mut out).unwrap();
-    let Step::Ready(neg) = step else { panic!("not ready") };
+    let Step::Ready(neg) = step else {
+        panic!("not ready")
+    };
     assert_eq!(neg.mode, ReplyMode::Extended);
     assert_eq!(neg.contexts, vec![(1, BASE_ALLOCATION.to_string())]);
 }
@@ -168,7 +171,12 @@ fn list_meta_context_wildcard_lists_namespace() {
 fn compact_and_extended_requests_round_trip() {
     for mode in [ReplyMode::Simple, ReplyMode::Extended] {
         let req = Request {
-            flags: CMD_FLAG_FUA | if mode == ReplyMode::Extended { CMD_FLAG_PAYLOAD_LEN } else { 0 },
+            flags: CMD_FLAG_FUA
+                | if mode == ReplyMode::Extended {
+                    CMD_FLAG_PAYLOAD_LEN
+                } else {
+                    0
+                },
             command: CMD_WRITE,
             cookie: 42,
             offset: 4096,
@@ -182,13 +190,23 @@ fn compact_and_extended_requests_round_trip() {
         assert_eq!(n, b.len());
         assert_eq!(got, req);
     }
-    assert_eq!(decode_request(&[0u8; 28], ReplyMode::Simple), Err(ProtocolError::BadMagic));
+    assert_eq!(
+        decode_request(&[0u8; 28], ReplyMode::Simple),
+        Err(ProtocolError::BadMagic)
+    );
 }
 
 #[test]
 fn error_messages_are_cut_to_qemus_limit() {
     let r = Replies::new(ReplyMode::Structured);
-    let req = Request { flags: 0, command: CMD_READ, cookie: 1, offset: 0, length: 1, payload_len: 0 };
+    let req = Request {
+        flags: 0,
+        command: CMD_READ,
+        cookie: 1,
+        offset: 0,
+        length: 1,
+        payload_len: 0,
+    };
     let mut out = Vec::new();
     r.error(&mut out, &req, EINVAL, &"é".repeat(2000));
     let len = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;

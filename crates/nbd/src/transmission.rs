@@ -28,12 +28,20 @@ pub struct Request {
 /// after which the stream cannot be re-synchronised.
 pub fn decode_request(buf: &[u8], mode: ReplyMode) -> Result<Option<(Request, usize)>, ProtocolError> {
     let extended = mode == ReplyMode::Extended;
-    let need = if extended { EXTENDED_REQUEST_LEN } else { REQUEST_LEN };
+    let need = if extended {
+        EXTENDED_REQUEST_LEN
+    } else {
+        REQUEST_LEN
+    };
     if buf.len() < need {
         return Ok(None);
     }
     let magic = get_u32(buf);
-    let expected = if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC };
+    let expected = if extended {
+        EXTENDED_REQUEST_MAGIC
+    } else {
+        REQUEST_MAGIC
+    };
     if magic != expected {
         return Err(ProtocolError::BadMagic);
     }
@@ -41,7 +49,11 @@ pub fn decode_request(buf: &[u8], mode: ReplyMode) -> Result<Option<(Request, us
     let command = get_u16(&buf[6..]);
     let cookie = get_u64(&buf[8..]);
     let offset = get_u64(&buf[16..]);
-    let length = if extended { get_u64(&buf[24..]) } else { get_u32(&buf[24..]) as u64 };
+    let length = if extended {
+        get_u64(&buf[24..])
+    } else {
+        get_u32(&buf[24..]) as u64
+    };
     // A write always carries `length` bytes. qemu 10 sends extended writes
     // without NBD_CMD_FLAG_PAYLOAD_LEN, so the flag only matters for other
     // commands (whose payload is then consumed and refused).
@@ -202,7 +214,13 @@ impl Replies {
     pub fn block_status(&self, out: &mut Vec<u8>, req: &Request, id: u32, extents: &[Extent], done: bool) {
         let flags = if done { REPLY_FLAG_DONE } else { 0 };
         if self.mode == ReplyMode::Extended {
-            self.chunk_header(out, req, flags, REPLY_TYPE_BLOCK_STATUS_EXT, 8 + 16 * extents.len() as u64);
+            self.chunk_header(
+                out,
+                req,
+                flags,
+                REPLY_TYPE_BLOCK_STATUS_EXT,
+                8 + 16 * extents.len() as u64,
+            );
             put_u32(out, id);
             put_u32(out, extents.len() as u32);
             for e in extents {
@@ -210,7 +228,13 @@ impl Replies {
                 put_u64(out, e.flags);
             }
         } else {
-            self.chunk_header(out, req, flags, REPLY_TYPE_BLOCK_STATUS, 4 + 8 * extents.len() as u64);
+            self.chunk_header(
+                out,
+                req,
+                flags,
+                REPLY_TYPE_BLOCK_STATUS,
+                4 + 8 * extents.len() as u64,
+            );
             put_u32(out, id);
             for e in extents {
                 put_u32(out, e.length as u32);

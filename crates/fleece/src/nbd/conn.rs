@@ -152,7 +152,11 @@ impl Conn {
 fn read_loop(conn: &Arc<Conn>, raw: impl Read, pool: &Arc<Pool>) -> String {
     let mut reader = BufReader::with_capacity(256 << 10, raw);
     let mode = conn.replies.mode();
-    let hlen = if mode == ReplyMode::Extended { EXTENDED_REQUEST_LEN } else { REQUEST_LEN };
+    let hlen = if mode == ReplyMode::Extended {
+        EXTENDED_REQUEST_LEN
+    } else {
+        REQUEST_LEN
+    };
     let mut hdr = [0u8; EXTENDED_REQUEST_LEN];
     let mut pending: Vec<u8> = Vec::with_capacity(64 << 10);
     loop {
@@ -404,7 +408,10 @@ fn block_status(conn: &Conn, req: &Request, out: &mut Vec<u8>) {
             })
             .collect();
         if wire.is_empty() {
-            wire.push(Extent { length: len, flags: 0 });
+            wire.push(Extent {
+                length: len,
+                flags: 0,
+            });
         }
         if req.flags & CMD_FLAG_REQ_ONE != 0 {
             wire.truncate(1);

@@ -26,12 +26,16 @@ impl std::str::FromStr for ListenAddr {
     fn from_str(s: &str) -> Result<Self> {
         if let Some(p) = s.strip_prefix("unix:") {
             if p.is_empty() {
-                return Err(Error::invalid("unix: needs a socket path, as in unix:/run/fleece/nbd.sock"));
+                return Err(Error::invalid(
+                    "unix: needs a socket path, as in unix:/run/fleece/nbd.sock",
+                ));
             }
             Ok(ListenAddr::Unix(PathBuf::from(p)))
         } else if let Some(a) = s.strip_prefix("tcp:") {
             if !a.contains(':') {
-                return Err(Error::invalid(format!("tcp:{a} needs HOST:PORT, as in tcp:127.0.0.1:10809")));
+                return Err(Error::invalid(format!(
+                    "tcp:{a} needs HOST:PORT, as in tcp:127.0.0.1:10809"
+                )));
             }
             Ok(ListenAddr::Tcp(a.to_string()))
         } else {
@@ -88,8 +92,12 @@ impl Listener {
                 (Sock::Unix(l), addr.clone())
             }
             ListenAddr::Tcp(a) => {
-                let l = TcpListener::bind(a).map_err(|e| Error::invalid(format!("cannot listen on tcp:{a}: {e}")))?;
-                let real = l.local_addr().map(|s| s.to_string()).unwrap_or_else(|_| a.clone());
+                let l = TcpListener::bind(a)
+                    .map_err(|e| Error::invalid(format!("cannot listen on tcp:{a}: {e}")))?;
+                let real = l
+                    .local_addr()
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|_| a.clone());
                 (Sock::Tcp(l), ListenAddr::Tcp(real))
             }
         };
@@ -138,8 +146,16 @@ fn accept_loop(sock: Sock, stop_r: RawFd, registry: Arc<Registry>, pool: Arc<Poo
     };
     loop {
         let mut fds = [
-            libc::pollfd { fd: lfd, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: stop_r, events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: lfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop_r,
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         // SAFETY: the array outlives the call and its length is passed.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };

@@ -10,7 +10,7 @@ mod conn;
 mod listener;
 mod pool;
 
-pub use listener::{Listener, ListenAddr};
+pub use listener::{ListenAddr, Listener};
 pub use pool::Pool;
 
 use std::io::{self, Read, Write};
