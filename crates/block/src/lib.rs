@@ -1,12 +1,21 @@
 //! Block layer of fleece: small nodes behind one trait ([`BlockDev`]).
 //!
-//! A live disk is a [`RawFile`]; the daemon exports any `BlockDev` over NBD.
+//! A live disk is a [`RawFile`] behind a [`LiveDisk`], which runs
+//! copy-before-write for every [`Snapshot`] attached to it; a
+//! [`SnapshotView`] serves a snapshot as a read-only device. Stores
+//! ([`FileStore`], [`RamStore`]) hold the saved clusters.
 #![warn(missing_docs)]
 
+mod bitmap;
+mod cbw;
 mod dev;
 mod error;
 mod raw;
+mod store;
 
+pub use bitmap::DirtyBitmap;
+pub use cbw::{LiveDisk, OnCbwError, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotStats, SnapshotView};
 pub use dev::{check_range, BlockDev, Capabilities, Extent, Mapping, ZeroFlags};
 pub use error::{Error, ErrorKind, Result};
 pub use raw::RawFile;
+pub use store::{FileStore, RamStore, Store};

@@ -1,0 +1,800 @@
+//! Copy-before-write and snapshot views.
+//!
+//! A [`LiveDisk`] sits in front of the image its users write. Each attached
+//! [`Snapshot`] keeps, per cluster, where the contents as of its instant
+//! live: still on the live disk (not yet copied), in flight to the store, in
+//! the store, or no longer needed. The ordering rules (ARCHITECTURE.md,
+//! "Copy-before-write"), which follow seed 003:
+//!
+//! 1. View reads never block: an untouched or in-flight cluster is read from
+//!    the live disk, a saved one from the store.
+//! 2. Store writes never wait for view reads.
+//! 3. A live write to a cluster waits only while a view read of that cluster
+//!    *from the live disk* is in flight, and (once) for its copy.
+//!
+//! Rule 3 is enforced with one "live readers" bit in each cluster's state
+//! byte, set while a view read of the cluster from the live disk is in
+//! flight. A cluster whose state is saved-or-not-needed with that bit clear
+//! can be overwritten with no lock at all: no new live read of it can start,
+//! because readers only go to the live disk for clusters not yet saved.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use crate::bitmap::DirtyBitmap;
+use crate::dev::{check_range, BlockDev, Capabilities, Extent, Mapping, ZeroFlags};
+use crate::store::Store;
+use crate::{Error, ErrorKind, Result};
+
+const NOT_COPIED: u8 = 0;
+const COPYING: u8 = 1;
+const SAVED: u8 = 2;
+const NOT_NEEDED: u8 = 3;
+const MASK: u8 = 0x7f;
+/// A view read of this cluster from the live disk is in flight.
+const READERS: u8 = 0x80;
+
+/// Clusters per lazily allocated page of state bytes.
+const PAGE: u64 = 4096;
+/// Most clusters copied in one store write.
+const MAX_RUN: u64 = 64;
+
+/// Per-cluster state bytes, allocated by page on first change, so a big
+/// disk with few writes costs little. An absent page reads as `NOT_COPIED`.
+struct States {
+    pages: Box<[OnceLock<Box<[AtomicU8]>>]>,
+}
+
+impl States {
+    fn new(clusters: u64) -> Self {
+        let n = clusters.div_ceil(PAGE) as usize;
+        States {
+            pages: (0..n).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn get(&self, c: u64) -> u8 {
+        match self.pages[(c / PAGE) as usize].get() {
+            Some(p) => p[(c % PAGE) as usize].load(Ordering::Acquire),
+            None => NOT_COPIED,
+        }
+    }
+
+    /// Only called with the snapshot's lock held, so writers never race.
+    fn set(&self, c: u64, v: u8) {
+        let page = self.pages[(c / PAGE) as usize].get_or_init(|| (0..PAGE).map(|_| AtomicU8::new(0)).collect());
+        page[(c % PAGE) as usize].store(v, Ordering::Release);
+    }
+
+    fn set_base(&self, c: u64, base: u8) {
+        let s = self.get(c);
+        self.set(c, base | (s & READERS));
+    }
+}
+
+/// What happens when saving old data fails (I/O error, full store, timeout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnCbwError {
+    /// The user's write fails; the snapshot stays exact (QEMU's default).
+    BreakGuestWrite,
+    /// The snapshot breaks for good; user writes go on without copies.
+    BreakSnapshot,
+}
+
+/// How a snapshot behaves.
+#[derive(Clone, Debug)]
+pub struct SnapshotOptions {
+    /// Copy unit in bytes; rounded up to the store's granularity.
+    pub cluster_size: u64,
+    /// Failure policy.
+    pub on_cbw_error: OnCbwError,
+    /// A copy slower than this counts as failed.
+    pub cbw_timeout: Option<Duration>,
+    /// Each view read discards the whole clusters it returned.
+    pub read_once: bool,
+    /// Most bytes the store may hold.
+    pub store_limit: Option<u64>,
+    /// Only clusters dirty in this (frozen) bitmap are copied or readable.
+    pub scope: Option<DirtyBitmap>,
+}
+
+impl Default for SnapshotOptions {
+    fn default() -> Self {
+        SnapshotOptions {
+            cluster_size: 64 << 10,
+            on_cbw_error: OnCbwError::BreakGuestWrite,
+            cbw_timeout: None,
+            read_once: false,
+            store_limit: None,
+            scope: None,
+        }
+    }
+}
+
+/// Something a snapshot reports to whoever watches it.
+#[derive(Clone, Debug)]
+pub enum SnapshotEvent {
+    /// It broke, with why.
+    Broken(String),
+    /// Store usage crossed `percent` (80 or 95) of the limit.
+    StoreUsage {
+        /// Threshold crossed.
+        percent: u8,
+        /// Bytes held.
+        used: u64,
+        /// The limit.
+        limit: u64,
+    },
+}
+
+/// Counters for status output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotStats {
+    /// Clusters saved to the store so far.
+    pub copied_clusters: u64,
+    /// Clusters discarded from the view.
+    pub discarded_clusters: u64,
+    /// Bytes the store holds.
+    pub used_bytes: u64,
+    /// Why the snapshot broke, if it did.
+    pub broken: Option<String>,
+}
+
+type Listener = Box<dyn Fn(SnapshotEvent) + Send + Sync>;
+
+struct Inner {
+    /// Live-disk view reads in flight, per cluster.
+    readers: HashMap<u64, u32>,
+    broken: Option<String>,
+    /// Highest usage alert sent (0, 80, 95).
+    alerted: u8,
+}
+
+/// The state of one disk at one instant.
+pub struct Snapshot {
+    base: Arc<dyn BlockDev>,
+    size: u64,
+    cluster: u64,
+    store: Box<dyn Store>,
+    states: States,
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    opts: SnapshotOptions,
+    broken: AtomicBool,
+    used: AtomicU64,
+    copied: AtomicU64,
+    discarded: AtomicU64,
+    listener: OnceLock<Listener>,
+}
+
+impl Snapshot {
+    fn new(base: Arc<dyn BlockDev>, store: Box<dyn Store>, opts: SnapshotOptions) -> Self {
+        let size = base.size();
+        let g = store.granularity().max(1);
+        let cluster = opts.cluster_size.max(g).div_ceil(g) * g;
+        let clusters = size.div_ceil(cluster).max(1);
+        Snapshot {
+            base,
+            size,
+            cluster,
+            store,
+            states: States::new(clusters),
+            inner: Mutex::new(Inner {
+                readers: HashMap::new(),
+                broken: None,
+                alerted: 0,
+            }),
+            changed: Condvar::new(),
+            opts,
+            broken: AtomicBool::new(false),
+            used: AtomicU64::new(0),
+            copied: AtomicU64::new(0),
+            discarded: AtomicU64::new(0),
+            listener: OnceLock::new(),
+        }
+    }
+
+    /// Cluster size actually used (after rounding to the store).
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster
+    }
+
+    /// Size of the disk at the instant.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The options it was made with.
+    pub fn options(&self) -> &SnapshotOptions {
+        &self.opts
+    }
+
+    /// Store kind and path.
+    pub fn store_description(&self) -> (&'static str, Option<PathBuf>) {
+        self.store.describe()
+    }
+
+    /// Sets who hears about breakage and store usage (once).
+    pub fn set_listener(&self, f: impl Fn(SnapshotEvent) + Send + Sync + 'static) {
+        let _ = self.listener.set(Box::new(f));
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> SnapshotStats {
+        SnapshotStats {
+            copied_clusters: self.copied.load(Ordering::Relaxed),
+            discarded_clusters: self.discarded.load(Ordering::Relaxed),
+            used_bytes: self.used.load(Ordering::Relaxed),
+            broken: self.lock().broken.clone(),
+        }
+    }
+
+    /// True once a copy failure broke it (break-snapshot policy).
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, Inner>, deadline: Option<Instant>) -> (MutexGuard<'a, Inner>, bool) {
+        match deadline {
+            None => (self.changed.wait(g).unwrap_or_else(|p| p.into_inner()), false),
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return (g, true);
+                }
+                let (g, r) = self.changed.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner());
+                (g, r.timed_out() && Instant::now() >= d)
+            }
+        }
+    }
+
+    fn in_scope(&self, c: u64) -> bool {
+        match &self.opts.scope {
+            None => true,
+            Some(b) => b.any(c * self.cluster, self.cluster_len(c)),
+        }
+    }
+
+    fn cluster_len(&self, c: u64) -> u64 {
+        self.cluster.min(self.size - c * self.cluster)
+    }
+
+    fn clusters(&self, offset: u64, len: u64) -> (u64, u64) {
+        (offset / self.cluster, (offset + len - 1) / self.cluster)
+    }
+
+    fn quiet(s: u8) -> bool {
+        s & READERS == 0 && matches!(s & MASK, SAVED | NOT_NEEDED)
+    }
+
+    /// True if a live write to the range needs nothing from this snapshot.
+    fn write_is_free(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || self.is_broken() || offset >= self.size {
+            return true;
+        }
+        let (first, last) = self.clusters(offset, len.min(self.size - offset));
+        (first..=last).all(|c| Self::quiet(self.states.get(c)))
+    }
+
+    fn break_with(&self, g: &mut Inner, why: String) {
+        if g.broken.is_none() {
+            tracing::error!(reason = %why, "snapshot broken");
+            g.broken = Some(why.clone());
+            self.broken.store(true, Ordering::Release);
+            self.changed.notify_all();
+            if let Some(l) = self.listener.get() {
+                l(SnapshotEvent::Broken(why));
+            }
+        }
+    }
+
+    fn fail(&self, err: Error) -> Result<()> {
+        match self.opts.on_cbw_error {
+            OnCbwError::BreakGuestWrite => Err(err),
+            OnCbwError::BreakSnapshot => {
+                let mut g = self.lock();
+                self.break_with(&mut g, format!("copy-before-write failed: {err}"));
+                Ok(())
+            }
+        }
+    }
+
+    /// Saves the clusters that a live write to `[offset, offset+len)` is
+    /// about to change, and returns once the write may go ahead.
+    fn before_write(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
+        if self.write_is_free(offset, len) {
+            return Ok(());
+        }
+        let len = len.min(self.size - offset);
+        let (first, last) = self.clusters(offset, len);
+        let deadline = self.opts.cbw_timeout.map(|t| Instant::now() + t);
+        let mut g = self.lock();
+        let mut c = first;
+        while c <= last {
+            if g.broken.is_some() {
+                return Ok(());
+            }
+            let s = self.states.get(c);
+            match s & MASK {
+                NOT_COPIED if !self.in_scope(c) => self.states.set_base(c, NOT_NEEDED),
+                NOT_COPIED => {
+                    let mut end = c + 1;
+                    while end <= last
+                        && end - c < MAX_RUN
+                        && self.states.get(end) & MASK == NOT_COPIED
+                        && self.in_scope(end)
+                    {
+                        end += 1;
+                    }
+                    let bytes: u64 = (c..end).map(|x| self.cluster_len(x)).sum();
+                    if let Some(limit) = self.opts.store_limit {
+                        let used = self.used.load(Ordering::Relaxed);
+                        if used + bytes > limit {
+                            drop(g);
+                            return self.fail(Error::new(
+                                ErrorKind::StoreFull,
+                                format!("snapshot store limit of {limit} bytes reached"),
+                            ));
+                        }
+                    }
+                    // Reserve now so that concurrent copies respect the limit.
+                    self.used.fetch_add(bytes, Ordering::Relaxed);
+                    for x in c..end {
+                        self.states.set_base(x, COPYING);
+                    }
+                    drop(g);
+                    let res = self.copy(c, end, bytes, deadline);
+                    if let Err(e) = res {
+                        return self.fail(e);
+                    }
+                    g = self.lock();
+                }
+                COPYING => {
+                    let (ng, timed_out) = self.wait(g, deadline);
+                    g = ng;
+                    if timed_out {
+                        drop(g);
+                        return self.fail(Error::new(ErrorKind::TimedOut, "copy-before-write timed out"));
+                    }
+                }
+                _ if s & READERS != 0 => g = self.wait(g, None).0,
+                _ => c += 1,
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies clusters `[c, end)` (already marked COPYING, space reserved)
+    /// from the live disk to the store. With a timeout the copy runs on its
+    /// own thread so the writer can give up on it; the copy then still
+    /// finishes and settles the cluster states itself.
+    fn copy(self: &Arc<Self>, c: u64, end: u64, bytes: u64, deadline: Option<Instant>) -> Result<()> {
+        let Some(deadline) = deadline else {
+            return self.copy_and_settle(c, end, bytes);
+        };
+        let (tx, rx) = mpsc::channel();
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("cbw-copy".into())
+            .spawn(move || {
+                let _ = tx.send(me.copy_and_settle(c, end, bytes));
+            });
+        if let Err(e) = spawned {
+            self.settle(c, end, bytes, false);
+            return Err(Error::io("cannot start a copy thread", e));
+        }
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(
+                ErrorKind::TimedOut,
+                format!("copy-before-write took longer than {:?}", self.opts.cbw_timeout.unwrap_or_default()),
+            )),
+        }
+    }
+
+    fn copy_and_settle(&self, c: u64, end: u64, bytes: u64) -> Result<()> {
+        let mut buf = vec![0u8; bytes as usize];
+        let res = self
+            .base
+            .read_at(&mut buf, c * self.cluster)
+            .and_then(|_| self.store.save(c, self.cluster, &buf));
+        self.settle(c, end, bytes, res.is_ok());
+        res
+    }
+
+    /// Marks clusters `[c, end)` saved (or back to not copied on failure),
+    /// and wakes waiters. A cluster discarded while its copy was in flight
+    /// stays not needed, and its fresh copy is dropped.
+    fn settle(&self, c: u64, end: u64, bytes: u64, ok: bool) {
+        let mut g = self.lock();
+        let mut freed = if ok { 0 } else { bytes };
+        for x in c..end {
+            let s = self.states.get(x);
+            if s & MASK == COPYING {
+                self.states.set_base(x, if ok { SAVED } else { NOT_COPIED });
+            } else if ok {
+                self.store.forget(x, self.cluster);
+                freed += self.cluster_len(x);
+            }
+        }
+        if ok {
+            self.copied.fetch_add(end - c, Ordering::Relaxed);
+        }
+        self.used.fetch_sub(freed, Ordering::Relaxed);
+        self.changed.notify_all();
+        self.alert_usage(&mut g);
+    }
+
+    fn alert_usage(&self, g: &mut Inner) {
+        let Some(limit) = self.opts.store_limit.filter(|&l| l > 0) else {
+            return;
+        };
+        let used = self.used.load(Ordering::Relaxed);
+        let pct = used.saturating_mul(100) / limit;
+        for threshold in [80u8, 95] {
+            if pct >= threshold as u64 && g.alerted < threshold {
+                g.alerted = threshold;
+                if let Some(l) = self.listener.get() {
+                    l(SnapshotEvent::StoreUsage {
+                        percent: threshold,
+                        used,
+                        limit,
+                    });
+                }
+            }
+        }
+    }
+
+    fn check_readable(&self) -> Result<()> {
+        match &self.lock().broken {
+            Some(why) => Err(Error::new(ErrorKind::Broken, format!("snapshot is broken: {why}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the disk as it was at the instant.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (first, last) = self.clusters(offset, buf.len() as u64);
+        let mut c = first;
+        while c <= last {
+            // Classify a run of clusters with the same source under the lock.
+            let mut g = self.lock();
+            if let Some(why) = &g.broken {
+                return Err(Error::new(ErrorKind::Broken, format!("snapshot is broken: {why}")));
+            }
+            let from_live = match self.source(c) {
+                Err(e) => return Err(e),
+                Ok(live) => live,
+            };
+            let mut end = c + 1;
+            while end <= last && self.source(end).ok() == Some(from_live) {
+                end += 1;
+            }
+            if from_live {
+                for x in c..end {
+                    *g.readers.entry(x).or_insert(0) += 1;
+                    let s = self.states.get(x);
+                    self.states.set(x, s | READERS);
+                }
+            }
+            drop(g);
+            let lo = (c * self.cluster).max(offset);
+            let hi = (end * self.cluster).min(offset + buf.len() as u64);
+            let part = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
+            let res = if from_live {
+                let r = self.base.read_at(part, lo);
+                self.release_readers(c, end);
+                r
+            } else {
+                self.load(part, lo)
+            };
+            res?;
+            c = end;
+        }
+        // A break during the read may have let new data into what we read.
+        self.check_readable()?;
+        if self.opts.read_once {
+            self.discard(offset, buf.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Ok(true): read from the live disk; Ok(false): from the store.
+    fn source(&self, c: u64) -> Result<bool> {
+        match self.states.get(c) & MASK {
+            SAVED => Ok(false),
+            NOT_NEEDED => Err(Error::new(
+                ErrorKind::AccessDenied,
+                "this part of the snapshot was discarded and can no longer be read",
+            )),
+            _ if !self.in_scope(c) => Err(Error::new(
+                ErrorKind::AccessDenied,
+                "this part of the disk is outside the snapshot's bitmap",
+            )),
+            _ => Ok(true),
+        }
+    }
+
+    fn release_readers(&self, c: u64, end: u64) {
+        let mut g = self.lock();
+        let mut wake = false;
+        for x in c..end {
+            if let Some(n) = g.readers.get_mut(&x) {
+                *n -= 1;
+                if *n == 0 {
+                    g.readers.remove(&x);
+                    let s = self.states.get(x);
+                    self.states.set(x, s & !READERS);
+                    wake = true;
+                }
+            }
+        }
+        if wake {
+            self.changed.notify_all();
+        }
+    }
+
+    fn load(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let c = pos / self.cluster;
+            let within = pos - c * self.cluster;
+            let n = ((self.cluster - within) as usize).min(buf.len() - done);
+            self.store.load(c, self.cluster, within, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Drops the whole clusters inside the range: their saved copies are
+    /// freed, later live writes to them copy nothing, and later view reads of
+    /// them fail.
+    pub fn discard(&self, offset: u64, len: u64) {
+        let end = (offset.saturating_add(len)).min(self.size);
+        let first = offset.div_ceil(self.cluster);
+        // The last cluster counts if the range reaches the end of the disk.
+        let last_excl = if end == self.size { self.size.div_ceil(self.cluster) } else { end / self.cluster };
+        if first >= last_excl {
+            return;
+        }
+        let _g = self.lock();
+        let mut freed = 0;
+        for c in first..last_excl {
+            let s = self.states.get(c);
+            match s & MASK {
+                NOT_NEEDED => continue,
+                SAVED => {
+                    self.store.forget(c, self.cluster);
+                    freed += self.cluster_len(c);
+                }
+                _ => {}
+            }
+            self.states.set_base(c, NOT_NEEDED);
+            self.discarded.fetch_add(1, Ordering::Relaxed);
+        }
+        self.used.fetch_sub(freed, Ordering::Relaxed);
+        self.changed.notify_all();
+    }
+
+    /// Mapping of the disk at the instant.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(self.size, offset, len)?;
+        self.check_readable()?;
+        let end = offset + len;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        let mut walked = 0u64;
+        while pos < end && walked < 1 << 16 {
+            let c = pos / self.cluster;
+            let mut g = self.lock();
+            let from_live = self.source(c).unwrap_or(false);
+            let mut stop = c + 1;
+            while stop * self.cluster < end && self.source(stop).unwrap_or(false) == from_live {
+                stop += 1;
+            }
+            walked += stop - c;
+            let hi = (stop * self.cluster).min(end);
+            if from_live {
+                // Pin the clusters like a read: a live trim must not turn
+                // data that existed at the instant into a reported hole.
+                for x in c..stop {
+                    *g.readers.entry(x).or_insert(0) += 1;
+                    let s = self.states.get(x);
+                    self.states.set(x, s | READERS);
+                }
+                drop(g);
+                let res = self.base.block_status(pos, hi - pos);
+                self.release_readers(c, stop);
+                let mut covered = pos;
+                for e in res? {
+                    let l = e.length.min(hi - covered);
+                    if l == 0 {
+                        break;
+                    }
+                    push(&mut out, l, e.mapping);
+                    covered += l;
+                }
+                if covered < hi {
+                    push(&mut out, hi - covered, Mapping::Data);
+                }
+            } else {
+                drop(g);
+                push(&mut out, hi - pos, Mapping::Data);
+            }
+            pos = hi;
+        }
+        Ok(out)
+    }
+}
+
+fn push(out: &mut Vec<Extent>, length: u64, mapping: Mapping) {
+    if let Some(last) = out.last_mut() {
+        if last.mapping == mapping {
+            last.length += length;
+            return;
+        }
+    }
+    out.push(Extent { length, mapping });
+}
+
+/// A disk that its users write, with copy-before-write for every snapshot
+/// attached to it.
+pub struct LiveDisk {
+    base: Arc<dyn BlockDev>,
+    /// Writes hold it shared; taking a snapshot holds it exclusively, so a
+    /// write in flight at the instant lands wholly before or after it.
+    gate: RwLock<()>,
+    snapshots: RwLock<Arc<Vec<Arc<Snapshot>>>>,
+}
+
+impl LiveDisk {
+    /// Wraps the device users write.
+    pub fn new(base: Arc<dyn BlockDev>) -> Self {
+        LiveDisk {
+            base,
+            gate: RwLock::new(()),
+            snapshots: RwLock::new(Arc::new(Vec::new())),
+        }
+    }
+
+    /// Blocks new writes and waits for those in flight; the instant of a
+    /// snapshot is while this guard is held. Freeze several disks in a fixed
+    /// order (by name) for one instant across them.
+    pub fn freeze(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates a snapshot at this instant. Call with the disk frozen.
+    pub fn snapshot(&self, store: Box<dyn Store>, opts: SnapshotOptions) -> Arc<Snapshot> {
+        let snap = Arc::new(Snapshot::new(self.base.clone(), store, opts));
+        let mut list = self.snapshots.write().unwrap_or_else(|p| p.into_inner());
+        let mut v = (**list).clone();
+        v.push(snap.clone());
+        *list = Arc::new(v);
+        snap
+    }
+
+    /// Stops copy-before-write for a snapshot. Writes already in flight may
+    /// still copy into it; that is harmless.
+    pub fn detach(&self, snap: &Arc<Snapshot>) {
+        let mut list = self.snapshots.write().unwrap_or_else(|p| p.into_inner());
+        let v: Vec<_> = list.iter().filter(|s| !Arc::ptr_eq(s, snap)).cloned().collect();
+        *list = Arc::new(v);
+    }
+
+    /// Number of attached snapshots.
+    pub fn snapshot_count(&self) -> usize {
+        self.snapshots.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn attached(&self) -> Arc<Vec<Arc<Snapshot>>> {
+        self.snapshots.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Runs `f` (a change to the range) after every snapshot saved what it
+    /// needs, holding the gate shared throughout.
+    fn changing<T>(&self, offset: u64, len: u64, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        check_range(self.base.size(), offset, len).map_err(|_| {
+            Error::new(ErrorKind::NoSpace, "write beyond the end of the disk")
+        })?;
+        let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        if len > 0 {
+            for s in self.attached().iter() {
+                s.before_write(offset, len)?;
+            }
+        }
+        f()
+    }
+}
+
+impl BlockDev for LiveDisk {
+    fn size(&self) -> u64 {
+        self.base.size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.base.capabilities()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.base.read_at(buf, offset)
+    }
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+        self.base.try_read_at(buf, offset)
+    }
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
+        let _gate = self.gate.try_read().ok()?;
+        let len = buf.len() as u64;
+        if !self.attached().iter().all(|s| s.write_is_free(offset, len)) {
+            return None;
+        }
+        self.base.try_write_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.changing(offset, buf.len() as u64, || self.base.write_at(buf, offset, fua))
+    }
+    fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
+        self.changing(offset, length, || self.base.write_zeroes(offset, length, flags))
+    }
+    fn trim(&self, offset: u64, length: u64) -> Result<()> {
+        self.changing(offset, length, || self.base.trim(offset, length))
+    }
+    fn flush(&self) -> Result<()> {
+        self.base.flush()
+    }
+    fn cache(&self, offset: u64, length: u64) -> Result<()> {
+        self.base.cache(offset, length)
+    }
+    fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        self.base.block_status(offset, length)
+    }
+}
+
+/// A snapshot as a read-only device; trim discards.
+pub struct SnapshotView(pub Arc<Snapshot>);
+
+impl BlockDev for SnapshotView {
+    fn size(&self) -> u64 {
+        self.0.size
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            read_only: true,
+            trim: true,
+            fast_zero: false,
+        }
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> Result<()> {
+        Err(Error::new(ErrorKind::ReadOnly, "snapshot views are read-only"))
+    }
+    fn write_zeroes(&self, _offset: u64, _length: u64, _flags: ZeroFlags) -> Result<()> {
+        Err(Error::new(ErrorKind::ReadOnly, "snapshot views are read-only"))
+    }
+    fn trim(&self, offset: u64, length: u64) -> Result<()> {
+        check_range(self.0.size, offset, length)?;
+        self.0.discard(offset, length);
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn cache(&self, offset: u64, length: u64) -> Result<()> {
+        check_range(self.0.size, offset, length)
+    }
+    fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        self.0.block_status(offset, length)
+    }
+}
