@@ -75,7 +75,11 @@ impl DirtyBitmap {
     /// Number of set bytes (granules times granularity, clipped to the size).
     pub fn dirty_bytes(&self) -> u64 {
         let pages = self.pages.read().unwrap_or_else(|p| p.into_inner());
-        let bits: u64 = pages.values().flat_map(|p| p.iter()).map(|w| w.count_ones() as u64).sum();
+        let bits: u64 = pages
+            .values()
+            .flat_map(|p| p.iter())
+            .map(|w| w.count_ones() as u64)
+            .sum();
         (bits * self.granularity).min(self.size)
     }
 }

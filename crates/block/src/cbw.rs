@@ -65,7 +65,8 @@ impl States {
 
     /// Only called with the snapshot's lock held, so writers never race.
     fn set(&self, c: u64, v: u8) {
-        let page = self.pages[(c / PAGE) as usize].get_or_init(|| (0..PAGE).map(|_| AtomicU8::new(0)).collect());
+        let page =
+            self.pages[(c / PAGE) as usize].get_or_init(|| (0..PAGE).map(|_| AtomicU8::new(0)).collect());
         page[(c % PAGE) as usize].store(v, Ordering::Release);
     }
 
@@ -249,7 +250,10 @@ impl Snapshot {
                 if left.is_zero() {
                     return (g, true);
                 }
-                let (g, r) = self.changed.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner());
+                let (g, r) = self
+                    .changed
+                    .wait_timeout(g, left)
+                    .unwrap_or_else(|p| p.into_inner());
                 (g, r.timed_out() && Instant::now() >= d)
             }
         }
@@ -394,7 +398,10 @@ impl Snapshot {
             Ok(r) => r,
             Err(_) => Err(Error::new(
                 ErrorKind::TimedOut,
-                format!("copy-before-write took longer than {:?}", self.opts.cbw_timeout.unwrap_or_default()),
+                format!(
+                    "copy-before-write took longer than {:?}",
+                    self.opts.cbw_timeout.unwrap_or_default()
+                ),
             )),
         }
     }
@@ -454,7 +461,10 @@ impl Snapshot {
 
     fn check_readable(&self) -> Result<()> {
         match &self.lock().broken {
-            Some(why) => Err(Error::new(ErrorKind::Broken, format!("snapshot is broken: {why}"))),
+            Some(why) => Err(Error::new(
+                ErrorKind::Broken,
+                format!("snapshot is broken: {why}"),
+            )),
             None => Ok(()),
         }
     }
@@ -471,7 +481,10 @@ impl Snapshot {
             // Classify a run of clusters with the same source under the lock.
             let mut g = self.lock();
             if let Some(why) = &g.broken {
-                return Err(Error::new(ErrorKind::Broken, format!("snapshot is broken: {why}")));
+                return Err(Error::new(
+                    ErrorKind::Broken,
+                    format!("snapshot is broken: {why}"),
+                ));
             }
             let from_live = match self.source(c) {
                 Err(e) => return Err(e),
@@ -552,7 +565,8 @@ impl Snapshot {
             let c = pos / self.cluster;
             let within = pos - c * self.cluster;
             let n = ((self.cluster - within) as usize).min(buf.len() - done);
-            self.store.load(c, self.cluster, within, &mut buf[done..done + n])?;
+            self.store
+                .load(c, self.cluster, within, &mut buf[done..done + n])?;
             done += n;
         }
         Ok(())
@@ -565,7 +579,11 @@ impl Snapshot {
         let end = (offset.saturating_add(len)).min(self.size);
         let first = offset.div_ceil(self.cluster);
         // The last cluster counts if the range reaches the end of the disk.
-        let last_excl = if end == self.size { self.size.div_ceil(self.cluster) } else { end / self.cluster };
+        let last_excl = if end == self.size {
+            self.size.div_ceil(self.cluster)
+        } else {
+            end / self.cluster
+        };
         if first >= last_excl {
             return;
         }
@@ -706,9 +724,8 @@ impl LiveDisk {
     /// Runs `f` (a change to the range) after every snapshot saved what it
     /// needs, holding the gate shared throughout.
     fn changing<T>(&self, offset: u64, len: u64, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        check_range(self.base.size(), offset, len).map_err(|_| {
-            Error::new(ErrorKind::NoSpace, "write beyond the end of the disk")
-        })?;
+        check_range(self.base.size(), offset, len)
+            .map_err(|_| Error::new(ErrorKind::NoSpace, "write beyond the end of the disk"))?;
         let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         if len > 0 {
             for s in self.attached().iter() {

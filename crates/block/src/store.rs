@@ -44,7 +44,10 @@ impl FileStore {
             ));
         }
         let file = RawFile::create(path, size)?;
-        let granularity = std::fs::metadata(path).map(|m| m.blksize()).unwrap_or(4096).max(512);
+        let granularity = std::fs::metadata(path)
+            .map(|m| m.blksize())
+            .unwrap_or(4096)
+            .max(512);
         Ok(FileStore { file, granularity })
     }
 }
@@ -69,7 +72,9 @@ impl Store for FileStore {
     }
 
     fn forget(&self, index: u64, cluster: u64) {
-        let _ = self.file.trim(index * cluster, cluster.min(self.file.size() - index * cluster));
+        let _ = self
+            .file
+            .trim(index * cluster, cluster.min(self.file.size() - index * cluster));
     }
 
     fn describe(&self) -> (&'static str, Option<PathBuf>) {
@@ -103,7 +108,10 @@ impl RamStore {
     }
 
     fn spill(&self) -> Result<&FileStore> {
-        match self.spill.get_or_init(|| FileStore::create(&self.spill_path, self.spill_size)) {
+        match self
+            .spill
+            .get_or_init(|| FileStore::create(&self.spill_path, self.spill_size))
+        {
             Ok(s) => Ok(s),
             Err(e) => Err(Error::new(e.kind(), format!("spill file: {e}"))),
         }
@@ -161,7 +169,13 @@ impl Store for RamStore {
     }
 
     fn describe(&self) -> (&'static str, Option<PathBuf>) {
-        ("ram", self.spill.get().and_then(|s| s.as_ref().ok()).map(|_| self.spill_path.clone()))
+        (
+            "ram",
+            self.spill
+                .get()
+                .and_then(|s| s.as_ref().ok())
+                .map(|_| self.spill_path.clone()),
+        )
     }
 }
 

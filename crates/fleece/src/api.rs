@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::events::Events;
 use crate::nbd::ListenAddr;
 use crate::registry::Registry;
+use crate::snapshots::{split_id, CreateSnapshot, SnapshotEntry};
 
 /// Every route the server answers, as (method, OpenAPI path template). A
 /// test checks `docs/openapi.json` against this list.
@@ -31,6 +32,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/disks"),
     ("GET", "/v1/disks/{name}"),
     ("DELETE", "/v1/disks/{name}"),
+    ("POST", "/v1/snapshots"),
+    ("GET", "/v1/snapshots"),
+    ("GET", "/v1/snapshots/{id}"),
+    ("DELETE", "/v1/snapshots/{id}"),
     ("GET", "/v1/events"),
 ];
 
@@ -61,6 +66,10 @@ impl Daemon {
 
     fn disk_json(&self, d: &crate::registry::Disk) -> Value {
         self.registry.disk_json(d, &|e| self.uri(e))
+    }
+
+    fn snapshot_json(&self, e: &SnapshotEntry) -> Value {
+        self.registry.snapshot_json(e, &|x| self.uri(x))
     }
 }
 
@@ -118,6 +127,24 @@ async fn handle(d: &Arc<Daemon>, req: Request<Incoming>, stop: watch::Receiver<b
                 empty(StatusCode::NO_CONTENT)
             })
         }
+        (&Method::POST, ["v1", "snapshots"]) => create_snapshots(d, body).await,
+        (&Method::GET, ["v1", "snapshots"]) => {
+            let disk = query.split('&').find_map(|kv| kv.strip_prefix("disk="));
+            let list: Vec<Value> = d
+                .registry
+                .snapshots(disk)
+                .iter()
+                .map(|e| d.snapshot_json(e))
+                .collect();
+            Ok(ok(StatusCode::OK, Value::Array(list)))
+        }
+        (&Method::GET, ["v1", "snapshots", id]) => d
+            .registry
+            .snapshot(id)
+            .map(|e| ok(StatusCode::OK, d.snapshot_json(&e))),
+        (&Method::DELETE, ["v1", "snapshots", id]) => split_id(id)
+            .and_then(|(disk, name)| d.registry.delete_snapshot(disk, name))
+            .map(|_| empty(StatusCode::NO_CONTENT)),
         (&Method::GET, ["v1", "events"]) => Ok(sse(&d.events, stop)),
         _ => {
             let known = ROUTES.iter().any(|(_, p)| template_matches(p, &segs));
@@ -170,6 +197,17 @@ fn add_disk(d: &Daemon, body: &[u8]) -> Result<Response<ApiBody>> {
     let v = d.disk_json(&disk);
     d.events.emit("disk_added", v.clone());
     Ok(ok(StatusCode::CREATED, v))
+}
+
+async fn create_snapshots(d: &Arc<Daemon>, body: Bytes) -> Result<Response<ApiBody>> {
+    let req: CreateSnapshot = parse(&body)?;
+    let d2 = d.clone();
+    // Taking the instant waits for in-flight writes: keep it off the runtime.
+    let made = tokio::task::spawn_blocking(move || d2.registry.create_snapshots(&req))
+        .await
+        .map_err(|e| Error::new(crate::error::Kind::Internal, format!("snapshot task failed: {e}")))??;
+    let list: Vec<Value> = made.iter().map(|e| d.snapshot_json(e)).collect();
+    Ok(ok(StatusCode::CREATED, Value::Array(list)))
 }
 
 fn ok(status: StatusCode, v: Value) -> Response<ApiBody> {

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::client;
 use crate::daemon::{self, ServeOptions};
 use crate::error::{Error, Result};
-use crate::units::human;
+use crate::units::{human, parse_size};
 
 /// fleece: serve live disks over NBD and take point-in-time snapshots of them.
 #[derive(Parser, Debug)]
@@ -34,8 +34,72 @@ pub enum Command {
         #[command(subcommand)]
         action: DiskCommand,
     },
+    /// Take, list, show or delete point-in-time snapshots.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotCommand,
+    },
     /// Print daemon events as they happen (until interrupted).
     Events(ClientArgs),
+}
+
+/// `fleece snapshot ...`
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Snapshot one or more disks at one instant; serves DISK@NAME read-only.
+    Create {
+        /// Disks that share the instant.
+        #[arg(required = true)]
+        disks: Vec<String>,
+        /// Snapshot name.
+        #[arg(long)]
+        name: String,
+        /// Copy unit, e.g. 64K (rounded up to the store's granularity).
+        #[arg(long, value_name = "SIZE")]
+        cluster_size: Option<String>,
+        /// file:PATH (default: a sparse file in the state dir) or ram:SIZE
+        /// (memory, spilling to a file beyond SIZE).
+        #[arg(long, value_name = "STORE")]
+        store: Option<String>,
+        /// Most bytes the store may hold, e.g. 10G.
+        #[arg(long, value_name = "SIZE")]
+        store_limit: Option<String>,
+        /// Limit the snapshot to the clusters set in this dirty bitmap.
+        #[arg(long, value_name = "NAME")]
+        bitmap: Option<String>,
+        /// Each read of the view discards the whole clusters it returned.
+        #[arg(long)]
+        read_once: bool,
+        /// What a failed copy breaks: the user's write or the snapshot.
+        #[arg(long, value_name = "POLICY", value_parser = ["break-guest-write", "break-snapshot"])]
+        on_cbw_error: Option<String>,
+        /// A copy slower than this many seconds counts as failed (0: never).
+        #[arg(long, value_name = "SECS")]
+        cbw_timeout: Option<f64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List snapshots (of one disk, or all).
+    List {
+        /// Only this disk's.
+        disk: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one snapshot.
+    Show {
+        /// DISK@NAME
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a snapshot and free its store.
+    Delete {
+        /// DISK@NAME
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// `fleece serve` flags.
@@ -132,6 +196,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Disk { action } => disk(action),
+        Command::Snapshot { action } => snapshot(action),
         Command::Events(c) => events(&c),
     }
 }
@@ -195,6 +260,131 @@ fn disk(action: DiskCommand) -> Result<()> {
                 return print_json(&json!({ "removed": name }));
             }
             println!("removed disk {name}");
+            Ok(())
+        }
+    }
+}
+
+fn snapshot(action: SnapshotCommand) -> Result<()> {
+    match action {
+        SnapshotCommand::Create {
+            disks,
+            name,
+            cluster_size,
+            store,
+            store_limit,
+            bitmap,
+            read_once,
+            on_cbw_error,
+            cbw_timeout,
+            client: c,
+        } => {
+            // Validate sizes here so a typo never reaches the daemon.
+            let cluster_size = cluster_size.as_deref().map(parse_size).transpose()?;
+            let store_limit = store_limit.as_deref().map(parse_size).transpose()?;
+            let store = store.map(|s| match s.strip_prefix("file:") {
+                Some(p) => format!(
+                    "file:{}",
+                    std::path::absolute(p)
+                        .map(|p| p.display().to_string())
+                        .unwrap_or(p.into())
+                ),
+                None => s,
+            });
+            let body = json!({
+                "disks": disks, "name": name, "cluster_size": cluster_size, "store": store,
+                "store_limit": store_limit, "bitmap": bitmap, "read_once": read_once,
+                "on_cbw_error": on_cbw_error, "cbw_timeout_secs": cbw_timeout,
+            });
+            let v = client::request(&c.control, "POST", "/v1/snapshots", Some(&body))?;
+            if c.json {
+                return print_json(&v);
+            }
+            for snap in v.as_array().into_iter().flatten() {
+                println!("created snapshot {}: {}", s(&snap["export"]), s(&snap["uri"]));
+            }
+            Ok(())
+        }
+        SnapshotCommand::List { disk, client: c } => {
+            let path = match &disk {
+                Some(d) => format!("/v1/snapshots?disk={d}"),
+                None => "/v1/snapshots".to_string(),
+            };
+            let v = client::request(&c.control, "GET", &path, None)?;
+            if c.json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| {
+                    vec![
+                        s(&x["export"]),
+                        s(&x["state"]),
+                        human(x["store"]["used_bytes"].as_u64().unwrap_or(0)),
+                        x["store"]["limit_bytes"]
+                            .as_u64()
+                            .map(human)
+                            .unwrap_or_else(|| "-".into()),
+                        x["copied_clusters"].to_string(),
+                        s(&x["uri"]),
+                    ]
+                })
+                .collect();
+            table(
+                &["SNAPSHOT", "STATE", "STORE USED", "LIMIT", "COPIED", "URI"],
+                &rows,
+            );
+            Ok(())
+        }
+        SnapshotCommand::Show { id, client: c } => {
+            let v = client::request(&c.control, "GET", &format!("/v1/snapshots/{id}"), None)?;
+            if c.json {
+                return print_json(&v);
+            }
+            println!("snapshot        {}", s(&v["export"]));
+            println!("state           {}", s(&v["state"]));
+            if !v["error"].is_null() {
+                println!("error           {}", s(&v["error"]));
+            }
+            println!("uri             {}", s(&v["uri"]));
+            println!("size            {}", human(v["size"].as_u64().unwrap_or(0)));
+            println!(
+                "cluster size    {}",
+                human(v["cluster_size"].as_u64().unwrap_or(0))
+            );
+            let st = &v["store"];
+            let path = if st["path"].is_null() {
+                String::new()
+            } else {
+                format!(" ({})", s(&st["path"]))
+            };
+            println!("store           {}{}", s(&st["kind"]), path);
+            let limit = st["limit_bytes"].as_u64();
+            let used = st["used_bytes"].as_u64().unwrap_or(0);
+            match limit {
+                Some(l) if l > 0 => println!(
+                    "store used      {} of {} ({}%)",
+                    human(used),
+                    human(l),
+                    used * 100 / l
+                ),
+                _ => println!("store used      {}", human(used)),
+            }
+            println!("copied          {} clusters", v["copied_clusters"]);
+            println!("discarded       {} clusters", v["discarded_clusters"]);
+            println!("on cbw error    {}", s(&v["on_cbw_error"]));
+            println!("read once       {}", v["read_once"]);
+            println!("connections     {}", v["connections"]);
+            Ok(())
+        }
+        SnapshotCommand::Delete { id, client: c } => {
+            client::request(&c.control, "DELETE", &format!("/v1/snapshots/{id}"), None)?;
+            if c.json {
+                return print_json(&json!({ "deleted": id }));
+            }
+            println!("deleted snapshot {id}");
             Ok(())
         }
     }

@@ -70,7 +70,8 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     if disks.is_empty() {
         disks = file.disk;
     }
-    let registry = Arc::new(Registry::default());
+    let events = Events::default();
+    let registry = Arc::new(Registry::new(state_dir.clone(), events.clone()));
     if disks.is_empty() {
         let path = state_dir.join("demo.raw");
         if !path.exists() {
@@ -101,7 +102,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         .map_err(|e| Error::new(Kind::Internal, format!("cannot start runtime: {e}")))?;
     let daemon = Arc::new(Daemon {
         registry: registry.clone(),
-        events: Events::default(),
+        events,
         started: Instant::now(),
         state_dir: state_dir.clone(),
         control: control.clone(),

@@ -10,6 +10,7 @@ mod error;
 mod events;
 mod nbd;
 mod registry;
+mod snapshots;
 mod units;
 
 use clap::Parser;

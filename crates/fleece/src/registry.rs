@@ -5,13 +5,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use fleece_block::{BlockDev, RawFile};
+use fleece_block::{BlockDev, LiveDisk, RawFile};
 use fleece_nbd::consts::*;
 use fleece_nbd::{Catalog, ExportInfo};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Kind, Result};
+use crate::events::Events;
 use crate::nbd::Stream;
+use crate::snapshots::SnapshotEntry;
 
 /// Largest payload of one request (reads and writes), advertised in
 /// `NBD_INFO_BLOCK_SIZE`. Larger requests are refused or disconnected.
@@ -36,6 +38,10 @@ impl Export {
         let mut flags = TF_SEND_FLUSH | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
         if self.read_only {
             flags |= TF_READ_ONLY;
+            // Snapshot views take trim as "discard this part of the view".
+            if self.dev.capabilities().trim {
+                flags |= TF_SEND_TRIM;
+            }
         } else {
             flags |= TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
         }
@@ -63,6 +69,8 @@ pub struct Disk {
     pub path: PathBuf,
     /// The open image.
     pub file: Arc<RawFile>,
+    /// Copy-before-write layer in front of the image; what clients write.
+    pub live: Arc<LiveDisk>,
     /// The live export.
     pub export: Arc<Export>,
 }
@@ -73,19 +81,25 @@ struct Conn {
 }
 
 #[derive(Default)]
-struct Inner {
-    disks: BTreeMap<String, Arc<Disk>>,
-    exports: BTreeMap<String, Arc<Export>>,
+pub(crate) struct Inner {
+    pub(crate) disks: BTreeMap<String, Arc<Disk>>,
+    pub(crate) exports: BTreeMap<String, Arc<Export>>,
+    /// Snapshots by (disk, name).
+    pub(crate) snapshots: BTreeMap<(String, String), Arc<SnapshotEntry>>,
     /// First disk added: what a client gets when it asks for export `""`.
     default: Option<String>,
 }
 
-/// All disks and exports; shared by the NBD server and the control API.
-#[derive(Default)]
+/// All disks, snapshots and exports; shared by the NBD server and the
+/// control API.
 pub struct Registry {
-    inner: RwLock<Inner>,
+    pub(crate) inner: RwLock<Inner>,
     conns: Mutex<HashMap<u64, Conn>>,
     next_conn: AtomicU64,
+    /// Where default snapshot stores go.
+    pub(crate) state_dir: PathBuf,
+    /// Where snapshot events go.
+    pub(crate) events: Events,
 }
 
 /// Disk and snapshot names: short, and safe in URIs and file names.
@@ -106,6 +120,17 @@ pub fn check_name(what: &str, name: &str) -> Result<()> {
 }
 
 impl Registry {
+    /// An empty registry.
+    pub fn new(state_dir: PathBuf, events: Events) -> Self {
+        Registry {
+            inner: RwLock::default(),
+            conns: Mutex::default(),
+            next_conn: AtomicU64::new(0),
+            state_dir,
+            events,
+        }
+    }
+
     /// Opens the image at `path` and exports it as `name`.
     pub fn add_disk(&self, name: &str, path: &Path) -> Result<Arc<Disk>> {
         check_name("disk", name)?;
@@ -120,10 +145,11 @@ impl Registry {
         }
         let file = RawFile::open(path, false).map_err(|e| Error::invalid(e.to_string()))?;
         let file = Arc::new(file);
+        let live = Arc::new(LiveDisk::new(file.clone()));
         let export = Arc::new(Export {
             name: name.to_string(),
             disk: name.to_string(),
-            dev: file.clone(),
+            dev: live.clone(),
             read_only: false,
             connections: AtomicUsize::new(0),
         });
@@ -131,6 +157,7 @@ impl Registry {
             name: name.to_string(),
             path: path.to_path_buf(),
             file,
+            live,
             export: export.clone(),
         });
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
@@ -157,6 +184,19 @@ impl Registry {
                 format!("disk '{name}' has {conns} open connection(s); use --force to close them"),
             ));
         }
+        let snaps = self.snapshot_names(name);
+        if !snaps.is_empty() && !force {
+            return Err(Error::new(
+                Kind::Busy,
+                format!(
+                    "disk '{name}' has snapshots ({}); delete them or use --force",
+                    snaps.join(", ")
+                ),
+            ));
+        }
+        for s in snaps {
+            self.delete_snapshot(name, &s)?;
+        }
         {
             let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
             inner.disks.remove(name);
@@ -165,11 +205,7 @@ impl Registry {
                 inner.default = inner.disks.keys().next().cloned();
             }
         }
-        for c in self.conns.lock().unwrap_or_else(|p| p.into_inner()).values() {
-            if c.export == name {
-                c.stream.shutdown_read();
-            }
-        }
+        self.close_connections_to(name);
         if let Err(e) = fleece_block::BlockDev::flush(&*disk.file) {
             tracing::warn!(disk = name, error = %e, "flush on removal failed");
         }
@@ -228,6 +264,15 @@ impl Registry {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     }
 
+    /// Closes the connections to one export after their in-flight requests.
+    pub fn close_connections_to(&self, export: &str) {
+        for c in self.conns.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            if c.export == export {
+                c.stream.shutdown_read();
+            }
+        }
+    }
+
     /// Number of open connections in transmission.
     pub fn connection_count(&self) -> usize {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -259,7 +304,7 @@ impl Registry {
             "export": d.export.name,
             "uri": nbd_uri(&d.export.name),
             "connections": d.export.connections.load(Ordering::SeqCst),
-            "snapshots": Vec::<String>::new(),
+            "snapshots": self.snapshot_names(&d.name),
         })
     }
 }

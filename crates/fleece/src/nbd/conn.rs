@@ -250,7 +250,9 @@ fn handle(conn: &Conn, req: &Request, payload: &[u8], out: &mut Vec<u8>, exec: E
     let dev = &conn.export.dev;
     let size = dev.size();
     let in_range = req.offset.checked_add(req.length).is_some_and(|end| end <= size);
-    let writes = matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM);
+    // Trim on a read-only snapshot view means "discard", which it allows.
+    let writes = matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES)
+        || (req.command == CMD_TRIM && !dev.capabilities().trim);
     if writes && conn.export.read_only {
         return fail(EPERM, "export is read-only");
     }

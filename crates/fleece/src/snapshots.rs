@@ -1,0 +1,337 @@
+//! Snapshot lifecycle: create (for several disks at one instant), list,
+//! delete, and their exports `DISK@NAME`.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fleece_block::{
+    FileStore, OnCbwError, RamStore, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView, Store,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Kind, Result};
+use crate::registry::{check_name, Export, Registry};
+use crate::units::parse_size;
+
+/// Default copy unit.
+const DEFAULT_CLUSTER: u64 = 64 << 10;
+
+/// One snapshot of one disk.
+pub struct SnapshotEntry {
+    /// Disk name.
+    pub disk: String,
+    /// Snapshot name.
+    pub name: String,
+    /// The engine object.
+    pub snap: Arc<Snapshot>,
+    /// Its read-only export.
+    pub export: Arc<Export>,
+    /// Seconds since the epoch at the instant.
+    pub created: u64,
+    /// Bitmap it was scoped to, if any.
+    pub bitmap: Option<String>,
+}
+
+/// Body of `POST /v1/snapshots`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    /// Disks that share the instant.
+    pub disks: Vec<String>,
+    /// Snapshot name.
+    pub name: String,
+    /// Copy unit (bytes, or a size like "64K").
+    pub cluster_size: Option<Value>,
+    /// `file:PATH` or `ram:SIZE`.
+    pub store: Option<String>,
+    /// Most bytes the store may hold.
+    pub store_limit: Option<Value>,
+    /// Dirty bitmap scoping the snapshot.
+    pub bitmap: Option<String>,
+    /// Discard what each read returned.
+    #[serde(default)]
+    pub read_once: bool,
+    /// `break-guest-write` (default) or `break-snapshot`.
+    pub on_cbw_error: Option<String>,
+    /// Copy timeout in seconds (0 or absent: none).
+    pub cbw_timeout_secs: Option<f64>,
+}
+
+enum StoreSpec {
+    File(Option<PathBuf>),
+    Ram(u64),
+}
+
+fn size_value(v: &Option<Value>, what: &str) -> Result<Option<u64>> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| Error::invalid(format!("{what} must be a positive whole number of bytes"))),
+        Some(Value::String(s)) => parse_size(s).map(Some),
+        Some(_) => Err(Error::invalid(format!(
+            "{what} must be a number or a size string like \"64K\""
+        ))),
+    }
+}
+
+fn parse_store(s: &Option<String>) -> Result<StoreSpec> {
+    match s.as_deref() {
+        None | Some("") | Some("file") => Ok(StoreSpec::File(None)),
+        Some(s) => {
+            if let Some(p) = s.strip_prefix("file:") {
+                Ok(StoreSpec::File(Some(PathBuf::from(p))))
+            } else if let Some(sz) = s.strip_prefix("ram:") {
+                Ok(StoreSpec::Ram(parse_size(sz)?))
+            } else {
+                Err(Error::invalid(format!(
+                    "store '{s}' must be file:PATH or ram:SIZE"
+                )))
+            }
+        }
+    }
+}
+
+impl Registry {
+    /// Names of a disk's snapshots.
+    pub fn snapshot_names(&self, disk: &str) -> Vec<String> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        inner
+            .snapshots
+            .keys()
+            .filter(|(d, _)| d == disk)
+            .map(|(_, n)| n.clone())
+            .collect()
+    }
+
+    /// All snapshots, or one disk's.
+    pub fn snapshots(&self, disk: Option<&str>) -> Vec<Arc<SnapshotEntry>> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        inner
+            .snapshots
+            .values()
+            .filter(|e| disk.is_none_or(|d| e.disk == d))
+            .cloned()
+            .collect()
+    }
+
+    /// One snapshot by `DISK@NAME`.
+    pub fn snapshot(&self, id: &str) -> Result<Arc<SnapshotEntry>> {
+        let (disk, name) = split_id(id)?;
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        inner
+            .snapshots
+            .get(&(disk.to_string(), name.to_string()))
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("snapshot '{id}' does not exist")))
+    }
+
+    /// Takes a snapshot of every listed disk at one instant.
+    pub fn create_snapshots(&self, req: &CreateSnapshot) -> Result<Vec<Arc<SnapshotEntry>>> {
+        check_name("snapshot", &req.name)?;
+        if req.disks.is_empty() {
+            return Err(Error::invalid("name at least one disk to snapshot"));
+        }
+        let mut names = req.disks.clone();
+        names.sort();
+        names.dedup();
+        if names.len() != req.disks.len() {
+            return Err(Error::invalid("a disk is listed twice"));
+        }
+        let cluster = size_value(&req.cluster_size, "cluster_size")?.unwrap_or(DEFAULT_CLUSTER);
+        if cluster == 0 || cluster > 64 << 20 || !cluster.is_power_of_two() {
+            return Err(Error::invalid(format!(
+                "cluster size {cluster} must be a power of two between 1 and 64 MiB"
+            )));
+        }
+        let limit = size_value(&req.store_limit, "store_limit")?;
+        let on_cbw_error = match req.on_cbw_error.as_deref() {
+            None | Some("break-guest-write") => OnCbwError::BreakGuestWrite,
+            Some("break-snapshot") => OnCbwError::BreakSnapshot,
+            Some(other) => {
+                return Err(Error::invalid(format!(
+                    "on_cbw_error '{other}' must be break-guest-write or break-snapshot"
+                )))
+            }
+        };
+        let timeout = match req.cbw_timeout_secs {
+            None => None,
+            Some(t) if t.is_finite() && t >= 0.0 => (t > 0.0).then(|| Duration::from_secs_f64(t)),
+            Some(t) => {
+                return Err(Error::invalid(format!(
+                    "cbw timeout {t} must be 0 or more seconds"
+                )))
+            }
+        };
+        if let Some(b) = &req.bitmap {
+            return Err(Error::not_found(format!("dirty bitmap '{b}' does not exist")));
+        }
+        let spec = parse_store(&req.store)?;
+        if let (StoreSpec::File(Some(_)), true) = (&spec, names.len() > 1) {
+            return Err(Error::invalid(
+                "one store path cannot serve several disks; leave --store out to get one store per disk",
+            ));
+        }
+        let disks = names.iter().map(|n| self.disk(n)).collect::<Result<Vec<_>>>()?;
+        for d in &disks {
+            if self.snapshot(&format!("{}@{}", d.name, req.name)).is_ok() {
+                return Err(Error::new(
+                    Kind::Exists,
+                    format!("snapshot '{}@{}' already exists", d.name, req.name),
+                ));
+            }
+        }
+        // Stores are made before the instant: file creation must not stall writers.
+        let dir = self.state_dir.join("snapshots");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::invalid(format!("cannot create {}: {e}", dir.display())))?;
+        let mut stores: Vec<Box<dyn Store>> = Vec::new();
+        for d in &disks {
+            let size = fleece_block::BlockDev::size(&*d.file);
+            let store: Box<dyn Store> = match &spec {
+                StoreSpec::File(p) => {
+                    let path = p
+                        .clone()
+                        .unwrap_or_else(|| dir.join(format!("{}@{}.store", d.name, req.name)));
+                    Box::new(FileStore::create(&path, size).map_err(|e| Error::invalid(e.to_string()))?)
+                }
+                StoreSpec::Ram(budget) => Box::new(RamStore::new(
+                    *budget,
+                    dir.join(format!("{}@{}.spill", d.name, req.name)),
+                    size,
+                )),
+            };
+            stores.push(store);
+        }
+        let opts = SnapshotOptions {
+            cluster_size: cluster,
+            on_cbw_error,
+            cbw_timeout: timeout,
+            read_once: req.read_once,
+            store_limit: limit,
+            scope: None,
+        };
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        // The instant: every disk frozen (in name order), all snapshots made,
+        // then all thawed.
+        let guards: Vec<_> = disks.iter().map(|d| d.live.freeze()).collect();
+        let snaps: Vec<Arc<Snapshot>> = disks
+            .iter()
+            .zip(stores)
+            .map(|(d, store)| d.live.snapshot(store, opts.clone()))
+            .collect();
+        drop(guards);
+        let mut out = Vec::new();
+        for (d, snap) in disks.iter().zip(snaps) {
+            let id = format!("{}@{}", d.name, req.name);
+            let events = self.events.clone();
+            let sid = id.clone();
+            snap.set_listener(move |ev| match ev {
+                SnapshotEvent::Broken(why) => {
+                    events.emit("snapshot_broken", json!({ "snapshot": sid, "error": why }))
+                }
+                SnapshotEvent::StoreUsage { percent, used, limit } => events.emit(
+                    "store_usage",
+                    json!({ "snapshot": sid, "percent": percent, "used_bytes": used, "limit_bytes": limit }),
+                ),
+            });
+            let export = Arc::new(Export {
+                name: id.clone(),
+                disk: d.name.clone(),
+                dev: Arc::new(SnapshotView(snap.clone())),
+                read_only: true,
+                connections: AtomicUsize::new(0),
+            });
+            let entry = Arc::new(SnapshotEntry {
+                disk: d.name.clone(),
+                name: req.name.clone(),
+                snap,
+                export: export.clone(),
+                created,
+                bitmap: req.bitmap.clone(),
+            });
+            inner.exports.insert(id, export);
+            inner
+                .snapshots
+                .insert((d.name.clone(), req.name.clone()), entry.clone());
+            out.push(entry);
+        }
+        drop(inner);
+        for e in &out {
+            self.events
+                .emit("snapshot_created", self.snapshot_json(e, &|_| String::new()));
+        }
+        Ok(out)
+    }
+
+    /// Deletes a snapshot: its export goes away, its clients are
+    /// disconnected after their in-flight requests, and its store is freed
+    /// once the last of them is gone.
+    pub fn delete_snapshot(&self, disk: &str, name: &str) -> Result<()> {
+        let id = format!("{disk}@{name}");
+        let entry = {
+            let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+            let e = inner
+                .snapshots
+                .remove(&(disk.to_string(), name.to_string()))
+                .ok_or_else(|| Error::not_found(format!("snapshot '{id}' does not exist")))?;
+            inner.exports.remove(&id);
+            e
+        };
+        if let Ok(d) = self.disk(disk) {
+            d.live.detach(&entry.snap);
+        }
+        self.close_connections_to(&id);
+        self.events.emit("snapshot_deleted", json!({ "snapshot": id }));
+        Ok(())
+    }
+
+    /// JSON form for the control API.
+    pub fn snapshot_json(&self, e: &SnapshotEntry, uri: &dyn Fn(&str) -> String) -> Value {
+        let stats = e.snap.stats();
+        let (kind, path) = e.snap.store_description();
+        let opts = e.snap.options();
+        json!({
+            "disk": e.disk,
+            "name": e.name,
+            "export": e.export.name,
+            "uri": uri(&e.export.name),
+            "created": e.created,
+            "size": e.snap.size(),
+            "cluster_size": e.snap.cluster_size(),
+            "store": {
+                "kind": kind,
+                "path": path,
+                "used_bytes": stats.used_bytes,
+                "limit_bytes": opts.store_limit,
+            },
+            "state": if stats.broken.is_some() { "broken" } else { "active" },
+            "error": stats.broken,
+            "copied_clusters": stats.copied_clusters,
+            "discarded_clusters": stats.discarded_clusters,
+            "on_cbw_error": match opts.on_cbw_error {
+                OnCbwError::BreakGuestWrite => "break-guest-write",
+                OnCbwError::BreakSnapshot => "break-snapshot",
+            },
+            "cbw_timeout_secs": opts.cbw_timeout.map(|t| t.as_secs_f64()),
+            "read_once": opts.read_once,
+            "bitmap": e.bitmap,
+            "connections": e.export.connections.load(std::sync::atomic::Ordering::SeqCst),
+        })
+    }
+}
+
+/// Splits `DISK@NAME`.
+pub fn split_id(id: &str) -> Result<(&str, &str)> {
+    id.split_once('@')
+        .filter(|(d, n)| !d.is_empty() && !n.is_empty())
+        .ok_or_else(|| Error::invalid(format!("'{id}' is not a snapshot id: use DISK@NAME")))
+}
