@@ -486,10 +486,7 @@ impl Snapshot {
                     format!("snapshot is broken: {why}"),
                 ));
             }
-            let from_live = match self.source(c) {
-                Err(e) => return Err(e),
-                Ok(live) => live,
-            };
+            let from_live = self.source(c)?;
             let mut end = c + 1;
             while end <= last && self.source(end).ok() == Some(from_live) {
                 end += 1;

@@ -37,10 +37,15 @@ impl Export {
     fn info(&self) -> ExportInfo {
         let mut flags = TF_SEND_FLUSH | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
         if self.read_only {
-            flags |= TF_READ_ONLY;
-            // Snapshot views take trim as "discard this part of the view".
+            // A snapshot view takes trim as "discard this part of the view".
+            // Clients (libnbd, qemu) refuse to send trim to an export flagged
+            // read-only, so, as with QEMU's writable snapshot-access export,
+            // a discardable view leaves the flag off and the server refuses
+            // writes itself with EPERM.
             if self.dev.capabilities().trim {
                 flags |= TF_SEND_TRIM;
+            } else {
+                flags |= TF_READ_ONLY;
             }
         } else {
             flags |= TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;

@@ -254,7 +254,10 @@ fn handle(conn: &Conn, req: &Request, payload: &[u8], out: &mut Vec<u8>, exec: E
     let writes = matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES)
         || (req.command == CMD_TRIM && !dev.capabilities().trim);
     if writes && conn.export.read_only {
-        return fail(EPERM, "export is read-only");
+        return fail(
+            EPERM,
+            "export is read-only (snapshot views accept only reads and trim, which discards)",
+        );
     }
     let inline = exec == Exec::Inline;
     let result = match req.command {
