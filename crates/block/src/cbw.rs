@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::bitmap::DirtyBitmap;
 use crate::dev::{check_range, BlockDev, Capabilities, Extent, Mapping, ZeroFlags};
+use crate::persist::NamedBitmap;
 use crate::store::Store;
 use crate::{Error, ErrorKind, Result};
 
@@ -672,6 +673,8 @@ pub struct LiveDisk {
     /// write in flight at the instant lands wholly before or after it.
     gate: RwLock<()>,
     snapshots: RwLock<Arc<Vec<Arc<Snapshot>>>>,
+    /// Dirty bitmaps every change is recorded in.
+    bitmaps: RwLock<Arc<Vec<Arc<NamedBitmap>>>>,
 }
 
 impl LiveDisk {
@@ -681,7 +684,36 @@ impl LiveDisk {
             base,
             gate: RwLock::new(()),
             snapshots: RwLock::new(Arc::new(Vec::new())),
+            bitmaps: RwLock::new(Arc::new(Vec::new())),
         }
+    }
+
+    /// The dirty bitmaps, in the order added.
+    pub fn bitmaps(&self) -> Arc<Vec<Arc<NamedBitmap>>> {
+        self.bitmaps.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A dirty bitmap by name.
+    pub fn bitmap(&self, name: &str) -> Option<Arc<NamedBitmap>> {
+        self.bitmaps().iter().find(|b| b.name() == name).cloned()
+    }
+
+    /// Starts recording changes in `b`. Call with the disk frozen, so that
+    /// no write in flight misses it.
+    pub fn add_bitmap(&self, b: Arc<NamedBitmap>) {
+        let mut list = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
+        let mut v = (**list).clone();
+        v.push(b);
+        *list = Arc::new(v);
+    }
+
+    /// Stops recording in the named bitmap and returns it.
+    pub fn remove_bitmap(&self, name: &str) -> Option<Arc<NamedBitmap>> {
+        let mut list = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
+        let found = list.iter().find(|b| b.name() == name).cloned()?;
+        let v: Vec<_> = list.iter().filter(|b| b.name() != name).cloned().collect();
+        *list = Arc::new(v);
+        Some(found)
     }
 
     /// Blocks new writes and waits for those in flight; the instant of a
@@ -725,6 +757,10 @@ impl LiveDisk {
             .map_err(|_| Error::new(ErrorKind::NoSpace, "write beyond the end of the disk"))?;
         let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         if len > 0 {
+            // Bits first: durable before the data can reach the disk.
+            for b in self.bitmaps().iter() {
+                b.mark(offset, len)?;
+            }
             for s in self.attached().iter() {
                 s.before_write(offset, len)?;
             }
@@ -749,7 +785,9 @@ impl BlockDev for LiveDisk {
     fn try_write_at(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
         let _gate = self.gate.try_read().ok()?;
         let len = buf.len() as u64;
-        if !self.attached().iter().all(|s| s.write_is_free(offset, len)) {
+        if !self.attached().iter().all(|s| s.write_is_free(offset, len))
+            || !self.bitmaps().iter().all(|b| b.covers(offset, len))
+        {
             return None;
         }
         self.base.try_write_at(buf, offset)

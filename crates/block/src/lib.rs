@@ -10,6 +10,7 @@ mod bitmap;
 mod cbw;
 mod dev;
 mod error;
+mod persist;
 mod raw;
 mod store;
 
@@ -17,5 +18,6 @@ pub use bitmap::DirtyBitmap;
 pub use cbw::{LiveDisk, OnCbwError, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotStats, SnapshotView};
 pub use dev::{check_range, BlockDev, Capabilities, Extent, Mapping, ZeroFlags};
 pub use error::{Error, ErrorKind, Result};
+pub use persist::NamedBitmap;
 pub use raw::RawFile;
 pub use store::{FileStore, RamStore, Store};

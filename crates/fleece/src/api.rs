@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use tokio::net::UnixListener;
 use tokio::sync::{broadcast, mpsc, watch};
 
+use crate::bitmaps::{bitmap_json, Action};
 use crate::error::{Error, Result};
 use crate::events::Events;
 use crate::nbd::ListenAddr;
@@ -36,6 +37,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/snapshots"),
     ("GET", "/v1/snapshots/{id}"),
     ("DELETE", "/v1/snapshots/{id}"),
+    ("GET", "/v1/disks/{name}/bitmaps"),
+    ("POST", "/v1/disks/{name}/bitmaps"),
+    ("DELETE", "/v1/disks/{name}/bitmaps/{bitmap}"),
+    ("POST", "/v1/disks/{name}/bitmaps/{bitmap}/clear"),
+    ("POST", "/v1/disks/{name}/bitmaps/{bitmap}/enable"),
+    ("POST", "/v1/disks/{name}/bitmaps/{bitmap}/disable"),
+    ("POST", "/v1/disks/{name}/bitmaps/{bitmap}/merge"),
+    ("POST", "/v1/transactions"),
     ("GET", "/v1/events"),
 ];
 
@@ -145,6 +154,64 @@ async fn handle(d: &Arc<Daemon>, req: Request<Incoming>, stop: watch::Receiver<b
         (&Method::DELETE, ["v1", "snapshots", id]) => split_id(id)
             .and_then(|(disk, name)| d.registry.delete_snapshot(disk, name))
             .map(|_| empty(StatusCode::NO_CONTENT)),
+        (&Method::GET, ["v1", "disks", disk, "bitmaps"]) => {
+            d.registry.bitmaps_json(disk).map(|v| ok(StatusCode::OK, v))
+        }
+        (&Method::POST, ["v1", "disks", disk, "bitmaps"]) => {
+            let mut v: Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return error(Error::invalid(format!("bad request body: {e}"))),
+            };
+            v["action"] = json!("bitmap-add");
+            v["disk"] = json!(disk);
+            let name = v["name"].as_str().unwrap_or_default().to_string();
+            let disk = disk.to_string();
+            match run_actions(d, vec![v]).await {
+                Ok(_) => d.registry.disk(&disk).and_then(|x| {
+                    x.live
+                        .bitmap(&name)
+                        .map(|b| ok(StatusCode::CREATED, bitmap_json(&b)))
+                        .ok_or_else(|| Error::not_found("bitmap vanished"))
+                }),
+                Err(e) => Err(e),
+            }
+        }
+        (&Method::DELETE, ["v1", "disks", disk, "bitmaps", name]) => {
+            let a = json!({ "action": "bitmap-remove", "disk": disk, "name": name });
+            run_actions(d, vec![a])
+                .await
+                .map(|_| empty(StatusCode::NO_CONTENT))
+        }
+        (&Method::POST, ["v1", "disks", disk, "bitmaps", name, op @ ("clear" | "enable" | "disable")]) => {
+            let a = json!({ "action": format!("bitmap-{op}"), "disk": disk, "name": name });
+            run_actions(d, vec![a])
+                .await
+                .map(|_| empty(StatusCode::NO_CONTENT))
+        }
+        (&Method::POST, ["v1", "disks", disk, "bitmaps", name, "merge"]) => {
+            let v: Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return error(Error::invalid(format!("bad request body: {e}"))),
+            };
+            let a =
+                json!({ "action": "bitmap-merge", "disk": disk, "target": name, "sources": v["sources"] });
+            run_actions(d, vec![a])
+                .await
+                .map(|_| empty(StatusCode::NO_CONTENT))
+        }
+        (&Method::POST, ["v1", "transactions"]) => {
+            let v: Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return error(Error::invalid(format!("bad request body: {e}"))),
+            };
+            match v["actions"].as_array() {
+                Some(list) => run_actions(d, list.clone()).await.map(|made| {
+                    let snaps: Vec<Value> = made.iter().flatten().map(|e| d.snapshot_json(e)).collect();
+                    ok(StatusCode::OK, json!({ "snapshots": snaps }))
+                }),
+                None => Err(Error::invalid("body must be {\"actions\": [...]}")),
+            }
+        }
         (&Method::GET, ["v1", "events"]) => Ok(sse(&d.events, stop)),
         _ => {
             let known = ROUTES.iter().any(|(_, p)| template_matches(p, &segs));
@@ -197,6 +264,24 @@ fn add_disk(d: &Daemon, body: &[u8]) -> Result<Response<ApiBody>> {
     let v = d.disk_json(&disk);
     d.events.emit("disk_added", v.clone());
     Ok(ok(StatusCode::CREATED, v))
+}
+
+/// Parses and applies actions as one transaction, off the runtime (taking
+/// the instant waits for in-flight writes).
+async fn run_actions(d: &Arc<Daemon>, actions: Vec<Value>) -> Result<Vec<Vec<Arc<SnapshotEntry>>>> {
+    let actions = actions
+        .into_iter()
+        .map(Action::from_json)
+        .collect::<Result<Vec<_>>>()?;
+    let d2 = d.clone();
+    tokio::task::spawn_blocking(move || d2.registry.transaction(actions))
+        .await
+        .map_err(|e| {
+            Error::new(
+                crate::error::Kind::Internal,
+                format!("transaction task failed: {e}"),
+            )
+        })?
 }
 
 async fn create_snapshots(d: &Arc<Daemon>, body: Bytes) -> Result<Response<ApiBody>> {

@@ -39,8 +39,82 @@ pub enum Command {
         #[command(subcommand)]
         action: SnapshotCommand,
     },
+    /// Manage dirty bitmaps (what changed since a point, for incremental backups).
+    Bitmap {
+        #[command(subcommand)]
+        action: BitmapCommand,
+    },
+    /// Apply several bitmap and snapshot actions at one instant, all or none,
+    /// from a JSON file (`{"actions": [...]}`, see docs/openapi.json) or `-`.
+    Transaction {
+        /// JSON file, or - for standard input.
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Print daemon events as they happen (until interrupted).
     Events(ClientArgs),
+}
+
+/// `fleece bitmap ...`
+#[derive(Subcommand, Debug)]
+pub enum BitmapCommand {
+    /// Create a bitmap that records every change to the disk from now on.
+    Add {
+        /// Disk.
+        disk: String,
+        /// Bitmap name.
+        name: String,
+        /// Bytes per bit, e.g. 64K.
+        #[arg(long, value_name = "SIZE")]
+        granularity: Option<String>,
+        /// Create it without recording.
+        #[arg(long)]
+        disabled: bool,
+        /// Keep it in memory only (lost on restart).
+        #[arg(long)]
+        transient: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a bitmap.
+    Remove(BitmapArgs),
+    /// Clear every bit.
+    Clear(BitmapArgs),
+    /// Start recording changes.
+    Enable(BitmapArgs),
+    /// Stop recording changes.
+    Disable(BitmapArgs),
+    /// Add the bits of SOURCE bitmaps to TARGET.
+    Merge {
+        /// Disk.
+        disk: String,
+        /// Bitmap that receives the bits.
+        target: String,
+        /// Bitmaps whose bits are added.
+        #[arg(required = true)]
+        sources: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List a disk's bitmaps.
+    List {
+        /// Disk.
+        disk: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// A bitmap by disk and name.
+#[derive(Args, Debug)]
+pub struct BitmapArgs {
+    /// Disk.
+    pub disk: String,
+    /// Bitmap name.
+    pub name: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// `fleece snapshot ...`
@@ -64,9 +138,14 @@ pub enum SnapshotCommand {
         /// Most bytes the store may hold, e.g. 10G.
         #[arg(long, value_name = "SIZE")]
         store_limit: Option<String>,
-        /// Limit the snapshot to the clusters set in this dirty bitmap.
+        /// Limit the snapshot to the clusters set in this dirty bitmap (as of
+        /// the instant): an incremental snapshot.
         #[arg(long, value_name = "NAME")]
         bitmap: Option<String>,
+        /// At the same instant, start bitmap NAME afresh (created if missing)
+        /// and stop the --bitmap one: the checkpoint pattern of backup tools.
+        #[arg(long, value_name = "NAME")]
+        rotate: Option<String>,
         /// Each read of the view discards the whole clusters it returned.
         #[arg(long)]
         read_once: bool,
@@ -197,6 +276,26 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Disk { action } => disk(action),
         Command::Snapshot { action } => snapshot(action),
+        Command::Bitmap { action } => bitmap(action),
+        Command::Transaction { file, client: c } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+            } else {
+                std::fs::read_to_string(&file)
+            }
+            .map_err(|e| Error::invalid(format!("cannot read {}: {e}", file.display())))?;
+            let body: Value = serde_json::from_str(&text)
+                .map_err(|e| Error::invalid(format!("{} is not JSON: {e}", file.display())))?;
+            let v = client::request(&c.control, "POST", "/v1/transactions", Some(&body))?;
+            if c.json {
+                return print_json(&v);
+            }
+            println!("transaction applied");
+            for snap in v["snapshots"].as_array().into_iter().flatten() {
+                println!("created snapshot {}: {}", s(&snap["export"]), s(&snap["uri"]));
+            }
+            Ok(())
+        }
         Command::Events(c) => events(&c),
     }
 }
@@ -265,6 +364,86 @@ fn disk(action: DiskCommand) -> Result<()> {
     }
 }
 
+fn bitmap(action: BitmapCommand) -> Result<()> {
+    let (c, method, path, body, done) = match action {
+        BitmapCommand::Add {
+            disk,
+            name,
+            granularity,
+            disabled,
+            transient,
+            client,
+        } => {
+            let g = granularity.as_deref().map(parse_size).transpose()?;
+            let body =
+                json!({ "name": name, "granularity": g, "disabled": disabled, "persistent": !transient });
+            (
+                client,
+                "POST",
+                format!("/v1/disks/{disk}/bitmaps"),
+                Some(body),
+                format!("added bitmap {name} to {disk}"),
+            )
+        }
+        BitmapCommand::Remove(a) => {
+            let p = format!("/v1/disks/{}/bitmaps/{}", a.disk, a.name);
+            (a.client, "DELETE", p, None, format!("removed bitmap {}", a.name))
+        }
+        BitmapCommand::Clear(a) => op(a, "clear", "cleared"),
+        BitmapCommand::Enable(a) => op(a, "enable", "enabled"),
+        BitmapCommand::Disable(a) => op(a, "disable", "disabled"),
+        BitmapCommand::Merge {
+            disk,
+            target,
+            sources,
+            client,
+        } => {
+            let p = format!("/v1/disks/{disk}/bitmaps/{target}/merge");
+            let done = format!("merged {} into {target}", sources.join(", "));
+            (client, "POST", p, Some(json!({ "sources": sources })), done)
+        }
+        BitmapCommand::List { disk, client: c } => {
+            let v = client::request(&c.control, "GET", &format!("/v1/disks/{disk}/bitmaps"), None)?;
+            if c.json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    vec![
+                        s(&b["name"]),
+                        human(b["granularity"].as_u64().unwrap_or(0)),
+                        human(b["dirty_bytes"].as_u64().unwrap_or(0)),
+                        b["recording"].to_string(),
+                        b["persistent"].to_string(),
+                        b["exact"].to_string(),
+                    ]
+                })
+                .collect();
+            table(
+                &["NAME", "GRANULARITY", "DIRTY", "RECORDING", "PERSISTENT", "EXACT"],
+                &rows,
+            );
+            return Ok(());
+        }
+    };
+    let v = client::request(&c.control, method, &path, body.as_ref())?;
+    if c.json {
+        return print_json(if v.is_null() { &Value::Bool(true) } else { &v });
+    }
+    println!("{done}");
+    Ok(())
+}
+
+type Call = (ClientArgs, &'static str, String, Option<Value>, String);
+
+fn op(a: BitmapArgs, verb: &str, done: &str) -> Call {
+    let p = format!("/v1/disks/{}/bitmaps/{}/{verb}", a.disk, a.name);
+    (a.client, "POST", p, None, format!("{done} bitmap {}", a.name))
+}
+
 fn snapshot(action: SnapshotCommand) -> Result<()> {
     match action {
         SnapshotCommand::Create {
@@ -274,6 +453,7 @@ fn snapshot(action: SnapshotCommand) -> Result<()> {
             store,
             store_limit,
             bitmap,
+            rotate,
             read_once,
             on_cbw_error,
             cbw_timeout,
@@ -294,7 +474,7 @@ fn snapshot(action: SnapshotCommand) -> Result<()> {
             let body = json!({
                 "disks": disks, "name": name, "cluster_size": cluster_size, "store": store,
                 "store_limit": store_limit, "bitmap": bitmap, "read_once": read_once,
-                "on_cbw_error": on_cbw_error, "cbw_timeout_secs": cbw_timeout,
+                "on_cbw_error": on_cbw_error, "cbw_timeout_secs": cbw_timeout, "rotate": rotate,
             });
             let v = client::request(&c.control, "POST", "/v1/snapshots", Some(&body))?;
             if c.json {

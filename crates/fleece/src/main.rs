@@ -2,6 +2,7 @@
 //! point-in-time snapshots of them while they keep taking writes.
 
 mod api;
+mod bitmaps;
 mod cli;
 mod client;
 mod config;

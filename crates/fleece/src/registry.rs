@@ -31,9 +31,40 @@ pub struct Export {
     pub read_only: bool,
     /// Open connections, for status and removal.
     pub connections: AtomicUsize,
+    /// Where `qemu:dirty-bitmap:` contexts come from.
+    pub meta: MetaSource,
 }
 
+/// The dirty bitmaps an export shows as `qemu:dirty-bitmap:NAME`.
+pub enum MetaSource {
+    /// A live disk: its bitmaps as they are now.
+    Live(Arc<LiveDisk>),
+    /// A snapshot: the bitmap that scoped it, as of its instant.
+    Snapshot(Arc<fleece_block::Snapshot>, Option<String>),
+}
+
+/// Prefix of dirty-bitmap metadata contexts (qemu's namespace).
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+
 impl Export {
+    /// Dirty/clean runs of bitmap `name` over the range, as (length, dirty).
+    pub fn bitmap_extents(&self, name: &str, offset: u64, len: u64) -> Option<Vec<(u64, bool)>> {
+        match &self.meta {
+            MetaSource::Live(live) => live.bitmap(name).map(|b| b.bits().extents(offset, len)),
+            MetaSource::Snapshot(snap, Some(b)) if b == name => {
+                snap.options().scope.as_ref().map(|s| s.extents(offset, len))
+            }
+            MetaSource::Snapshot(..) => None,
+        }
+    }
+
+    fn bitmap_names(&self) -> Vec<String> {
+        match &self.meta {
+            MetaSource::Live(live) => live.bitmaps().iter().map(|b| b.name().to_string()).collect(),
+            MetaSource::Snapshot(_, b) => b.iter().cloned().collect(),
+        }
+    }
+
     fn info(&self) -> ExportInfo {
         let mut flags = TF_SEND_FLUSH | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
         if self.read_only {
@@ -61,7 +92,13 @@ impl Export {
             size: self.dev.size(),
             flags,
             block_sizes: (1, 4096, MAX_PAYLOAD),
-            contexts: vec![BASE_ALLOCATION.to_string()],
+            contexts: std::iter::once(BASE_ALLOCATION.to_string())
+                .chain(
+                    self.bitmap_names()
+                        .into_iter()
+                        .map(|b| format!("{DIRTY_BITMAP_PREFIX}{b}")),
+                )
+                .collect(),
         }
     }
 }
@@ -151,12 +188,16 @@ impl Registry {
         let file = RawFile::open(path, false).map_err(|e| Error::invalid(e.to_string()))?;
         let file = Arc::new(file);
         let live = Arc::new(LiveDisk::new(file.clone()));
+        for b in crate::bitmaps::load_sidecars(path, fleece_block::BlockDev::size(&*file))? {
+            live.add_bitmap(Arc::new(b));
+        }
         let export = Arc::new(Export {
             name: name.to_string(),
             disk: name.to_string(),
             dev: live.clone(),
             read_only: false,
             connections: AtomicUsize::new(0),
+            meta: MetaSource::Live(live.clone()),
         });
         let disk = Arc::new(Disk {
             name: name.to_string(),

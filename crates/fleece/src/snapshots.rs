@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Kind, Result};
-use crate::registry::{check_name, Export, Registry};
+use crate::registry::{check_name, Export, Inner, MetaSource, Registry};
 use crate::units::parse_size;
 
 /// Default copy unit.
@@ -35,8 +35,16 @@ pub struct SnapshotEntry {
     pub bitmap: Option<String>,
 }
 
+/// A checked snapshot request with its stores made.
+pub(crate) struct PreparedSnapshot {
+    pub(crate) req: CreateSnapshot,
+    pub(crate) disks: Vec<Arc<crate::registry::Disk>>,
+    stores: Vec<Box<dyn Store>>,
+    opts: SnapshotOptions,
+}
+
 /// Body of `POST /v1/snapshots`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSnapshot {
     /// Disks that share the instant.
@@ -58,6 +66,9 @@ pub struct CreateSnapshot {
     pub on_cbw_error: Option<String>,
     /// Copy timeout in seconds (0 or absent: none).
     pub cbw_timeout_secs: Option<f64>,
+    /// Bitmap that starts recording at the instant (cleared if it exists);
+    /// the scoping bitmap then stops recording.
+    pub rotate: Option<String>,
 }
 
 enum StoreSpec {
@@ -132,6 +143,14 @@ impl Registry {
 
     /// Takes a snapshot of every listed disk at one instant.
     pub fn create_snapshots(&self, req: &CreateSnapshot) -> Result<Vec<Arc<SnapshotEntry>>> {
+        let tx = vec![crate::bitmaps::Action::SnapshotCreate(Box::new(req.clone()))];
+        let mut made = self.transaction(tx)?;
+        Ok(made.pop().unwrap_or_default())
+    }
+
+    /// Checks a snapshot request and makes its stores; nothing is visible
+    /// until [`commit_snapshot`](Self::commit_snapshot) runs at the instant.
+    pub(crate) fn prepare_snapshot(&self, req: &CreateSnapshot) -> Result<PreparedSnapshot> {
         check_name("snapshot", &req.name)?;
         if req.disks.is_empty() {
             return Err(Error::invalid("name at least one disk to snapshot"));
@@ -167,9 +186,6 @@ impl Registry {
                 )))
             }
         };
-        if let Some(b) = &req.bitmap {
-            return Err(Error::not_found(format!("dirty bitmap '{b}' does not exist")));
-        }
         let spec = parse_store(&req.store)?;
         if let (StoreSpec::File(Some(_)), true) = (&spec, names.len() > 1) {
             return Err(Error::invalid(
@@ -177,6 +193,16 @@ impl Registry {
             ));
         }
         let disks = names.iter().map(|n| self.disk(n)).collect::<Result<Vec<_>>>()?;
+        if let Some(b) = &req.bitmap {
+            for d in &disks {
+                if d.live.bitmap(b).is_none() {
+                    return Err(Error::not_found(format!(
+                        "dirty bitmap '{b}' does not exist on disk '{}'",
+                        d.name
+                    )));
+                }
+            }
+        }
         for d in &disks {
             if self.snapshot(&format!("{}@{}", d.name, req.name)).is_ok() {
                 return Err(Error::new(
@@ -215,22 +241,32 @@ impl Registry {
             store_limit: limit,
             scope: None,
         };
+        Ok(PreparedSnapshot {
+            req: req.clone(),
+            disks,
+            stores,
+            opts,
+        })
+    }
+
+    /// Makes the snapshots of a prepared request. Call with every disk of
+    /// the request frozen and the registry locked: this is the instant.
+    pub(crate) fn commit_snapshot(&self, inner: &mut Inner, p: PreparedSnapshot) -> Vec<Arc<SnapshotEntry>> {
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        // The instant: every disk frozen (in name order), all snapshots made,
-        // then all thawed.
-        let guards: Vec<_> = disks.iter().map(|d| d.live.freeze()).collect();
-        let snaps: Vec<Arc<Snapshot>> = disks
-            .iter()
-            .zip(stores)
-            .map(|(d, store)| d.live.snapshot(store, opts.clone()))
-            .collect();
-        drop(guards);
+        let req = &p.req;
         let mut out = Vec::new();
-        for (d, snap) in disks.iter().zip(snaps) {
+        for (d, store) in p.disks.iter().zip(p.stores) {
+            let mut opts = p.opts.clone();
+            // The bitmap as of the instant scopes the snapshot.
+            opts.scope = req
+                .bitmap
+                .as_ref()
+                .and_then(|b| d.live.bitmap(b))
+                .map(|b| b.bits().clone());
+            let snap = d.live.snapshot(store, opts);
             let id = format!("{}@{}", d.name, req.name);
             let events = self.events.clone();
             let sid = id.clone();
@@ -249,6 +285,7 @@ impl Registry {
                 dev: Arc::new(SnapshotView(snap.clone())),
                 read_only: true,
                 connections: AtomicUsize::new(0),
+                meta: MetaSource::Snapshot(snap.clone(), req.bitmap.clone()),
             });
             let entry = Arc::new(SnapshotEntry {
                 disk: d.name.clone(),
@@ -264,12 +301,7 @@ impl Registry {
                 .insert((d.name.clone(), req.name.clone()), entry.clone());
             out.push(entry);
         }
-        drop(inner);
-        for e in &out {
-            self.events
-                .emit("snapshot_created", self.snapshot_json(e, &|_| String::new()));
-        }
-        Ok(out)
+        out
     }
 
     /// Deletes a snapshot: its export goes away, its clients are

@@ -10,7 +10,7 @@ use fleece_nbd::consts::*;
 use fleece_nbd::{decode_request, Extent, Negotiated, Replies, ReplyMode, Request, ServerHandshake, Step};
 
 use super::{Pool, Stream};
-use crate::registry::{Export, Registry, MAX_PAYLOAD};
+use crate::registry::{Export, Registry, DIRTY_BITMAP_PREFIX, MAX_PAYLOAD};
 
 /// A client that stalls mid-handshake is dropped after this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -391,27 +391,47 @@ fn block_status(conn: &Conn, req: &Request, out: &mut Vec<u8>) {
         return;
     }
     let len = req.length.min(size - req.offset);
-    for (i, (id, _name)) in conn.contexts.iter().enumerate() {
-        // base:allocation is the only context so far.
-        let extents = match conn.export.dev.block_status(req.offset, len) {
-            Ok(e) => e,
-            Err(e) => {
-                out.truncate(start);
-                r.error(out, req, errno(e.kind()), &e.to_string());
-                return;
+    for (i, (id, name)) in conn.contexts.iter().enumerate() {
+        let mut wire: Vec<Extent> = if let Some(bitmap) = name.strip_prefix(DIRTY_BITMAP_PREFIX) {
+            match conn.export.bitmap_extents(bitmap, req.offset, len) {
+                Some(runs) => runs
+                    .into_iter()
+                    .map(|(length, dirty)| Extent {
+                        length,
+                        flags: dirty as u64,
+                    })
+                    .collect(),
+                None => {
+                    out.truncate(start);
+                    r.error(
+                        out,
+                        req,
+                        EINVAL,
+                        &format!("dirty bitmap '{bitmap}' no longer exists"),
+                    );
+                    return;
+                }
+            }
+        } else {
+            match conn.export.dev.block_status(req.offset, len) {
+                Ok(e) => e
+                    .iter()
+                    .map(|e| Extent {
+                        length: e.length,
+                        flags: match e.mapping {
+                            Mapping::Data => 0,
+                            Mapping::Zero => STATE_ZERO as u64,
+                            Mapping::Hole => (STATE_HOLE | STATE_ZERO) as u64,
+                        },
+                    })
+                    .collect(),
+                Err(e) => {
+                    out.truncate(start);
+                    r.error(out, req, errno(e.kind()), &e.to_string());
+                    return;
+                }
             }
         };
-        let mut wire: Vec<Extent> = extents
-            .iter()
-            .map(|e| Extent {
-                length: e.length,
-                flags: match e.mapping {
-                    Mapping::Data => 0,
-                    Mapping::Zero => STATE_ZERO as u64,
-                    Mapping::Hole => (STATE_HOLE | STATE_ZERO) as u64,
-                },
-            })
-            .collect();
         if wire.is_empty() {
             wire.push(Extent {
                 length: len,

@@ -1,0 +1,444 @@
+//! Named dirty bitmaps per disk, and transactions: several bitmap and
+//! snapshot operations applied at one instant, all or none.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fleece_block::NamedBitmap;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Kind, Result};
+use crate::registry::{check_name, Disk, Registry};
+use crate::snapshots::{CreateSnapshot, PreparedSnapshot, SnapshotEntry};
+use crate::units::parse_size;
+
+/// Default bitmap granularity.
+pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
+
+/// Sidecar file of bitmap `name` of the image at `image`.
+pub fn sidecar_path(image: &Path, name: &str) -> PathBuf {
+    let mut s = image.as_os_str().to_owned();
+    s.push(format!(".fleece-bitmap-{name}"));
+    PathBuf::from(s)
+}
+
+/// Loads every persistent bitmap saved beside an image.
+pub fn load_sidecars(image: &Path, size: u64) -> Result<Vec<NamedBitmap>> {
+    let dir = match image.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let Some(file) = image.file_name().map(|f| f.to_string_lossy().into_owned()) else {
+        return Ok(Vec::new());
+    };
+    let prefix = format!("{file}.fleece-bitmap-");
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(out);
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect();
+    paths.sort();
+    for p in paths {
+        let b = NamedBitmap::open(&p, size).map_err(|e| Error::invalid(e.to_string()))?;
+        tracing::info!(
+            bitmap = b.name(),
+            dirty = b.bits().dirty_bytes(),
+            "loaded dirty bitmap"
+        );
+        out.push(b);
+    }
+    Ok(out)
+}
+
+/// One operation of a transaction, as sent in JSON with an `action` field.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Create a bitmap.
+    BitmapAdd(BitmapAdd),
+    /// Delete a bitmap (and its file).
+    BitmapRemove(BitmapRef),
+    /// Clear every bit.
+    BitmapClear(BitmapRef),
+    /// Start recording.
+    BitmapEnable(BitmapRef),
+    /// Stop recording.
+    BitmapDisable(BitmapRef),
+    /// target |= sources.
+    BitmapMerge(BitmapMerge),
+    /// Take a snapshot.
+    SnapshotCreate(Box<CreateSnapshot>),
+}
+
+/// Arguments of `bitmap-add`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BitmapAdd {
+    /// Disk.
+    pub disk: String,
+    /// Bitmap name.
+    pub name: String,
+    /// Bytes per bit (power of two, at least 512).
+    pub granularity: Option<Value>,
+    /// Create it not recording.
+    #[serde(default)]
+    pub disabled: bool,
+    /// Keep it in a sidecar file (default true).
+    pub persistent: Option<bool>,
+}
+
+/// A bitmap by disk and name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BitmapRef {
+    /// Disk.
+    pub disk: String,
+    /// Bitmap name.
+    pub name: String,
+}
+
+/// Arguments of `bitmap-merge`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BitmapMerge {
+    /// Disk.
+    pub disk: String,
+    /// Bitmap that receives the bits.
+    pub target: String,
+    /// Bitmaps whose bits are added.
+    pub sources: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct Tagged {
+    action: String,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
+}
+
+impl Action {
+    /// Parses `{"action": "bitmap-add", ...}`.
+    pub fn from_json(v: Value) -> Result<Action> {
+        let t: Tagged = serde_json::from_value(v).map_err(|e| Error::invalid(format!("bad action: {e}")))?;
+        let rest = Value::Object(t.rest);
+        let bad = |e: serde_json::Error| Error::invalid(format!("bad {} action: {e}", t.action));
+        Ok(match t.action.as_str() {
+            "bitmap-add" => Action::BitmapAdd(serde_json::from_value(rest).map_err(bad)?),
+            "bitmap-remove" => Action::BitmapRemove(serde_json::from_value(rest).map_err(bad)?),
+            "bitmap-clear" => Action::BitmapClear(serde_json::from_value(rest).map_err(bad)?),
+            "bitmap-enable" => Action::BitmapEnable(serde_json::from_value(rest).map_err(bad)?),
+            "bitmap-disable" => Action::BitmapDisable(serde_json::from_value(rest).map_err(bad)?),
+            "bitmap-merge" => Action::BitmapMerge(serde_json::from_value(rest).map_err(bad)?),
+            "snapshot-create" => Action::SnapshotCreate(Box::new(serde_json::from_value(rest).map_err(bad)?)),
+            other => {
+                return Err(Error::invalid(format!(
+                    "unknown action '{other}': use bitmap-add, bitmap-remove, bitmap-clear, bitmap-enable, \
+                     bitmap-disable, bitmap-merge or snapshot-create"
+                )))
+            }
+        })
+    }
+
+    fn disks(&self) -> Vec<String> {
+        match self {
+            Action::BitmapAdd(a) => vec![a.disk.clone()],
+            Action::BitmapRemove(r)
+            | Action::BitmapClear(r)
+            | Action::BitmapEnable(r)
+            | Action::BitmapDisable(r) => {
+                vec![r.disk.clone()]
+            }
+            Action::BitmapMerge(m) => vec![m.disk.clone()],
+            Action::SnapshotCreate(s) => s.disks.clone(),
+        }
+    }
+}
+
+/// An action checked and ready to apply at the instant.
+enum Ready {
+    Add(Arc<Disk>, Arc<NamedBitmap>),
+    Remove(Arc<Disk>, String),
+    Clear(Arc<NamedBitmap>),
+    Enable(Arc<NamedBitmap>, bool),
+    Merge(Arc<NamedBitmap>, Vec<Arc<NamedBitmap>>),
+    Snapshot(Box<PreparedSnapshot>, Option<(Arc<Disk>, String)>),
+}
+
+/// Tracks bitmaps that earlier actions of the same transaction add or
+/// remove, so later actions are checked against the state they will see.
+#[derive(Default)]
+struct Planned {
+    added: Vec<(String, String, Arc<NamedBitmap>)>,
+    removed: Vec<(String, String)>,
+}
+
+impl Planned {
+    fn find(&self, d: &Disk, name: &str) -> Option<Arc<NamedBitmap>> {
+        if self.removed.iter().any(|(dd, n)| dd == &d.name && n == name) {
+            return None;
+        }
+        if let Some((_, _, b)) = self
+            .added
+            .iter()
+            .rev()
+            .find(|(dd, n, _)| dd == &d.name && n == name)
+        {
+            return Some(b.clone());
+        }
+        d.live.bitmap(name)
+    }
+
+    fn get(&self, d: &Disk, name: &str) -> Result<Arc<NamedBitmap>> {
+        self.find(d, name).ok_or_else(|| {
+            Error::not_found(format!(
+                "dirty bitmap '{name}' does not exist on disk '{}'",
+                d.name
+            ))
+        })
+    }
+}
+
+fn new_bitmap(
+    d: &Disk,
+    name: &str,
+    granularity: u64,
+    enabled: bool,
+    persistent: bool,
+) -> Result<NamedBitmap> {
+    let size = fleece_block::BlockDev::size(&*d.file);
+    let path = sidecar_path(&d.path, name);
+    if persistent && path.exists() {
+        // A leftover from a bitmap removed while the daemon was down.
+        std::fs::remove_file(&path)
+            .map_err(|e| Error::invalid(format!("cannot replace {}: {e}", path.display())))?;
+    }
+    NamedBitmap::create(
+        name,
+        size,
+        granularity,
+        enabled,
+        persistent.then_some(path.as_path()),
+    )
+    .map_err(|e| Error::new(Kind::Internal, e.to_string()))
+}
+
+impl Registry {
+    /// Applies actions at one instant: everything is checked and prepared
+    /// first (files created, stores made), then every involved disk is
+    /// frozen and all changes are made together. Returns the snapshots made,
+    /// per snapshot action.
+    pub fn transaction(&self, actions: Vec<Action>) -> Result<Vec<Vec<Arc<SnapshotEntry>>>> {
+        if actions.is_empty() {
+            return Err(Error::invalid("a transaction needs at least one action"));
+        }
+        let mut plan = Planned::default();
+        let mut ready = Vec::new();
+        for a in &actions {
+            ready.push(self.prepare(a, &mut plan)?);
+        }
+        let mut names: Vec<String> = actions.iter().flat_map(|a| a.disks()).collect();
+        names.sort();
+        names.dedup();
+        let disks = names.iter().map(|n| self.disk(n)).collect::<Result<Vec<_>>>()?;
+
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let guards: Vec<_> = disks.iter().map(|d| d.live.freeze()).collect();
+        let mut made = Vec::new();
+        let mut failure = None;
+        for r in ready.into_iter().flatten() {
+            let res = match r {
+                Ready::Add(d, b) => {
+                    d.live.add_bitmap(b);
+                    Ok(())
+                }
+                Ready::Remove(d, name) => match d.live.remove_bitmap(&name) {
+                    Some(b) => b
+                        .remove_file()
+                        .map_err(|e| Error::new(Kind::Internal, e.to_string())),
+                    None => Ok(()),
+                },
+                Ready::Clear(b) => b.clear().map_err(|e| Error::new(Kind::Internal, e.to_string())),
+                Ready::Enable(b, on) => b
+                    .set_enabled(on)
+                    .map_err(|e| Error::new(Kind::Internal, e.to_string())),
+                Ready::Merge(t, sources) => sources
+                    .iter()
+                    .try_for_each(|s| t.merge(s.bits()))
+                    .map_err(|e| Error::new(Kind::Internal, e.to_string())),
+                Ready::Snapshot(p, rotate) => {
+                    let scope = p.req.bitmap.clone();
+                    let disks = p.disks.clone();
+                    made.push(self.commit_snapshot(&mut inner, *p));
+                    // Checkpoint pattern: the scoping bitmap stops and the
+                    // rotated one starts, both at this instant.
+                    let mut r = Ok(());
+                    if let Some((d, name)) = rotate {
+                        if let Some(b) = d.live.bitmap(&name) {
+                            r = b.clear().and_then(|_| b.set_enabled(true));
+                        }
+                    }
+                    if let Some(s) = scope {
+                        for d in &disks {
+                            if let Some(b) = d.live.bitmap(&s) {
+                                r = r.and_then(|_| b.set_enabled(false));
+                            }
+                        }
+                    }
+                    r.map_err(|e| Error::new(Kind::Internal, e.to_string()))
+                }
+            };
+            if let Err(e) = res {
+                failure.get_or_insert(e);
+            }
+        }
+        drop(guards);
+        drop(inner);
+        for e in made.iter().flatten() {
+            self.events
+                .emit("snapshot_created", json!({ "snapshot": e.export.name }));
+        }
+        match failure {
+            Some(e) => Err(Error::new(
+                e.kind,
+                format!("transaction partly applied: {}", e.message),
+            )),
+            None => Ok(made),
+        }
+    }
+
+    fn prepare(&self, a: &Action, plan: &mut Planned) -> Result<Vec<Ready>> {
+        Ok(vec![match a {
+            Action::BitmapAdd(a) => {
+                check_name("bitmap", &a.name)?;
+                let d = self.disk(&a.disk)?;
+                if plan.find(&d, &a.name).is_some() {
+                    return Err(Error::new(
+                        Kind::Exists,
+                        format!("dirty bitmap '{}' already exists on disk '{}'", a.name, a.disk),
+                    ));
+                }
+                let g = granularity(&a.granularity)?;
+                let b = Arc::new(new_bitmap(
+                    &d,
+                    &a.name,
+                    g,
+                    !a.disabled,
+                    a.persistent.unwrap_or(true),
+                )?);
+                plan.added.push((d.name.clone(), a.name.clone(), b.clone()));
+                Ready::Add(d, b)
+            }
+            Action::BitmapRemove(r) => {
+                let d = self.disk(&r.disk)?;
+                plan.get(&d, &r.name)?;
+                plan.removed.push((d.name.clone(), r.name.clone()));
+                Ready::Remove(d, r.name.clone())
+            }
+            Action::BitmapClear(r) => Ready::Clear(plan.get(&*self.disk(&r.disk)?, &r.name)?),
+            Action::BitmapEnable(r) => Ready::Enable(plan.get(&*self.disk(&r.disk)?, &r.name)?, true),
+            Action::BitmapDisable(r) => Ready::Enable(plan.get(&*self.disk(&r.disk)?, &r.name)?, false),
+            Action::BitmapMerge(m) => {
+                let d = self.disk(&m.disk)?;
+                let t = plan.get(&d, &m.target)?;
+                let sources = m
+                    .sources
+                    .iter()
+                    .map(|s| plan.get(&d, s))
+                    .collect::<Result<Vec<_>>>()?;
+                if sources.is_empty() {
+                    return Err(Error::invalid("bitmap merge needs at least one source"));
+                }
+                for s in &sources {
+                    if s.bits().granularity() != t.bits().granularity() {
+                        return Err(Error::invalid(format!(
+                            "cannot merge '{}' (granularity {}) into '{}' (granularity {})",
+                            s.name(),
+                            s.bits().granularity(),
+                            t.name(),
+                            t.bits().granularity()
+                        )));
+                    }
+                }
+                Ready::Merge(t, sources)
+            }
+            Action::SnapshotCreate(req) => {
+                let p = self.prepare_snapshot(req)?;
+                let mut rotate = None;
+                if let Some(r) = &req.rotate {
+                    check_name("bitmap", r)?;
+                    if req.disks.len() != 1 {
+                        return Err(Error::invalid("--rotate works with one disk at a time"));
+                    }
+                    if req.bitmap.as_deref() == Some(r.as_str()) {
+                        return Err(Error::invalid("--rotate must name another bitmap than --bitmap"));
+                    }
+                    let d = self.disk(&req.disks[0])?;
+                    if plan.find(&d, r).is_none() {
+                        let g = req
+                            .bitmap
+                            .as_ref()
+                            .and_then(|b| plan.find(&d, b))
+                            .map(|b| b.bits().granularity())
+                            .unwrap_or(DEFAULT_GRANULARITY);
+                        // Made now, not recording; it starts at the instant.
+                        let b = Arc::new(new_bitmap(&d, r, g, false, true)?);
+                        plan.added.push((d.name.clone(), r.clone(), b.clone()));
+                        return Ok(vec![
+                            Ready::Add(d.clone(), b),
+                            Ready::Snapshot(Box::new(p), Some((d, r.clone()))),
+                        ]);
+                    }
+                    rotate = Some((d, r.clone()));
+                }
+                Ready::Snapshot(Box::new(p), rotate)
+            }
+        }])
+    }
+
+    /// JSON of a disk's bitmaps.
+    pub fn bitmaps_json(&self, disk: &str) -> Result<Value> {
+        let d = self.disk(disk)?;
+        Ok(Value::Array(
+            d.live.bitmaps().iter().map(|b| bitmap_json(b)).collect(),
+        ))
+    }
+}
+
+/// JSON of one bitmap.
+pub fn bitmap_json(b: &NamedBitmap) -> Value {
+    json!({
+        "name": b.name(),
+        "granularity": b.bits().granularity(),
+        "dirty_bytes": b.bits().dirty_bytes(),
+        "recording": b.is_enabled(),
+        "persistent": b.is_persistent(),
+        // Crash-safe marking never leaves a bitmap inconsistent.
+        "exact": true,
+        "path": b.path(),
+    })
+}
+
+fn granularity(v: &Option<Value>) -> Result<u64> {
+    let g = match v {
+        None | Some(Value::Null) => DEFAULT_GRANULARITY,
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| Error::invalid("granularity must be a positive number"))?,
+        Some(Value::String(s)) => parse_size(s)?,
+        Some(_) => {
+            return Err(Error::invalid(
+                "granularity must be a number or a size like \"64K\"",
+            ))
+        }
+    };
+    if !g.is_power_of_two() || !(512..=(1 << 30)).contains(&g) {
+        return Err(Error::invalid(format!(
+            "granularity {g} must be a power of two from 512 bytes to 1 GiB"
+        )));
+    }
+    Ok(g)
+}
