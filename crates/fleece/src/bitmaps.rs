@@ -238,7 +238,16 @@ impl Registry {
         let mut plan = Planned::default();
         let mut ready = Vec::new();
         for a in &actions {
-            ready.push(self.prepare(a, &mut plan)?);
+            match self.prepare(a, &mut plan) {
+                Ok(r) => ready.push(r),
+                Err(e) => {
+                    // Nothing is applied: drop the files made for new bitmaps.
+                    for (_, _, b) in &plan.added {
+                        let _ = b.remove_file();
+                    }
+                    return Err(e);
+                }
+            }
         }
         let mut names: Vec<String> = actions.iter().flat_map(|a| a.disks()).collect();
         names.sort();
@@ -367,6 +376,11 @@ impl Registry {
             }
             Action::SnapshotCreate(req) => {
                 let p = self.prepare_snapshot(req)?;
+                if let Some(b) = &req.bitmap {
+                    for d in &p.disks {
+                        plan.get(d, b)?;
+                    }
+                }
                 let mut rotate = None;
                 if let Some(r) = &req.rotate {
                     check_name("bitmap", r)?;

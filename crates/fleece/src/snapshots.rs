@@ -193,16 +193,6 @@ impl Registry {
             ));
         }
         let disks = names.iter().map(|n| self.disk(n)).collect::<Result<Vec<_>>>()?;
-        if let Some(b) = &req.bitmap {
-            for d in &disks {
-                if d.live.bitmap(b).is_none() {
-                    return Err(Error::not_found(format!(
-                        "dirty bitmap '{b}' does not exist on disk '{}'",
-                        d.name
-                    )));
-                }
-            }
-        }
         for d in &disks {
             if self.snapshot(&format!("{}@{}", d.name, req.name)).is_ok() {
                 return Err(Error::new(
