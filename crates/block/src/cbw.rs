@@ -782,6 +782,9 @@ impl BlockDev for LiveDisk {
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
         self.base.try_read_at(buf, offset)
     }
+    fn is_in_memory(&self) -> bool {
+        self.base.is_in_memory()
+    }
     fn try_write_at(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
         let _gate = self.gate.try_read().ok()?;
         let len = buf.len() as u64;
@@ -828,6 +831,11 @@ impl BlockDev for SnapshotView {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.0.read_at(buf, offset)
+    }
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+        // View reads never wait on copies (rule 1), so with both sides in
+        // memory they cannot block and may run inline.
+        (self.0.base.is_in_memory() && self.0.store.is_in_memory()).then(|| self.0.read_at(buf, offset))
     }
     fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> Result<()> {
         Err(Error::new(ErrorKind::ReadOnly, "snapshot views are read-only"))

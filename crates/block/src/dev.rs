@@ -60,6 +60,10 @@ pub trait BlockDev: Send + Sync {
     fn try_read_at(&self, _buf: &mut [u8], _offset: u64) -> Option<Result<()>> {
         None
     }
+    /// True if reads never wait for a disk (the data lives in memory).
+    fn is_in_memory(&self) -> bool {
+        false
+    }
     /// Writes `buf` (not FUA) only if that needs no waiting, such as a
     /// copy-before-write or lock; `None` means "use a worker thread".
     fn try_write_at(&self, _buf: &[u8], _offset: u64) -> Option<Result<()>> {

@@ -198,6 +198,10 @@ impl BlockDev for RawFile {
         }
     }
 
+    fn is_in_memory(&self) -> bool {
+        self.in_memory
+    }
+
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
         if check_range(self.size, offset, buf.len() as u64).is_err() {
             return None;

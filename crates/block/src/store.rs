@@ -25,6 +25,10 @@ pub trait Store: Send + Sync {
     fn forget(&self, index: u64, cluster: u64);
     /// Kind and location, for status output.
     fn describe(&self) -> (&'static str, Option<PathBuf>);
+    /// True if loads never wait for a disk.
+    fn is_in_memory(&self) -> bool {
+        false
+    }
 }
 
 /// A sparse file with cluster `i` at offset `i * cluster`, so it only takes
@@ -80,6 +84,10 @@ impl Store for FileStore {
     fn describe(&self) -> (&'static str, Option<PathBuf>) {
         ("file", Some(self.file.path().to_path_buf()))
     }
+
+    fn is_in_memory(&self) -> bool {
+        self.file.is_in_memory()
+    }
 }
 
 /// Clusters in memory up to a budget, then in a spill file created on first
@@ -121,6 +129,13 @@ impl RamStore {
 impl Store for RamStore {
     fn granularity(&self) -> u64 {
         1
+    }
+
+    fn is_in_memory(&self) -> bool {
+        match self.spill.get() {
+            Some(Ok(s)) => s.is_in_memory(),
+            _ => true,
+        }
     }
 
     fn save(&self, index: u64, cluster: u64, data: &[u8]) -> Result<()> {
