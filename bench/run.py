@@ -217,6 +217,22 @@ class Bench:
             srv.stop()
             self.servers.remove(srv)
 
+    def live_pull(self, kind):
+        """nbdcopy read of the live export, no snapshot."""
+        srv = getattr(self, kind)(False)
+        try:
+            out = self.path("pulled.raw")
+            t0 = time.time()
+            run(["nbdcopy", "--connections=2", srv.live, out], timeout=600)
+            secs = time.time() - t0
+            r = {"seconds": secs, "mib_s": self.size / 2**20 / secs,
+                 "exact": subprocess.run(["cmp", "-s", out, self.image]).returncode == 0}
+            os.unlink(out)
+            return r
+        finally:
+            srv.stop()
+            self.servers.remove(srv)
+
     def pull(self, kind, under_writes):
         srv = getattr(self, kind)(True)
         try:
@@ -265,6 +281,14 @@ class Bench:
                     except Exception as e:  # keep going: report what failed
                         R[key] = {"error": str(e)[:300]}
                     log("  ", R[key])
+            if kind in ("fleece", "qemu", "nbdkit"):
+                key = "%s/pull/live" % kind
+                log("running", key)
+                try:
+                    R[key] = self.live_pull(kind)
+                except Exception as e:
+                    R[key] = {"error": str(e)[:300]}
+                log("  ", R[key])
             if kind in ("fleece", "qemu"):
                 for under in (False, True):
                     key = "%s/pull/%s" % (kind, "under-writes" if under else "idle")
@@ -306,6 +330,10 @@ def report(R, opts):
         lines.append("| p99 latency 4k randwrite %s (µs) | %s | %s | %s | - | %s | %s | - |" % (
             mode, "%.0f" % f if f else "-", "%.0f" % q if q else "-", "%.0f" % k if k else "-",
             "%.2fx" % ratio(f, q) if ratio(f, q) else "-", "%.2fx" % ratio(f, k) if ratio(f, k) else "-"))
+    f, q, k = (g("%s/pull/live" % x, "mib_s") for x in ("fleece", "qemu", "nbdkit"))
+    lines.append("| nbdcopy read of the live disk (MiB/s) | %s | %s | %s | - | %s | %s | - |" % (
+        "%.0f" % f if f else "-", "%.0f" % q if q else "-", "%.0f" % k if k else "-",
+        "%.2fx" % ratio(f, q) if ratio(f, q) else "-", "%.2fx" % ratio(f, k) if ratio(f, k) else "-"))
     for under in ("idle", "under-writes"):
         f = g("fleece/pull/" + under, "mib_s")
         q = g("qemu/pull/" + under, "mib_s")
@@ -334,6 +362,8 @@ def report(R, opts):
         t.append("- [%s] %s: %s" % ("x" if ok else " ", desc, value))
     r = ratio(g("fleece/plain/randwrite-4k-qd16", "iops"), g("nbdkit/plain/randwrite-4k-qd16", "iops"))
     target("plain 4k random writes >= 1.0x nbdkit", "%.2fx" % r if r else "n/a", bool(r and r >= 1.0))
+    r = ratio(g("fleece/pull/live", "mib_s"), g("qemu/pull/live", "mib_s"))
+    target("nbdcopy read of the live disk >= 1.0x qemu", "%.2fx" % r if r else "n/a", bool(r and r >= 1.0))
     r = ratio(g("fleece/snapshot/randwrite-4k-qd16", "iops"), g("qemu/snapshot/randwrite-4k-qd16", "iops"))
     target("4k random writes during a fresh snapshot >= 2x qemu", "%.2fx" % r if r else "n/a", bool(r and r >= 2))
     r = ratio(g("fleece/snapshot/randwrite-4k-qd16", "iops"), g("fleece/plain/randwrite-4k-qd16", "iops"))

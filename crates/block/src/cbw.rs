@@ -614,7 +614,7 @@ impl Snapshot {
         let mut walked = 0u64;
         while pos < end && walked < 1 << 16 {
             let c = pos / self.cluster;
-            let mut g = self.lock();
+            let g = self.lock();
             let from_live = self.source(c).unwrap_or(false);
             let mut stop = c + 1;
             while stop * self.cluster < end && self.source(stop).unwrap_or(false) == from_live {
@@ -623,16 +623,13 @@ impl Snapshot {
             walked += stop - c;
             let hi = (stop * self.cluster).min(end);
             if from_live {
-                // Pin the clusters like a read: a live trim must not turn
-                // data that existed at the instant into a reported hole.
-                for x in c..stop {
-                    *g.readers.entry(x).or_insert(0) += 1;
-                    let s = self.states.get(x);
-                    self.states.set(x, s | READERS);
-                }
-                drop(g);
+                // Ask the live disk while holding the lock: no cluster of the
+                // run can leave NOT_COPIED/COPYING meanwhile, and the live
+                // disk changes a cluster only after it is saved, so a
+                // concurrent trim cannot make data that existed at the
+                // instant look like a hole. Cheaper than pinning each cluster.
                 let res = self.base.block_status(pos, hi - pos);
-                self.release_readers(c, stop);
+                drop(g);
                 let mut covered = pos;
                 for e in res? {
                     let l = e.length.min(hi - covered);

@@ -70,6 +70,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     if disks.is_empty() {
         disks = file.disk;
     }
+    remove_stale_stores(&state_dir.join("snapshots"));
     let events = Events::default();
     let registry = Arc::new(Registry::new(state_dir.clone(), events.clone()));
     if disks.is_empty() {
@@ -140,6 +141,27 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let _ = std::fs::remove_file(&control);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Snapshots do not survive a restart; stores a killed daemon left behind
+/// would only hold disk space.
+fn remove_stale_stores(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".store") || name.ends_with(".spill") {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %e.path().display(), "removed the store of a snapshot lost in a restart")
+                }
+                Err(err) => {
+                    tracing::warn!(file = %e.path().display(), error = %err, "cannot remove stale store")
+                }
+            }
+        }
+    }
 }
 
 fn bind_control(path: &Path) -> Result<tokio::net::UnixListener> {

@@ -434,3 +434,41 @@ fn bad_snapshot_requests_get_clear_errors() {
     d.cli_ok(&["disk", "remove", "disk", "--force"]);
     assert_eq!(d.json(&["snapshot", "list"]).as_array().unwrap().len(), 0);
 }
+
+#[test]
+fn store_usage_events_warn_at_80_and_95_percent_and_a_restart_drops_snapshots() {
+    let mut d = Daemon::start(&[("disk", 8 * MIB)]);
+    qemu_io(&d.uri("disk"), &["write -P 0x51 0 2M"]);
+    d.snapshot_create(&["disk"], "s", &["--store-limit", "1M"]);
+    let mut events = Command::new(BIN)
+        .args(["events", "--json", "--control", d.control.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    qemu_io(&d.uri("disk"), &["write -P 0x52 0 832k"]); // 13 of 16 clusters: 81%
+    qemu_io(&d.uri("disk"), &["write -P 0x52 832k 192k"]); // 16 of 16: 100%
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = events.kill();
+    let lines = text(&events.wait_with_output().unwrap().stdout);
+    let usage: Vec<serde_json::Value> = lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "store_usage")
+        .collect();
+    assert_eq!(usage.len(), 2, "{lines}");
+    assert_eq!(usage[0]["data"]["percent"], 80);
+    assert_eq!(usage[1]["data"]["percent"], 95);
+    assert_eq!(usage[1]["data"]["limit_bytes"], MIB);
+    let store_dir = d.path("state/snapshots");
+    assert_eq!(std::fs::read_dir(&store_dir).unwrap().count(), 1);
+    d.kill9();
+    d.spawn();
+    assert_eq!(d.json(&["snapshot", "list"]).as_array().unwrap().len(), 0);
+    assert_eq!(
+        std::fs::read_dir(&store_dir).unwrap().count(),
+        0,
+        "stale store left behind"
+    );
+    qemu_io(&d.uri("disk"), &["read -P 0x52 0 1M", "read -P 0x51 1M 1M"]);
+}

@@ -139,6 +139,29 @@ impl Listener {
     }
 }
 
+/// Room for several large read replies in the socket, so a reader thread
+/// rarely blocks half way through one (the default is about 200 KiB, less
+/// than one 256 KiB nbdcopy read). Capped by net.core.wmem_max.
+fn set_send_buffer(s: &Stream) {
+    let fd = match s {
+        Stream::Unix(u) => u.as_raw_fd(),
+        Stream::Tcp(t) => t.as_raw_fd(),
+    };
+    let size: libc::c_int = SEND_BUFFER;
+    // SAFETY: setsockopt reads one c_int from a local that outlives the call.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+const SEND_BUFFER: libc::c_int = 2 << 20;
+
 fn accept_loop(sock: Sock, stop_r: RawFd, registry: Arc<Registry>, pool: Arc<Pool>, name: String) {
     let lfd = match &sock {
         Sock::Unix(l) => l.as_raw_fd(),
@@ -174,6 +197,7 @@ fn accept_loop(sock: Sock, stop_r: RawFd, registry: Arc<Registry>, pool: Arc<Poo
         };
         match stream {
             Ok(s) => {
+                set_send_buffer(&s);
                 let (reg, pool) = (registry.clone(), pool.clone());
                 let spawned = thread::Builder::new()
                     .name("nbd-conn".into())
