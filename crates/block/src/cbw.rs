@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use crate::bitmap::DirtyBitmap;
 use crate::dev::{check_range, BlockDev, Capabilities, Extent, Mapping, ZeroFlags};
 use crate::persist::NamedBitmap;
+use crate::raw::RawFile;
 use crate::store::Store;
 use crate::{Error, ErrorKind, Result};
 
@@ -408,11 +409,20 @@ impl Snapshot {
     }
 
     fn copy_and_settle(&self, c: u64, end: u64, bytes: u64) -> Result<()> {
-        let mut buf = vec![0u8; bytes as usize];
-        let res = self
-            .base
-            .read_at(&mut buf, c * self.cluster)
-            .and_then(|_| self.store.save(c, self.cluster, &buf));
+        // File to file, the kernel copies (or shares) the data itself.
+        let direct = self.base.as_raw_file().and_then(|src| {
+            self.store
+                .save_from_file(c, self.cluster, src, c * self.cluster, bytes)
+        });
+        let res = match direct {
+            Some(r) => r,
+            None => {
+                let mut buf = vec![0u8; bytes as usize];
+                self.base
+                    .read_at(&mut buf, c * self.cluster)
+                    .and_then(|_| self.store.save(c, self.cluster, &buf))
+            }
+        };
         self.settle(c, end, bytes, res.is_ok());
         res
     }
@@ -508,7 +518,18 @@ impl Snapshot {
                 self.release_readers(c, end);
                 r
             } else {
-                self.load(part, lo)
+                // A discard may free a saved cluster while we load it; its
+                // state then says so, and what we loaded cannot be trusted.
+                self.load(part, lo).and_then(|_| {
+                    if (c..end).any(|x| self.states.get(x) & MASK == NOT_NEEDED) {
+                        Err(Error::new(
+                            ErrorKind::AccessDenied,
+                            "this part of the snapshot was discarded while it was being read",
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                })
             };
             res?;
             c = end;
@@ -614,7 +635,7 @@ impl Snapshot {
         let mut walked = 0u64;
         while pos < end && walked < 1 << 16 {
             let c = pos / self.cluster;
-            let g = self.lock();
+            let mut g = self.lock();
             let from_live = self.source(c).unwrap_or(false);
             let mut stop = c + 1;
             while stop * self.cluster < end && self.source(stop).unwrap_or(false) == from_live {
@@ -623,13 +644,19 @@ impl Snapshot {
             walked += stop - c;
             let hi = (stop * self.cluster).min(end);
             if from_live {
-                // Ask the live disk while holding the lock: no cluster of the
-                // run can leave NOT_COPIED/COPYING meanwhile, and the live
-                // disk changes a cluster only after it is saved, so a
-                // concurrent trim cannot make data that existed at the
-                // instant look like a hole. Cheaper than pinning each cluster.
-                let res = self.base.block_status(pos, hi - pos);
+                // Pin the clusters like a read: a live trim must not turn
+                // data that existed at the instant into a reported hole, and
+                // nothing else waits while the live disk answers.
+                for x in c..stop {
+                    *g.readers.entry(x).or_insert(0) += 1;
+                    let s = self.states.get(x);
+                    self.states.set(x, s | READERS);
+                }
                 drop(g);
+                let res = self.base.block_status(pos, hi - pos);
+                self.release_readers(c, stop);
+                // Breaking lets writes through without waiting for pins.
+                self.check_readable()?;
                 let mut covered = pos;
                 for e in res? {
                     let l = e.length.min(hi - covered);
@@ -781,6 +808,9 @@ impl BlockDev for LiveDisk {
     }
     fn is_in_memory(&self) -> bool {
         self.base.is_in_memory()
+    }
+    fn as_raw_file(&self) -> Option<&RawFile> {
+        self.base.as_raw_file()
     }
     fn try_write_at(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
         let _gate = self.gate.try_read().ok()?;

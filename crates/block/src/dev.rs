@@ -60,6 +60,10 @@ pub trait BlockDev: Send + Sync {
     fn try_read_at(&self, _buf: &mut [u8], _offset: u64) -> Option<Result<()>> {
         None
     }
+    /// The raw file underneath, for copies the kernel can do file to file.
+    fn as_raw_file(&self) -> Option<&crate::RawFile> {
+        None
+    }
     /// True if reads never wait for a disk (the data lives in memory).
     fn is_in_memory(&self) -> bool {
         false

@@ -90,6 +90,51 @@ impl RawFile {
         self
     }
 
+    /// Copies `len` bytes from `src` at `src_off` to this file at `dst_off`
+    /// with `copy_file_range`: no trip through user memory, and a reflink
+    /// where the file system can share blocks. `None` if the kernel cannot
+    /// do it for these files (the caller copies through a buffer).
+    pub fn copy_from(&self, src: &RawFile, src_off: u64, dst_off: u64, len: u64) -> Option<Result<()>> {
+        if self.read_only
+            || check_range(self.size, dst_off, len).is_err()
+            || check_range(src.size, src_off, len).is_err()
+        {
+            return None;
+        }
+        let mut done = 0u64;
+        while done < len {
+            let mut si = (src_off + done) as libc::loff_t;
+            let mut di = (dst_off + done) as libc::loff_t;
+            // SAFETY: both descriptors are ours; the offsets are locals.
+            let r = unsafe {
+                libc::copy_file_range(
+                    src.file.as_raw_fd(),
+                    &mut si,
+                    self.file.as_raw_fd(),
+                    &mut di,
+                    (len - done) as usize,
+                    0,
+                )
+            };
+            if r > 0 {
+                done += r as u64;
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                _ if r == 0 => None, // past EOF of the source: let the caller handle it
+                Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+                    if done == 0 =>
+                {
+                    None
+                }
+                Some(libc::EINTR) => continue,
+                _ => Some(Err(Error::io("copy to store", e))),
+            };
+        }
+        Some(Ok(()))
+    }
+
     /// Path the file was opened from.
     pub fn path(&self) -> &Path {
         &self.path
@@ -200,6 +245,10 @@ impl BlockDev for RawFile {
 
     fn is_in_memory(&self) -> bool {
         self.in_memory
+    }
+
+    fn as_raw_file(&self) -> Option<&RawFile> {
+        Some(self)
     }
 
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {

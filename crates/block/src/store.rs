@@ -25,6 +25,18 @@ pub trait Store: Send + Sync {
     fn forget(&self, index: u64, cluster: u64);
     /// Kind and location, for status output.
     fn describe(&self) -> (&'static str, Option<PathBuf>);
+    /// Saves clusters straight from a file, if this store can do that
+    /// without a buffer (`None`: use [`save`](Self::save)).
+    fn save_from_file(
+        &self,
+        _index: u64,
+        _cluster: u64,
+        _src: &RawFile,
+        _offset: u64,
+        _len: u64,
+    ) -> Option<Result<()>> {
+        None
+    }
     /// True if loads never wait for a disk.
     fn is_in_memory(&self) -> bool {
         false

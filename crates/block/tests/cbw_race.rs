@@ -1,525 +1,1729 @@
-//! Deterministic reproductions of the fleecing races (seeds 000, 001, 003),
-//! with injected pauses instead of sleeps.
+//! Deterministic reproductions of the copy-before-write races (seeds 000,
+//! 001, 003) and of the engine's failure, discard, scope, instant and
+//! multi-snapshot rules, driven through injected hooks.
+//!
+//! The live disk is a [`HookDev`] (a `RawFile` whose reads, writes and block
+//! status can be trapped at a chosen offset until the test releases them),
+//! and the store is a [`HookStore`] (a real `RamStore` or `FileStore` whose
+//! saves and loads can be trapped, made to fail, and counted). The only use
+//! of time is `recv_timeout(NOT_YET)` to assert that something is *still
+//! blocked*; every positive wait is on an event, with a generous deadline so
+//! a broken engine fails the test instead of hanging it.
 
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::fmt::Debug;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use fleece_block::*;
+use fleece_block::{
+    BlockDev, Capabilities, DirtyBitmap, Error, ErrorKind, Extent, FileStore, LiveDisk, Mapping, OnCbwError,
+    RamStore, RawFile, Result, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView, Store, ZeroFlags,
+};
 
-const CLUSTER: u64 = 4096;
-const SIZE: u64 = 16 * CLUSTER;
-/// Only used to assert that something is still blocked.
-const STILL_BLOCKED: Duration = Duration::from_millis(200);
+/// Cluster size of every snapshot here.
+const CL: u64 = 4096;
+/// Clusters of the disk.
+const NCL: u64 = 16;
+const SIZE: u64 = CL * NCL;
+/// Clusters `0..DATA_CLUSTERS` hold a pattern at start; the rest are holes.
+const DATA_CLUSTERS: u64 = 12;
+/// How long something must stay blocked to count as "blocked".
+const NOT_YET: Duration = Duration::from_millis(200);
+/// Deadline for anything that must happen; only reached if the engine is broken.
+const LONG: Duration = Duration::from_secs(5);
 
-/// A pause point: the next matching call signals `entered` and waits for
-/// `release`.
-struct Pause {
-    entered: Sender<()>,
-    release: Mutex<Receiver<()>>,
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn pause() -> (Pause, Receiver<()>, Sender<()>) {
-    let (etx, erx) = channel();
-    let (rtx, rrx) = channel();
-    (
-        Pause {
-            entered: etx,
-            release: Mutex::new(rrx),
-        },
-        erx,
-        rtx,
-    )
+// ---------------------------------------------------------------------------
+// Trap: a hook that holds matching calls until released.
+// ---------------------------------------------------------------------------
+
+type Pred = Box<dyn Fn(u64, u64) -> bool + Send>;
+
+#[derive(Default)]
+struct TrapState {
+    pred: Option<Pred>,
+    /// Matching calls still to catch.
+    left: usize,
+    /// Calls caught since armed.
+    caught: usize,
+    /// Calls held right now.
+    held: usize,
+    /// Held calls that may go (one each).
+    tokens: usize,
+    /// Everything goes.
+    open: bool,
 }
 
-impl Pause {
-    fn hit(&self) {
-        let _ = self.entered.send(());
-        let _ = self.release.lock().unwrap().recv();
+/// Catches up to `n` calls matching a predicate on (offset, length) and holds
+/// each until [`release_one`](Trap::release_one) or [`release`](Trap::release).
+#[derive(Default)]
+struct Trap {
+    st: Mutex<TrapState>,
+    cv: Condvar,
+}
+
+impl Trap {
+    fn arm(&self, n: usize, pred: impl Fn(u64, u64) -> bool + Send + 'static) {
+        let mut s = lock(&self.st);
+        assert_eq!(s.held, 0, "re-arming a trap that still holds calls");
+        *s = TrapState {
+            pred: Some(Box::new(pred)),
+            left: n,
+            ..TrapState::default()
+        };
+    }
+
+    /// Called by the hooked operation before it does anything.
+    fn hit(&self, offset: u64, len: u64) {
+        let mut s = lock(&self.st);
+        if s.open || s.left == 0 || !s.pred.as_ref().is_some_and(|p| p(offset, len)) {
+            return;
+        }
+        s.left -= 1;
+        s.caught += 1;
+        s.held += 1;
+        self.cv.notify_all();
+        while !s.open && s.tokens == 0 {
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        if !s.open {
+            s.tokens -= 1;
+        }
+        s.held -= 1;
+        self.cv.notify_all();
+    }
+
+    /// Waits until `n` calls have been caught since armed.
+    fn wait_caught(&self, n: usize) {
+        let deadline = Instant::now() + LONG;
+        let mut s = lock(&self.st);
+        while s.caught < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "trap: only {} of {n} expected calls arrived",
+                s.caught
+            );
+            s = self.cv.wait_timeout(s, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    fn held(&self) -> usize {
+        lock(&self.st).held
+    }
+
+    /// Lets one held call go and waits until it has left the trap.
+    fn release_one(&self) {
+        let deadline = Instant::now() + LONG;
+        let mut s = lock(&self.st);
+        let before = s.held;
+        assert!(before > 0, "release_one with nothing held");
+        s.tokens += 1;
+        self.cv.notify_all();
+        while s.held >= before {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "trap: released call did not leave");
+            s = self.cv.wait_timeout(s, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Lets everything go, now and later (until re-armed).
+    fn release(&self) {
+        let mut s = lock(&self.st);
+        s.open = true;
+        s.pred = None;
+        self.cv.notify_all();
     }
 }
 
-/// An in-memory disk whose next read at a chosen offset can be paused.
-struct MemDisk {
-    data: Mutex<Vec<u8>>,
-    pause_read: Mutex<Option<(u64, Pause)>>,
+// ---------------------------------------------------------------------------
+// HookDev: the live disk.
+// ---------------------------------------------------------------------------
+
+/// A raw file whose reads, changes (write, write-zeroes, trim) and block
+/// status first pass through a trap.
+struct HookDev {
+    file: RawFile,
+    read: Trap,
+    write: Trap,
+    status: Trap,
+    reads: AtomicU64,
 }
 
-impl MemDisk {
-    fn new() -> Arc<Self> {
-        Arc::new(MemDisk {
-            data: Mutex::new(vec![0; SIZE as usize]),
-            pause_read: Mutex::new(None),
-        })
-    }
-    fn pause_next_read_at(&self, offset: u64) -> (Receiver<()>, Sender<()>) {
-        let (p, entered, release) = pause();
-        *self.pause_read.lock().unwrap() = Some((offset, p));
-        (entered, release)
-    }
-}
-
-impl BlockDev for MemDisk {
+impl BlockDev for HookDev {
     fn size(&self) -> u64 {
-        SIZE
+        self.file.size()
     }
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            read_only: false,
-            trim: true,
-            fast_zero: true,
-        }
+        self.file.capabilities()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(SIZE, offset, buf.len() as u64)?;
-        let p = {
-            let mut g = self.pause_read.lock().unwrap();
-            match g.as_ref() {
-                Some((o, _)) if *o == offset => g.take(),
-                _ => None,
-            }
-        };
-        if let Some((_, p)) = p {
-            // Snapshot of the data at the moment the read "reached" the disk.
-            let copy = self.data.lock().unwrap()[offset as usize..offset as usize + buf.len()].to_vec();
-            p.hit();
-            buf.copy_from_slice(&copy);
-            return Ok(());
-        }
-        buf.copy_from_slice(&self.data.lock().unwrap()[offset as usize..offset as usize + buf.len()]);
-        Ok(())
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.read.hit(offset, buf.len() as u64);
+        self.file.read_at(buf, offset)
     }
-    fn write_at(&self, buf: &[u8], offset: u64, _fua: bool) -> Result<()> {
-        check_range(SIZE, offset, buf.len() as u64)?;
-        self.data.lock().unwrap()[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
-        Ok(())
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
+        self.write.hit(offset, buf.len() as u64);
+        self.file.try_write_at(buf, offset)
     }
-    fn write_zeroes(&self, offset: u64, length: u64, _f: ZeroFlags) -> Result<()> {
-        self.write_at(&vec![0; length as usize], offset, false)
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.write.hit(offset, buf.len() as u64);
+        self.file.write_at(buf, offset, fua)
+    }
+    fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
+        self.write.hit(offset, length);
+        self.file.write_zeroes(offset, length, flags)
     }
     fn trim(&self, offset: u64, length: u64) -> Result<()> {
-        self.write_zeroes(offset, length, ZeroFlags::default())
+        self.write.hit(offset, length);
+        self.file.trim(offset, length)
     }
     fn flush(&self) -> Result<()> {
-        Ok(())
+        self.file.flush()
     }
-    fn cache(&self, _o: u64, _l: u64) -> Result<()> {
-        Ok(())
+    fn cache(&self, offset: u64, length: u64) -> Result<()> {
+        self.file.cache(offset, length)
     }
-    fn block_status(&self, _o: u64, length: u64) -> Result<Vec<Extent>> {
-        Ok(vec![Extent {
-            length,
-            mapping: Mapping::Data,
-        }])
+    fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        self.status.hit(offset, length);
+        self.file.block_status(offset, length)
     }
 }
 
-/// A store in memory whose saves can be paused or made to fail, and counted.
-#[derive(Default)]
-struct TestStore {
-    clusters: Mutex<std::collections::HashMap<u64, Vec<u8>>>,
-    saves: Mutex<u64>,
-    pause_save: Mutex<Option<Pause>>,
-    fail: Mutex<bool>,
+// ---------------------------------------------------------------------------
+// HookStore: a real store with traps, failure injection and counters.
+// ---------------------------------------------------------------------------
+
+struct HookStore {
+    inner: Box<dyn Store>,
+    save: Trap,
+    load: Trap,
+    fail: Mutex<Option<ErrorKind>>,
+    /// Cluster indices saved, in order.
+    saved: Mutex<Vec<u64>>,
+    saved_cv: Condvar,
+    forgets: Mutex<Vec<u64>>,
+    loads: AtomicU64,
 }
 
-/// The store handed to a snapshot; the test keeps another handle.
-struct Shared(Arc<TestStore>);
+impl HookStore {
+    fn new(inner: Box<dyn Store>) -> Arc<Self> {
+        Arc::new(HookStore {
+            inner,
+            save: Trap::default(),
+            load: Trap::default(),
+            fail: Mutex::new(None),
+            saved: Mutex::new(Vec::new()),
+            saved_cv: Condvar::new(),
+            forgets: Mutex::new(Vec::new()),
+            loads: AtomicU64::new(0),
+        })
+    }
+
+    fn boxed(self: &Arc<Self>) -> Box<dyn Store> {
+        Box::new(Shared(self.clone()))
+    }
+
+    fn set_fail(&self, kind: Option<ErrorKind>) {
+        *lock(&self.fail) = kind;
+    }
+
+    fn saved(&self) -> Vec<u64> {
+        lock(&self.saved).clone()
+    }
+
+    fn forgets(&self) -> Vec<u64> {
+        lock(&self.forgets).clone()
+    }
+
+    fn loads(&self) -> u64 {
+        self.loads.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` clusters have been saved.
+    fn wait_saved(&self, n: usize) {
+        let deadline = Instant::now() + LONG;
+        let mut s = lock(&self.saved);
+        while s.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "store: only {} of {n} expected saves happened",
+                s.len()
+            );
+            s = self
+                .saved_cv
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+struct Shared(Arc<HookStore>);
 
 impl Store for Shared {
     fn granularity(&self) -> u64 {
-        1
+        self.0.inner.granularity()
     }
     fn save(&self, index: u64, cluster: u64, data: &[u8]) -> Result<()> {
-        let p = self.0.pause_save.lock().unwrap().take();
-        if let Some(p) = p {
-            p.hit();
+        let s = &self.0;
+        s.save.hit(index, data.len() as u64);
+        if let Some(kind) = *lock(&s.fail) {
+            return Err(Error::new(kind, "injected store failure"));
         }
-        if *self.0.fail.lock().unwrap() {
-            return Err(Error::new(ErrorKind::Io, "injected store I/O error"));
-        }
-        *self.0.saves.lock().unwrap() += 1;
-        for (i, c) in data.chunks(cluster as usize).enumerate() {
-            self.0
-                .clusters
-                .lock()
-                .unwrap()
-                .insert(index + i as u64, c.to_vec());
-        }
+        s.inner.save(index, cluster, data)?;
+        let n = (data.len() as u64).div_ceil(cluster);
+        lock(&s.saved).extend(index..index + n);
+        s.saved_cv.notify_all();
         Ok(())
     }
-    fn load(&self, index: u64, _cluster: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let g = self.0.clusters.lock().unwrap();
-        let c = g.get(&index).expect("load of a cluster never saved");
-        buf.copy_from_slice(&c[offset as usize..offset as usize + buf.len()]);
-        Ok(())
+    fn load(&self, index: u64, cluster: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.0.loads.fetch_add(1, Ordering::SeqCst);
+        self.0.load.hit(index, buf.len() as u64);
+        self.0.inner.load(index, cluster, offset, buf)
     }
-    fn forget(&self, index: u64, _cluster: u64) {
-        self.0.clusters.lock().unwrap().remove(&index);
+    fn forget(&self, index: u64, cluster: u64) {
+        lock(&self.0.forgets).push(index);
+        self.0.inner.forget(index, cluster)
     }
-    fn describe(&self) -> (&'static str, Option<std::path::PathBuf>) {
-        ("test", None)
+    fn describe(&self) -> (&'static str, Option<PathBuf>) {
+        self.0.inner.describe()
     }
 }
 
-struct Setup {
-    disk: Arc<MemDisk>,
+// ---------------------------------------------------------------------------
+// Fixture.
+// ---------------------------------------------------------------------------
+
+/// Byte of the initial image at `pos`: varies within and across clusters,
+/// never zero in the data clusters.
+fn pattern(pos: u64) -> u8 {
+    if pos / CL >= DATA_CLUSTERS {
+        0
+    } else {
+        ((pos / CL) * 37 + (pos % 251) + 1) as u8 | 1
+    }
+}
+
+struct Fx {
+    dir: tempfile::TempDir,
+    dev: Arc<HookDev>,
     live: Arc<LiveDisk>,
-    snap: Arc<Snapshot>,
-    store: Arc<TestStore>,
+    img0: Vec<u8>,
+    stores: Mutex<Vec<Arc<HookStore>>>,
+    next: AtomicU64,
 }
 
-fn setup(opts: SnapshotOptions) -> Setup {
-    let disk = MemDisk::new();
-    let live = Arc::new(LiveDisk::new(disk.clone()));
-    live.write_at(&[0xaa; SIZE as usize], 0, false).unwrap();
-    let store = Arc::new(TestStore::default());
-    let guard = live.freeze();
-    let snap = live.snapshot(
-        Box::new(Shared(store.clone())),
-        SnapshotOptions {
-            cluster_size: CLUSTER,
-            ..opts
-        },
-    );
-    drop(guard);
-    Setup {
-        disk,
-        live,
-        snap,
-        store,
+impl Fx {
+    fn new() -> Fx {
+        Self::with_size(SIZE)
+    }
+
+    fn with_size(size: u64) -> Fx {
+        let dir = tempfile::tempdir().unwrap();
+        let file = RawFile::create(&dir.path().join("live.raw"), size).unwrap();
+        let img0: Vec<u8> = (0..size).map(pattern).collect();
+        let data_end = (DATA_CLUSTERS * CL).min(size);
+        file.write_at(&img0[..data_end as usize], 0, false).unwrap();
+        let dev = Arc::new(HookDev {
+            file,
+            read: Trap::default(),
+            write: Trap::default(),
+            status: Trap::default(),
+            reads: AtomicU64::new(0),
+        });
+        let base: Arc<dyn BlockDev> = dev.clone();
+        Fx {
+            dir,
+            dev,
+            live: Arc::new(LiveDisk::new(base)),
+            img0,
+            stores: Mutex::new(Vec::new()),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn path(&self, what: &str) -> PathBuf {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.dir.path().join(format!("{what}{n}"))
+    }
+
+    /// A hooked RamStore (granularity 1, so clusters stay exactly `CL`)
+    /// with a small memory budget, so the spill file is used too.
+    fn store(&self) -> Arc<HookStore> {
+        let s = HookStore::new(Box::new(RamStore::new(
+            3 * CL,
+            self.path("spill"),
+            self.dev.size(),
+        )));
+        lock(&self.stores).push(s.clone());
+        s
+    }
+
+    /// A hooked FileStore.
+    fn file_store(&self) -> Arc<HookStore> {
+        let fs = FileStore::create(&self.path("store"), self.dev.size()).unwrap();
+        let s = HookStore::new(Box::new(fs));
+        lock(&self.stores).push(s.clone());
+        s
+    }
+
+    /// A snapshot taken the way the daemon does: frozen, attached, thawed.
+    fn snapshot(&self, store: &Arc<HookStore>, opts: SnapshotOptions) -> Arc<Snapshot> {
+        let guard = self.live.freeze();
+        let snap = self.live.snapshot(store.boxed(), opts);
+        drop(guard);
+        assert_eq!(snap.cluster_size(), CL, "tests assume {CL}-byte clusters");
+        snap
+    }
+
+    /// The live disk's bytes, read past every hook.
+    fn live_bytes(&self, offset: u64, len: u64) -> Vec<u8> {
+        let mut b = vec![0u8; len as usize];
+        self.dev.file.read_at(&mut b, offset).unwrap();
+        b
+    }
+
+    fn live_image(&self) -> Vec<u8> {
+        self.live_bytes(0, self.dev.size())
     }
 }
 
-fn read_view(snap: &Arc<Snapshot>, off: u64, len: usize) -> Result<Vec<u8>> {
-    let mut b = vec![0; len];
-    SnapshotView(snap.clone()).read_at(&mut b, off)?;
+impl Drop for Fx {
+    /// Lets every held thread finish, even when an assertion failed.
+    fn drop(&mut self) {
+        self.dev.read.release();
+        self.dev.write.release();
+        self.dev.status.release();
+        for s in lock(&self.stores).iter() {
+            s.set_fail(None);
+            s.save.release();
+            s.load.release();
+        }
+    }
+}
+
+fn opts() -> SnapshotOptions {
+    SnapshotOptions {
+        cluster_size: CL,
+        ..SnapshotOptions::default()
+    }
+}
+
+fn read(dev: &dyn BlockDev, offset: u64, len: u64) -> Result<Vec<u8>> {
+    let mut b = vec![0u8; len as usize];
+    dev.read_at(&mut b, offset)?;
     Ok(b)
 }
 
-#[test]
-fn a_live_write_waits_for_a_view_read_in_flight_on_the_live_disk() {
-    let s = setup(SnapshotOptions::default());
-    let (entered, release) = s.disk.pause_next_read_at(2 * CLUSTER);
-    // 1. The view read finds cluster 2 unsaved and goes to the live disk.
-    let snap = s.snap.clone();
-    let reader = thread::spawn(move || read_view(&snap, 2 * CLUSTER, CLUSTER as usize).unwrap());
-    entered.recv().unwrap();
-    // 2. A user write to cluster 2 arrives before that read completes.
-    let live = s.live.clone();
-    let (done_tx, done_rx) = channel();
-    let writer = thread::spawn(move || {
-        live.write_at(&[0xbb; CLUSTER as usize], 2 * CLUSTER, false)
-            .unwrap();
-        done_tx.send(()).unwrap();
-    });
-    // The write copies the old data but must not change the live disk yet.
-    assert_eq!(
-        done_rx.recv_timeout(STILL_BLOCKED),
-        Err(RecvTimeoutError::Timeout),
-        "write did not wait"
-    );
-    assert_eq!(s.disk.data.lock().unwrap()[2 * CLUSTER as usize], 0xaa);
-    // 3. The read completes with the data of the instant.
-    release.send(()).unwrap();
-    assert_eq!(reader.join().unwrap(), vec![0xaa; CLUSTER as usize]);
-    done_rx.recv().unwrap();
-    writer.join().unwrap();
-    assert_eq!(
-        read_view(&s.snap, 2 * CLUSTER, CLUSTER as usize).unwrap(),
-        vec![0xaa; CLUSTER as usize]
-    );
-    let mut now = vec![0; CLUSTER as usize];
-    s.live.read_at(&mut now, 2 * CLUSTER).unwrap();
-    assert_eq!(now, vec![0xbb; CLUSTER as usize]);
+fn r(offset: u64, len: u64) -> std::ops::Range<usize> {
+    offset as usize..(offset + len) as usize
 }
 
-#[test]
-fn view_reads_never_wait_for_a_copy_in_flight() {
-    let s = setup(SnapshotOptions::default());
-    let (p, entered, release) = pause();
-    *s.store.pause_save.lock().unwrap() = Some(p);
-    let live = s.live.clone();
-    let writer = thread::spawn(move || live.write_at(&[0xcc; 100], 5 * CLUSTER + 7, false).unwrap());
-    entered.recv().unwrap(); // the copy of cluster 5 is in flight, paused in the store
-                             // Same cluster: read from the live disk, which still has the old data.
-    assert_eq!(
-        read_view(&s.snap, 5 * CLUSTER, CLUSTER as usize).unwrap(),
-        vec![0xaa; CLUSTER as usize]
-    );
-    // Another cluster, and block status, do not wait either.
-    assert_eq!(
-        read_view(&s.snap, 0, 4 * CLUSTER as usize).unwrap(),
-        vec![0xaa; 4 * CLUSTER as usize]
-    );
-    assert!(!SnapshotView(s.snap.clone())
-        .block_status(0, SIZE)
-        .unwrap()
-        .is_empty());
-    release.send(()).unwrap();
-    writer.join().unwrap();
-    assert_eq!(
-        read_view(&s.snap, 5 * CLUSTER, CLUSTER as usize).unwrap(),
-        vec![0xaa; CLUSTER as usize]
-    );
-}
-
-#[test]
-fn later_writes_to_a_saved_cluster_copy_nothing() {
-    let s = setup(SnapshotOptions::default());
-    for i in 0..10u8 {
-        s.live
-            .write_at(&[i; 512], 3 * CLUSTER + 512 * (i as u64 % 8), false)
-            .unwrap();
+/// Asserts the view reads as `image` cluster by cluster and as a whole.
+fn assert_view_exact(view: &dyn BlockDev, image: &[u8], what: &str) {
+    let size = view.size();
+    for c in 0..size.div_ceil(CL) {
+        let len = CL.min(size - c * CL);
+        let got = read(view, c * CL, len).unwrap_or_else(|e| panic!("{what}: cluster {c}: {e}"));
+        assert!(
+            got == image[r(c * CL, len)],
+            "{what}: cluster {c} differs from the instant"
+        );
     }
-    assert_eq!(*s.store.saves.lock().unwrap(), 1);
-    // One write over three clusters copies them in one store write.
-    s.live
-        .write_at(&[1; 3 * CLUSTER as usize], 8 * CLUSTER, false)
-        .unwrap();
-    assert_eq!(*s.store.saves.lock().unwrap(), 2);
-    assert_eq!(s.snap.stats().copied_clusters, 4);
+    let all = read(view, 0, size).unwrap_or_else(|e| panic!("{what}: whole read: {e}"));
+    assert!(all == image, "{what}: whole read differs from the instant");
 }
 
-#[test]
-fn a_failed_copy_fails_the_user_write_under_break_guest_write() {
-    let s = setup(SnapshotOptions::default());
-    *s.store.fail.lock().unwrap() = true;
-    let err = s.live.write_at(&[0xdd; 10], 0, false).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Io);
-    assert_eq!(
-        s.disk.data.lock().unwrap()[0],
-        0xaa,
-        "live disk changed despite the failed copy"
-    );
-    assert!(!s.snap.is_broken());
-    assert_eq!(read_view(&s.snap, 0, 10).unwrap(), vec![0xaa; 10]);
-    // Once the store works again, the write goes through and the view stays exact.
-    *s.store.fail.lock().unwrap() = false;
-    s.live.write_at(&[0xdd; 10], 0, false).unwrap();
-    assert_eq!(read_view(&s.snap, 0, 10).unwrap(), vec![0xaa; 10]);
+fn assert_kind<T: Debug>(res: Result<T>, kind: ErrorKind, what: &str) {
+    match res {
+        Ok(v) => panic!("{what}: expected {kind:?}, got Ok({v:?})"),
+        Err(e) => assert_eq!(e.kind(), kind, "{what}: wrong error: {e}"),
+    }
 }
 
-#[test]
-fn a_failed_copy_breaks_the_snapshot_under_break_snapshot() {
-    let s = setup(SnapshotOptions {
-        on_cbw_error: OnCbwError::BreakSnapshot,
-        ..Default::default()
+/// Runs `f` on its own thread; the receiver gets its result.
+fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Receiver<T> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
     });
-    *s.store.fail.lock().unwrap() = true;
-    s.live.write_at(&[0xdd; 10], 0, false).unwrap();
-    assert!(s.snap.is_broken());
-    assert_eq!(
-        read_view(&s.snap, CLUSTER, 10).unwrap_err().kind(),
-        ErrorKind::Broken
-    );
-    assert_eq!(
-        SnapshotView(s.snap.clone())
-            .block_status(0, SIZE)
-            .unwrap_err()
-            .kind(),
-        ErrorKind::Broken
-    );
-    // No more copies are attempted.
-    *s.store.fail.lock().unwrap() = false;
-    s.live.write_at(&[0xdd; 10], 4 * CLUSTER, false).unwrap();
-    assert_eq!(*s.store.saves.lock().unwrap(), 0);
-    assert!(s
-        .snap
-        .stats()
-        .broken
-        .unwrap()
-        .contains("injected store I/O error"));
+    rx
 }
 
-#[test]
-fn store_limit_is_a_copy_failure_under_either_policy() {
-    let s = setup(SnapshotOptions {
-        store_limit: Some(2 * CLUSTER),
-        ..Default::default()
-    });
-    s.live.write_at(&[1; 2 * CLUSTER as usize], 0, false).unwrap();
-    let err = s.live.write_at(&[1; 1], 2 * CLUSTER, false).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::StoreFull);
-    assert_eq!(s.snap.stats().used_bytes, 2 * CLUSTER);
-    let s = setup(SnapshotOptions {
-        store_limit: Some(2 * CLUSTER),
-        on_cbw_error: OnCbwError::BreakSnapshot,
-        ..Default::default()
-    });
-    s.live.write_at(&[1; 3 * CLUSTER as usize], 0, false).unwrap();
-    assert!(s.snap.is_broken());
+/// Asserts that the operation behind `rx` is still blocked.
+fn not_yet<T>(rx: &Receiver<T>, what: &str) {
+    match rx.recv_timeout(NOT_YET) {
+        Err(RecvTimeoutError::Timeout) => {}
+        Ok(_) => panic!("{what} should still be blocked but completed"),
+        Err(RecvTimeoutError::Disconnected) => panic!("{what}: thread panicked"),
+    }
 }
 
+/// Waits for the operation behind `rx` to complete.
+fn done<T>(rx: &Receiver<T>, what: &str) -> T {
+    rx.recv_timeout(LONG)
+        .unwrap_or_else(|e| panic!("{what} did not complete: {e:?}"))
+}
+
+/// A short description of a read's result, for panics.
+fn brief(res: &Result<Vec<u8>>) -> String {
+    match res {
+        Ok(b) => format!("Ok({} bytes, first {:?})", b.len(), &b[..b.len().min(8)]),
+        Err(e) => format!("Err({:?}: {e})", e.kind()),
+    }
+}
+
+fn spawn_read(view: &Arc<SnapshotView>, offset: u64, len: u64) -> Receiver<Result<Vec<u8>>> {
+    let v = view.clone();
+    spawn(move || read(&*v, offset, len))
+}
+
+fn spawn_write(live: &Arc<LiveDisk>, data: Vec<u8>, offset: u64) -> Receiver<Result<()>> {
+    let l = live.clone();
+    spawn(move || l.write_at(&data, offset, false))
+}
+
+/// Waits until `cond` holds; for state settled by a background copy thread.
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + LONG;
+    while !cond() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// a. The seed race: a view read from the live disk vs a live write.
+// ---------------------------------------------------------------------------
+
+/// Seeds 000/001: the reader has decided cluster C is on the live disk and is
+/// inside that read when a live write to C arrives. The copy may go ahead
+/// (rule 2) but the write must wait for the read (rule 3); the read returns
+/// the old data, and afterwards the view serves C from the store.
 #[test]
-fn a_copy_slower_than_the_timeout_counts_as_failed() {
-    for policy in [OnCbwError::BreakGuestWrite, OnCbwError::BreakSnapshot] {
-        let s = setup(SnapshotOptions {
-            cbw_timeout: Some(Duration::from_millis(100)),
-            on_cbw_error: policy,
-            ..Default::default()
+fn seed_race_live_write_waits_for_a_view_read_in_flight_on_the_live_disk() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(&store, opts());
+    let view = Arc::new(SnapshotView(snap.clone()));
+    let c = 5;
+    let (roff, rlen) = (c * CL + 100, 1000);
+    fx.dev.read.arm(1, move |o, l| o == roff && l == rlen);
+    let reader = spawn_read(&view, roff, rlen);
+    fx.dev.read.wait_caught(1);
+
+    let (woff, new) = (c * CL + 50, vec![0xEE; 2000]);
+    let writer = spawn_write(&fx.live, new.clone(), woff);
+    // Rule 2: the copy of C reaches the store although the read is in flight.
+    store.wait_saved(1);
+    assert_eq!(store.saved(), vec![c]);
+    // Rule 3: the write itself may not change C under the reader.
+    not_yet(&writer, "live write to a cluster being read from the live disk");
+    assert!(
+        fx.live_bytes(c * CL, CL) == fx.img0[r(c * CL, CL)],
+        "live disk changed under the reader"
+    );
+
+    fx.dev.read.release();
+    let got = done(&reader, "view read");
+    assert!(
+        got.as_ref().is_ok_and(|b| *b == fx.img0[r(roff, rlen)]),
+        "the paused view read must return the data of the instant, got {}",
+        brief(&got)
+    );
+    done(&writer, "live write").expect("live write");
+
+    // The view now reads C from the store, still the old data.
+    let loads = store.loads();
+    let again = read(&*view, c * CL, CL).unwrap();
+    assert!(
+        again == fx.img0[r(c * CL, CL)],
+        "view read of saved cluster is not the instant"
+    );
+    assert!(
+        store.loads() > loads,
+        "a saved cluster must be read from the store"
+    );
+    // The live disk has the new data.
+    let mut expect = fx.img0.clone();
+    expect[r(woff, 2000)].copy_from_slice(&new);
+    assert!(fx.live_image() == expect, "live disk lacks the write");
+    assert_view_exact(&*view, &fx.img0, "after the race");
+    assert_eq!(store.saved(), vec![c], "exactly one copy");
+}
+
+/// The blocking is the minimum: a write to another cluster, and a write to a
+/// cluster next to the one being read, go ahead while the read is held.
+#[test]
+fn a_view_read_in_flight_blocks_only_writes_to_its_own_clusters() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(&store, opts());
+    let view = Arc::new(SnapshotView(snap));
+    // The read covers clusters 3..=5 partially at both ends.
+    let (roff, rlen) = (3 * CL + 10, 2 * CL + 20);
+    fx.dev.read.arm(1, move |o, l| o == roff && l == rlen);
+    let reader = spawn_read(&view, roff, rlen);
+    fx.dev.read.wait_caught(1);
+
+    for other in [0, 2, 6, 9, 13] {
+        let w = spawn_write(&fx.live, vec![0xA0 + other as u8; 300], other * CL + 7);
+        done(&w, &format!("write to cluster {other}, not under the read")).unwrap();
+    }
+    let w5 = spawn_write(&fx.live, vec![0x55; 10], 5 * CL + 4000);
+    not_yet(&w5, "write to the last cluster of the read");
+    let w3 = spawn_write(&fx.live, vec![0x33; 10], 3 * CL);
+    not_yet(&w3, "write to the first cluster of the read");
+    // A write spanning out of the read into it waits too, and does not half-land.
+    let w6 = spawn_write(&fx.live, vec![0x66; 200], 6 * CL - 100);
+    not_yet(&w6, "write straddling clusters 5 and 6");
+    assert!(fx.live_bytes(3 * CL, 3 * CL) == fx.img0[r(3 * CL, 3 * CL)]);
+
+    fx.dev.read.release();
+    let got = done(&reader, "view read");
+    assert!(
+        got.as_ref().is_ok_and(|b| *b == fx.img0[r(roff, rlen)]),
+        "read got {}",
+        brief(&got)
+    );
+    for (w, what) in [(w5, "w5"), (w3, "w3"), (w6, "w6")] {
+        done(&w, what).unwrap();
+    }
+    assert_view_exact(&*view, &fx.img0, "after");
+}
+
+/// Two view reads of the same cluster in flight: the write waits for both.
+#[test]
+fn live_write_waits_for_every_view_read_in_flight_of_the_cluster() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let view = Arc::new(SnapshotView(fx.snapshot(&store, opts())));
+    let c = 7;
+    fx.dev.read.arm(2, move |o, l| o / CL == c && l < CL);
+    let r1 = spawn_read(&view, c * CL, 512);
+    let r2 = spawn_read(&view, c * CL + 1024, 512);
+    fx.dev.read.wait_caught(2);
+
+    let w = spawn_write(&fx.live, vec![0xBB; CL as usize], c * CL);
+    not_yet(&w, "write with two readers in flight");
+    fx.dev.read.release_one();
+    not_yet(&w, "write with one reader still in flight");
+    fx.dev.read.release_one();
+    done(&w, "write after both readers").unwrap();
+    // Both reads return the instant: they were on the live disk before the write.
+    for (rx, off) in [(r1, c * CL), (r2, c * CL + 1024)] {
+        let got = done(&rx, "read");
+        assert!(
+            got.as_ref().is_ok_and(|b| *b == fx.img0[r(off, 512)]),
+            "read at {off}: {}",
+            brief(&got)
+        );
+    }
+    assert_view_exact(&*view, &fx.img0, "after");
+    assert!(fx.live_bytes(c * CL, CL).iter().all(|&b| b == 0xBB));
+}
+
+/// Write-zeroes (with and without unmap) and trim are changes like writes:
+/// each waits for a view read of its cluster in flight.
+#[test]
+fn write_zeroes_and_trim_wait_for_a_view_read_in_flight_too() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let view = Arc::new(SnapshotView(fx.snapshot(&store, opts())));
+    let kinds: [(u64, &str); 3] = [(2, "write_zeroes"), (4, "write_zeroes(may_unmap)"), (8, "trim")];
+    for (c, kind) in kinds {
+        fx.dev.read.arm(1, move |o, l| o == c * CL + 1 && l == CL - 2);
+        let reader = spawn_read(&view, c * CL + 1, CL - 2);
+        fx.dev.read.wait_caught(1);
+        let live = fx.live.clone();
+        let op = spawn(move || match kind {
+            "write_zeroes" => live.write_zeroes(c * CL, CL, ZeroFlags::default()),
+            "trim" => live.trim(c * CL, CL),
+            _ => live.write_zeroes(
+                c * CL,
+                CL,
+                ZeroFlags {
+                    may_unmap: true,
+                    ..ZeroFlags::default()
+                },
+            ),
         });
-        let (p, entered, release) = pause();
-        *s.store.pause_save.lock().unwrap() = Some(p);
-        let res = s.live.write_at(&[0xee; 10], 0, false);
-        entered.recv().unwrap();
-        match policy {
-            OnCbwError::BreakGuestWrite => {
-                assert_eq!(res.unwrap_err().kind(), ErrorKind::TimedOut);
-                assert_eq!(s.disk.data.lock().unwrap()[0], 0xaa);
-            }
-            OnCbwError::BreakSnapshot => {
-                res.unwrap();
-                assert!(s.snap.is_broken());
-                assert_eq!(s.disk.data.lock().unwrap()[0], 0xee);
-            }
+        not_yet(&op, kind);
+        fx.dev.read.release();
+        let got = done(&reader, "view read");
+        assert!(
+            got.as_ref().is_ok_and(|b| *b == fx.img0[r(c * CL + 1, CL - 2)]),
+            "{kind}: read got {}",
+            brief(&got)
+        );
+        done(&op, kind).unwrap();
+        assert!(
+            fx.live_bytes(c * CL, CL).iter().all(|&b| b == 0),
+            "{kind} did not zero"
+        );
+    }
+    assert_eq!(store.saved(), vec![2, 4, 8]);
+    assert_view_exact(&*view, &fx.img0, "after zeroes and trims");
+}
+
+// ---------------------------------------------------------------------------
+// b. View reads never wait for store writes.
+// ---------------------------------------------------------------------------
+
+/// A copy of C is held inside the store's save. View reads of C (served from
+/// the live disk, which still has the old data), of other clusters, and
+/// block status all complete meanwhile.
+#[test]
+fn view_reads_never_wait_for_a_store_write_in_flight() {
+    for file_store in [false, true] {
+        let fx = Fx::new();
+        let store = if file_store { fx.file_store() } else { fx.store() };
+        let snap = fx.snapshot(&store, opts());
+        let view = Arc::new(SnapshotView(snap.clone()));
+        let c = 6;
+        store.save.arm(1, move |i, _| i == c);
+        let new = vec![0xC6; 100];
+        let writer = spawn_write(&fx.live, new.clone(), c * CL + 300);
+        store.save.wait_caught(1);
+
+        for (off, len, what) in [
+            (c * CL, CL, "the cluster being copied"),
+            (c * CL + 300, 100, "the bytes being written"),
+            ((c - 1) * CL + 5, 3 * CL - 10, "a range around it"),
+            (2 * CL, CL, "another cluster"),
+            (0, SIZE, "the whole disk"),
+        ] {
+            let rx = spawn_read(&view, off, len);
+            let got = done(&rx, &format!("view read of {what} during a store write"));
+            assert!(
+                got.as_ref().is_ok_and(|b| *b == fx.img0[r(off, len)]),
+                "view read of {what}: {}",
+                brief(&got)
+            );
         }
-        release.send(()).unwrap();
+        let v = view.clone();
+        let bs = spawn(move || v.block_status(c * CL, CL));
+        let ext = done(&bs, "block status during a store write").unwrap();
+        assert!(ext.iter().all(|e| e.mapping == Mapping::Data), "{ext:?}");
+        // The copy is held, so the write is not done (nothing to assert about
+        // the engine here beyond: the live disk is not changed before the copy).
+        not_yet(&writer, "write whose copy is held");
+        assert!(
+            fx.live_bytes(c * CL, CL) == fx.img0[r(c * CL, CL)],
+            "live changed before its copy was saved"
+        );
+
+        store.save.release();
+        done(&writer, "write").unwrap();
+        assert_view_exact(&*view, &fx.img0, "after the copy");
+        assert_eq!(store.saved(), vec![c]);
+        assert_eq!(snap.stats().copied_clusters, 1);
+        assert_eq!(snap.stats().used_bytes, CL);
     }
 }
 
+/// Rule 2 on its own: with a view read of C held on the live disk, the copy
+/// of C (live read + store save) runs to completion.
 #[test]
-fn discard_frees_the_copy_stops_future_copies_and_fails_reads() {
-    let s = setup(SnapshotOptions::default());
-    s.live.write_at(&[1; 2 * CLUSTER as usize], 0, false).unwrap();
-    assert_eq!(s.snap.stats().used_bytes, 2 * CLUSTER);
-    // Inward alignment: only cluster 0 is wholly inside.
-    SnapshotView(s.snap.clone()).trim(0, CLUSTER + 100).unwrap();
-    assert_eq!(s.snap.stats().used_bytes, CLUSTER);
-    assert_eq!(
-        read_view(&s.snap, 10, 10).unwrap_err().kind(),
-        ErrorKind::AccessDenied
+fn store_writes_never_wait_for_view_reads() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(&store, opts());
+    let view = Arc::new(SnapshotView(snap.clone()));
+    // Hold reads of clusters 1..=4 (one run from the live disk).
+    fx.dev.read.arm(1, move |o, l| o == CL && l == 4 * CL);
+    let reader = spawn_read(&view, CL, 4 * CL);
+    fx.dev.read.wait_caught(1);
+    // One write over clusters 0..=5: one copy run of all six.
+    let writer = spawn_write(&fx.live, vec![0x11; 6 * CL as usize], 0);
+    store.wait_saved(6);
+    eventually("copied_clusters reaches 6", || snap.stats().copied_clusters == 6);
+    not_yet(&writer, "write over clusters with a read in flight");
+    fx.dev.read.release();
+    let got = done(&reader, "read");
+    assert!(
+        got.as_ref().is_ok_and(|b| *b == fx.img0[r(CL, 4 * CL)]),
+        "read got {}",
+        brief(&got)
     );
-    assert_eq!(read_view(&s.snap, CLUSTER, 10).unwrap(), vec![0xaa; 10]);
-    SnapshotView(s.snap.clone()).trim(6 * CLUSTER, CLUSTER).unwrap();
-    let saves = *s.store.saves.lock().unwrap();
-    s.live.write_at(&[2; 10], 6 * CLUSTER, false).unwrap();
-    assert_eq!(
-        *s.store.saves.lock().unwrap(),
-        saves,
-        "a discarded cluster was copied"
+    done(&writer, "write").unwrap();
+    assert_view_exact(&*view, &fx.img0, "after");
+}
+
+// ---------------------------------------------------------------------------
+// c. A saved cluster is copied once.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_saved_cluster_is_never_copied_again() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(&store, opts());
+    let view = SnapshotView(snap.clone());
+    let live = &fx.live;
+
+    // Before any copy the inline path refuses (a copy is needed).
+    assert!(
+        live.try_write_at(&[1; 10], 3 * CL).is_none(),
+        "inline write to an unsaved cluster"
     );
+    live.write_at(&[1; 10], 3 * CL + 5, false).unwrap();
+    assert_eq!(store.saved(), vec![3]);
+    live.write_at(&[2; 100], 3 * CL + 1000, false).unwrap();
+    live.write_zeroes(3 * CL, 512, ZeroFlags::default()).unwrap();
+    live.trim(3 * CL + 2048, 1024).unwrap();
+    live.write_at(&[3; CL as usize], 3 * CL, true).unwrap();
+    assert_eq!(store.saved(), vec![3], "changes to a saved cluster copied again");
+    // The inline path now accepts a write to the saved cluster.
+    match live.try_write_at(&[4; 64], 3 * CL + 64) {
+        Some(Ok(())) => {}
+        other => panic!("inline write to a saved, quiet cluster: {other:?}"),
+    }
+    // A write spanning 2..=4 copies only 2 and 4.
+    live.write_at(&[5; 2 * CL as usize], 2 * CL + 100, false).unwrap();
+    let mut saved = store.saved();
+    saved.sort();
+    assert_eq!(saved, vec![2, 3, 4]);
+    live.write_at(&[6; 3 * CL as usize], 2 * CL, false).unwrap();
+    assert_eq!(store.saved().len(), 3);
+    assert_eq!(snap.stats().copied_clusters, 3);
+    assert_eq!(snap.stats().used_bytes, 3 * CL);
+    assert_view_exact(&view, &fx.img0, "after repeated writes");
+}
+
+// ---------------------------------------------------------------------------
+// d. Failure policies.
+// ---------------------------------------------------------------------------
+
+fn events(snap: &Snapshot) -> Arc<Mutex<Vec<SnapshotEvent>>> {
+    let ev = Arc::new(Mutex::new(Vec::new()));
+    let e = ev.clone();
+    snap.set_listener(move |x| lock(&e).push(x));
+    ev
+}
+
+fn broken_events(ev: &Mutex<Vec<SnapshotEvent>>) -> usize {
+    lock(ev)
+        .iter()
+        .filter(|e| matches!(e, SnapshotEvent::Broken(_)))
+        .count()
 }
 
 #[test]
-fn read_once_discards_the_whole_clusters_a_read_returned() {
-    let s = setup(SnapshotOptions {
-        read_once: true,
-        ..Default::default()
-    });
-    s.live.write_at(&[1; CLUSTER as usize], 0, false).unwrap();
-    assert_eq!(
-        read_view(&s.snap, 0, 2 * CLUSTER as usize + 10).unwrap(),
-        vec![0xaa; 2 * CLUSTER as usize + 10]
+fn store_eio_with_break_guest_write_fails_the_write_and_keeps_the_view_exact() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(&store, opts());
+    let ev = events(&snap);
+    let view = SnapshotView(snap.clone());
+    store.set_fail(Some(ErrorKind::Io));
+
+    assert_kind(
+        fx.live.write_at(&[0xEE; 100], 4 * CL + 10, false),
+        ErrorKind::Io,
+        "write",
     );
-    assert_eq!(s.snap.stats().used_bytes, 0);
-    assert_eq!(
-        read_view(&s.snap, CLUSTER, 1).unwrap_err().kind(),
-        ErrorKind::AccessDenied
+    assert_kind(
+        fx.live.write_zeroes(5 * CL, CL, ZeroFlags::default()),
+        ErrorKind::Io,
+        "write_zeroes",
     );
-    // Cluster 2 was only partly read: still there.
-    assert_eq!(read_view(&s.snap, 2 * CLUSTER + 100, 1).unwrap(), vec![0xaa]);
+    assert_kind(fx.live.trim(6 * CL, 2 * CL), ErrorKind::Io, "trim");
+    assert!(
+        fx.live_image() == fx.img0,
+        "a failed guest write changed the live disk"
+    );
+    assert!(!snap.is_broken());
+    assert_eq!(snap.stats().broken, None);
+    assert_eq!(
+        snap.stats().used_bytes,
+        0,
+        "space reserved for failed copies not returned"
+    );
+    assert_eq!(snap.stats().copied_clusters, 0);
+    assert_eq!(broken_events(&ev), 0);
+    assert_view_exact(&view, &fx.img0, "after failed copies");
+
+    // The store recovers: the same writes now copy and land.
+    store.set_fail(None);
+    fx.live.write_at(&[0xEE; 100], 4 * CL + 10, false).unwrap();
+    fx.live.trim(6 * CL, 2 * CL).unwrap();
+    let mut saved = store.saved();
+    saved.sort();
+    assert_eq!(saved, vec![4, 6, 7]);
+    assert_view_exact(&view, &fx.img0, "after the retry");
+    assert!(fx.live_bytes(4 * CL + 10, 100).iter().all(|&b| b == 0xEE));
 }
 
 #[test]
-fn a_bitmap_scope_limits_copies_and_reads() {
-    let scope = DirtyBitmap::new(SIZE, 512);
-    scope.set(3 * CLUSTER + 5, 1);
-    let s = setup(SnapshotOptions {
-        scope: Some(scope),
-        ..Default::default()
-    });
-    s.live.write_at(&[3; SIZE as usize], 0, false).unwrap();
-    assert_eq!(s.snap.stats().copied_clusters, 1);
-    assert_eq!(
-        read_view(&s.snap, 3 * CLUSTER, CLUSTER as usize).unwrap(),
-        vec![0xaa; CLUSTER as usize]
-    );
-    assert_eq!(
-        read_view(&s.snap, 0, 1).unwrap_err().kind(),
-        ErrorKind::AccessDenied
-    );
-}
-
-#[test]
-fn freeze_waits_for_a_write_in_flight_so_it_lands_wholly_before_the_instant() {
-    let disk = MemDisk::new();
-    let live = Arc::new(LiveDisk::new(disk.clone()));
-    let store = Arc::new(TestStore::default());
-    // A snapshot whose copy of cluster 0 pauses: the write is in flight.
-    let guard = live.freeze();
-    let first = live.snapshot(
-        Box::new(Shared(store.clone())),
+fn store_eio_with_break_snapshot_lets_writes_through_and_breaks_the_view() {
+    let fx = Fx::new();
+    let bad = fx.store();
+    let good = fx.store();
+    let snap = fx.snapshot(
+        &bad,
         SnapshotOptions {
-            cluster_size: CLUSTER,
-            ..Default::default()
+            on_cbw_error: OnCbwError::BreakSnapshot,
+            ..opts()
         },
     );
-    drop(guard);
-    let (p, entered, release) = pause();
-    *store.pause_save.lock().unwrap() = Some(p);
-    let l2 = live.clone();
-    let writer = thread::spawn(move || l2.write_at(&[0x77; 2 * CLUSTER as usize], 0, false).unwrap());
-    entered.recv().unwrap();
-    let (tx, rx) = channel();
-    let l3 = live.clone();
-    let taker = thread::spawn(move || {
-        let g = l3.freeze();
-        let s = l3.snapshot(
-            Box::new(Shared(Arc::new(TestStore::default()))),
-            SnapshotOptions {
-                cluster_size: CLUSTER,
-                ..Default::default()
-            },
-        );
-        drop(g);
-        tx.send(s).unwrap();
-    });
+    // Another snapshot of the same disk, whose store works, is unaffected.
+    let other = fx.snapshot(&good, opts());
+    let ev = events(&snap);
+    let view = SnapshotView(snap.clone());
+    bad.set_fail(Some(ErrorKind::Io));
+
+    fx.live.write_at(&[0xEE; 100], 4 * CL + 10, false).unwrap();
+    assert!(snap.is_broken());
+    assert!(snap.stats().broken.is_some());
+    assert_eq!(broken_events(&ev), 1);
     assert!(
-        rx.recv_timeout(STILL_BLOCKED).is_err(),
-        "the instant was taken during a write"
+        fx.live_bytes(4 * CL + 10, 100).iter().all(|&b| b == 0xEE),
+        "write did not land"
     );
-    release.send(()).unwrap();
-    writer.join().unwrap();
-    let second = rx.recv().unwrap();
-    taker.join().unwrap();
-    // The write is wholly after the first instant and wholly before the second.
-    assert_eq!(
-        read_view(&first, 0, 2 * CLUSTER as usize).unwrap(),
-        vec![0; 2 * CLUSTER as usize]
+    assert_kind(
+        read(&view, 0, CL),
+        ErrorKind::Broken,
+        "view read of an untouched cluster",
     );
-    assert_eq!(
-        read_view(&second, 0, 2 * CLUSTER as usize).unwrap(),
-        vec![0x77; 2 * CLUSTER as usize]
+    assert_kind(
+        read(&view, 4 * CL, CL),
+        ErrorKind::Broken,
+        "view read of the written cluster",
     );
+    assert_kind(view.block_status(0, SIZE), ErrorKind::Broken, "view block status");
+    // Later writes go on without copies into the broken snapshot.
+    fx.live.write_at(&[0xEF; 100], 9 * CL, false).unwrap();
+    assert!(bad.saved().is_empty());
+    assert_eq!(broken_events(&ev), 1, "broken reported once");
+    let mut saved = good.saved();
+    saved.sort();
+    assert_eq!(saved, vec![4, 9]);
+    assert_view_exact(&SnapshotView(other), &fx.img0, "the other snapshot");
 }
 
 #[test]
-fn several_snapshots_stay_exact_and_detaching_one_leaves_the_others() {
-    let disk = MemDisk::new();
-    let live = Arc::new(LiveDisk::new(disk.clone()));
-    let take = |live: &Arc<LiveDisk>| {
-        let g = live.freeze();
-        let s = live.snapshot(
-            Box::new(Shared(Arc::new(TestStore::default()))),
+fn store_limit_with_break_guest_write_fails_with_store_full() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(
+        &store,
+        SnapshotOptions {
+            store_limit: Some(2 * CL),
+            ..opts()
+        },
+    );
+    let ev = events(&snap);
+    let view = SnapshotView(snap.clone());
+    fx.live.write_at(&[1; 10], 0, false).unwrap();
+    fx.live.write_at(&[1; 10], CL, false).unwrap();
+    assert_eq!(snap.stats().used_bytes, 2 * CL);
+    assert_kind(
+        fx.live.write_at(&[1; 10], 2 * CL, false),
+        ErrorKind::StoreFull,
+        "write past the limit",
+    );
+    // One write needing two copies when one is free fails as a whole.
+    assert_kind(
+        fx.live.write_at(&[1; 10], 3 * CL - 5, false),
+        ErrorKind::StoreFull,
+        "write spanning two unsaved clusters",
+    );
+    assert!(
+        fx.live_bytes(2 * CL, 2 * CL) == fx.img0[r(2 * CL, 2 * CL)],
+        "failed writes changed the disk"
+    );
+    assert!(!snap.is_broken());
+    assert_eq!(store.saved(), vec![0, 1]);
+    assert_eq!(snap.stats().used_bytes, 2 * CL);
+    assert!(
+        lock(&ev)
+            .iter()
+            .any(|e| matches!(e, SnapshotEvent::StoreUsage { percent: 95, .. })),
+        "no usage alert at 100%: {:?}",
+        lock(&ev)
+    );
+    let mut expect = fx.img0.clone();
+    assert_view_exact(&view, &expect, "at the limit");
+
+    // Discarding a saved cluster frees room for the next copy.
+    view.trim(0, CL).unwrap();
+    assert_eq!(snap.stats().used_bytes, CL);
+    fx.live.write_at(&[1; 10], 2 * CL, false).unwrap();
+    assert_eq!(snap.stats().used_bytes, 2 * CL);
+    assert_kind(read(&view, 0, CL), ErrorKind::AccessDenied, "discarded cluster");
+    expect[r(0, CL)].fill(0);
+    assert_view_exact_from(&view, &fx.img0, 1, "after discard and copy");
+}
+
+/// Like [`assert_view_exact`] but from cluster `first` on.
+fn assert_view_exact_from(view: &dyn BlockDev, image: &[u8], first: u64, what: &str) {
+    let size = view.size();
+    for c in first..size.div_ceil(CL) {
+        let len = CL.min(size - c * CL);
+        let got = read(view, c * CL, len).unwrap_or_else(|e| panic!("{what}: cluster {c}: {e}"));
+        assert!(
+            got == image[r(c * CL, len)],
+            "{what}: cluster {c} differs from the instant"
+        );
+    }
+}
+
+#[test]
+fn store_limit_with_break_snapshot_breaks_the_snapshot_not_the_write() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(
+        &store,
+        SnapshotOptions {
+            store_limit: Some(2 * CL),
+            on_cbw_error: OnCbwError::BreakSnapshot,
+            ..opts()
+        },
+    );
+    let ev = events(&snap);
+    let view = SnapshotView(snap.clone());
+    fx.live.write_at(&[1; 10], 0, false).unwrap();
+    fx.live.write_at(&[1; 10], CL, false).unwrap();
+    assert!(!snap.is_broken());
+    fx.live.write_at(&[2; 10], 2 * CL, false).unwrap();
+    assert!(snap.is_broken());
+    assert_eq!(broken_events(&ev), 1);
+    assert!(fx.live_bytes(2 * CL, 10).iter().all(|&b| b == 2));
+    assert_kind(read(&view, 0, CL), ErrorKind::Broken, "read of a saved cluster");
+    assert_kind(
+        read(&view, 5 * CL, CL),
+        ErrorKind::Broken,
+        "read of an untouched cluster",
+    );
+    assert_kind(view.block_status(0, CL), ErrorKind::Broken, "block status");
+}
+
+#[test]
+fn cbw_timeout_with_break_guest_write_fails_the_write_with_timed_out() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(
+        &store,
+        SnapshotOptions {
+            cbw_timeout: Some(Duration::from_millis(100)),
+            ..opts()
+        },
+    );
+    let view = Arc::new(SnapshotView(snap.clone()));
+    let c = 3;
+    store.save.arm(1, move |i, _| i == c);
+    let w = spawn_write(&fx.live, vec![0xEE; 100], c * CL);
+    assert_kind(
+        done(&w, "write with a held copy"),
+        ErrorKind::TimedOut,
+        "write with a held copy",
+    );
+    store.save.wait_caught(1);
+    assert!(store.save.held() == 1);
+    assert!(
+        fx.live_bytes(c * CL, CL) == fx.img0[r(c * CL, CL)],
+        "timed-out write changed the disk"
+    );
+    // A second write to the cluster waits for the same copy and times out too.
+    let w2 = spawn_write(&fx.live, vec![0xEF; 100], c * CL + 200);
+    assert_kind(
+        done(&w2, "second write"),
+        ErrorKind::TimedOut,
+        "second write to the copying cluster",
+    );
+    // Other clusters are unaffected; the view is exact throughout.
+    fx.live.write_at(&[0xF0; 100], 9 * CL, false).unwrap();
+    assert!(!snap.is_broken());
+    assert_view_exact(&*view, &fx.img0, "with a copy held");
+
+    // The held copy finishes on its own and settles the cluster.
+    store.save.release();
+    eventually("the held copy settles", || snap.stats().copied_clusters == 2);
+    fx.live.write_at(&[0xEE; 100], c * CL, false).unwrap();
+    let mut saved = store.saved();
+    saved.sort();
+    assert_eq!(saved, vec![c, 9], "retry after the copy settled copied again");
+    assert_view_exact(&*view, &fx.img0, "after the retry");
+    assert!(fx.live_bytes(c * CL, 100).iter().all(|&b| b == 0xEE));
+}
+
+#[test]
+fn cbw_timeout_with_break_snapshot_breaks_the_snapshot_and_the_write_succeeds() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(
+        &store,
+        SnapshotOptions {
+            cbw_timeout: Some(Duration::from_millis(100)),
+            on_cbw_error: OnCbwError::BreakSnapshot,
+            ..opts()
+        },
+    );
+    let ev = events(&snap);
+    let view = SnapshotView(snap.clone());
+    let c = 3;
+    store.save.arm(1, move |i, _| i == c);
+    let w = spawn_write(&fx.live, vec![0xEE; 100], c * CL);
+    done(&w, "write with a held copy").expect("break-snapshot must let the write through");
+    assert!(snap.is_broken());
+    assert_eq!(broken_events(&ev), 1);
+    assert!(fx.live_bytes(c * CL, 100).iter().all(|&b| b == 0xEE));
+    assert_kind(read(&view, 0, CL), ErrorKind::Broken, "view read after a timeout");
+    store.save.release();
+    eventually("the held copy settles", || snap.stats().copied_clusters == 1);
+    assert_kind(
+        read(&view, c * CL, CL),
+        ErrorKind::Broken,
+        "view read after the copy settled",
+    );
+}
+
+/// A view read in flight on the live disk when the snapshot breaks (the
+/// write it was holding back then goes ahead) must fail, not return the new
+/// data.
+#[test]
+fn a_view_read_in_flight_when_the_snapshot_breaks_fails_with_broken() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(
+        &store,
+        SnapshotOptions {
+            on_cbw_error: OnCbwError::BreakSnapshot,
+            ..opts()
+        },
+    );
+    let view = Arc::new(SnapshotView(snap.clone()));
+    let c = 2;
+    fx.dev.read.arm(1, move |o, l| o == c * CL && l == CL);
+    let reader = spawn_read(&view, c * CL, CL);
+    fx.dev.read.wait_caught(1);
+    store.set_fail(Some(ErrorKind::Io));
+    let w = spawn_write(&fx.live, vec![0xEE; CL as usize], c * CL);
+    done(&w, "write that breaks the snapshot").unwrap();
+    assert!(snap.is_broken());
+    assert!(fx.live_bytes(c * CL, CL).iter().all(|&b| b == 0xEE));
+    fx.dev.read.release();
+    let got = done(&reader, "read");
+    assert!(
+        matches!(&got, Err(e) if e.kind() == ErrorKind::Broken),
+        "a read that may have seen new data must fail with Broken, got {}",
+        brief(&got)
+    );
+}
+
+/// The same for block status: one in flight on the live disk when the
+/// snapshot breaks, and a live trim then punches the cluster, must not
+/// report a hole for data that existed at the instant.
+#[test]
+fn a_view_block_status_in_flight_when_the_snapshot_breaks_never_reports_a_hole_for_data() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(
+        &store,
+        SnapshotOptions {
+            on_cbw_error: OnCbwError::BreakSnapshot,
+            ..opts()
+        },
+    );
+    let view = Arc::new(SnapshotView(snap.clone()));
+    let c = 2;
+    assert!(fx.img0[r(c * CL, CL)].iter().any(|&b| b != 0));
+    fx.dev.status.arm(1, move |o, _| o == c * CL);
+    let v = view.clone();
+    let bs = spawn(move || v.block_status(c * CL, CL));
+    fx.dev.status.wait_caught(1);
+    store.set_fail(Some(ErrorKind::Io));
+    let live = fx.live.clone();
+    let t = spawn(move || live.trim(c * CL, CL));
+    // Give the trim the chance to break the snapshot and punch the cluster
+    // while the status is held. (An engine that holds its lock across the
+    // live disk's block status keeps the trim out entirely, which is fine:
+    // then this waits NOT_YET for nothing, and the status is simply right.)
+    let early = match t.recv_timeout(NOT_YET) {
+        Ok(res) => {
+            res.expect("trim under break-snapshot");
+            assert!(snap.is_broken());
+            assert!(
+                fx.live_bytes(c * CL, CL).iter().all(|&b| b == 0),
+                "trim did not punch"
+            );
+            true
+        }
+        Err(RecvTimeoutError::Timeout) => false,
+        Err(RecvTimeoutError::Disconnected) => panic!("trim thread panicked"),
+    };
+    fx.dev.status.release();
+    if !early {
+        done(&t, "trim that breaks the snapshot").unwrap();
+    }
+    match done(&bs, "block status") {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::Broken, "{e}"),
+        Ok(ext) => assert!(
+            ext.iter().all(|e| e.mapping == Mapping::Data),
+            "view block status reported {ext:?} for cluster {c}, which held data at the instant \
+             (the snapshot broke while the status was in flight and a live trim punched the \
+             cluster; expected Err(Broken) as view reads give, or Data)"
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// e. Discard and read-once.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn discard_frees_the_saved_copy_and_later_writes_copy_nothing() {
+    for file_store in [false, true] {
+        let fx = Fx::new();
+        let store = if file_store { fx.file_store() } else { fx.store() };
+        let snap = fx.snapshot(&store, opts());
+        let view = SnapshotView(snap.clone());
+        fx.live.write_at(&[1; 100], 2 * CL, false).unwrap();
+        fx.live.write_at(&[1; 100], 3 * CL, false).unwrap();
+        assert_eq!(snap.stats().used_bytes, 2 * CL);
+
+        // A saved cluster and an untouched one are discarded.
+        view.trim(2 * CL, CL).unwrap();
+        snap.discard(5 * CL, CL);
+        assert_eq!(snap.stats().used_bytes, CL, "discard did not free the saved copy");
+        assert_eq!(snap.stats().discarded_clusters, 2);
+        assert_eq!(store.forgets(), vec![2]);
+        // Writes to discarded clusters copy nothing.
+        fx.live.write_at(&[2; 100], 2 * CL + 500, false).unwrap();
+        fx.live.write_at(&[2; 100], 5 * CL, false).unwrap();
+        fx.live.trim(5 * CL, CL).unwrap();
+        assert_eq!(store.saved(), vec![2, 3]);
+        // Reads touching them fail; the rest is exact.
+        for (off, len) in [
+            (2 * CL, CL),
+            (2 * CL + 100, 1),
+            (CL, 2 * CL),
+            (5 * CL - 1, 2),
+            (0, SIZE),
+        ] {
+            assert_kind(
+                read(&view, off, len),
+                ErrorKind::AccessDenied,
+                &format!("read {off}+{len}"),
+            );
+        }
+        for c in [0, 1, 3, 4, 6, 7, 11, 12, 15] {
+            assert!(
+                read(&view, c * CL, CL).unwrap() == fx.img0[r(c * CL, CL)],
+                "cluster {c}"
+            );
+        }
+        // Discarding again changes nothing.
+        view.trim(2 * CL, CL).unwrap();
+        assert_eq!(snap.stats().discarded_clusters, 2);
+        assert_eq!(snap.stats().used_bytes, CL);
+        // Block status of discarded clusters is never a hole.
+        let ext = view.block_status(2 * CL, CL).unwrap();
+        assert!(ext.iter().all(|e| e.mapping == Mapping::Data), "{ext:?}");
+    }
+}
+
+/// Only whole clusters are discarded; the partial last cluster of the disk
+/// counts when the range reaches the end.
+#[test]
+fn discard_drops_only_whole_clusters_and_the_tail_at_the_end_of_the_disk() {
+    let size = SIZE + 1000; // 17 clusters, the last one 1000 bytes
+    let fx = Fx::with_size(size);
+    let store = fx.store();
+    let snap = fx.snapshot(&store, opts());
+    let view = SnapshotView(snap.clone());
+    view.trim(CL + 1, CL).unwrap(); // inside 1..=2, neither whole
+    view.trim(4 * CL, CL - 1).unwrap(); // all of 4 but one byte
+    view.trim(NCL * CL + 1, 999).unwrap(); // part of the tail
+    assert_eq!(snap.stats().discarded_clusters, 0);
+    assert_view_exact(&view, &fx.img0, "after partial discards");
+    view.trim(6 * CL - 1, 2 * CL + 2).unwrap(); // 6 whole, partial 5 and 8... 7 whole
+    view.trim(NCL * CL, 1000).unwrap(); // the whole tail
+    assert_eq!(snap.stats().discarded_clusters, 3);
+    for c in [6, 7, NCL] {
+        assert_kind(
+            read(&view, c * CL, 1),
+            ErrorKind::AccessDenied,
+            &format!("cluster {c}"),
+        );
+    }
+    for c in [5, 8, NCL - 1] {
+        assert!(
+            read(&view, c * CL, CL).unwrap() == fx.img0[r(c * CL, CL)],
+            "cluster {c}"
+        );
+    }
+    // The tail cluster is not copied on a later write.
+    fx.live.write_at(&[9; 1000], NCL * CL, false).unwrap();
+    assert!(store.saved().is_empty());
+    assert_kind(view.trim(size, 1), ErrorKind::OutOfRange, "trim past the end");
+}
+
+#[test]
+fn read_once_discards_the_whole_clusters_each_read_returned() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(
+        &store,
+        SnapshotOptions {
+            read_once: true,
+            ..opts()
+        },
+    );
+    let view = SnapshotView(snap.clone());
+    fx.live.write_at(&[1; 10], 2 * CL, false).unwrap();
+    assert_eq!(snap.stats().used_bytes, CL);
+
+    // Clusters 1..=2 whole (2 from the store).
+    assert!(read(&view, CL, 2 * CL).unwrap() == fx.img0[r(CL, 2 * CL)]);
+    assert_kind(read(&view, CL, 2 * CL), ErrorKind::AccessDenied, "second read");
+    assert_kind(
+        read(&view, 2 * CL + 7, 1),
+        ErrorKind::AccessDenied,
+        "byte of a read cluster",
+    );
+    assert_eq!(snap.stats().used_bytes, 0, "read-once did not free the store");
+    assert_eq!(store.forgets(), vec![2]);
+    // A partial read discards nothing.
+    assert!(read(&view, 5 * CL + 10, 100).unwrap() == fx.img0[r(5 * CL + 10, 100)]);
+    assert!(read(&view, 5 * CL + 10, 100).unwrap() == fx.img0[r(5 * CL + 10, 100)]);
+    // A read partial in 6 and whole in 7 discards only 7.
+    assert!(read(&view, 6 * CL + 1, 2 * CL - 1).unwrap() == fx.img0[r(6 * CL + 1, 2 * CL - 1)]);
+    assert!(read(&view, 6 * CL, CL).unwrap() == fx.img0[r(6 * CL, CL)]);
+    assert_kind(read(&view, 7 * CL, 1), ErrorKind::AccessDenied, "cluster 7");
+    assert_kind(
+        read(&view, 6 * CL, 1),
+        ErrorKind::AccessDenied,
+        "cluster 6 after its whole read",
+    );
+    // Later writes to read clusters copy nothing.
+    fx.live.write_at(&[3; 100], CL, false).unwrap();
+    fx.live.write_at(&[3; 100], 7 * CL, false).unwrap();
+    assert_eq!(store.saved(), vec![2]);
+    // A failed read discards nothing.
+    assert_kind(
+        read(&view, 7 * CL, 2 * CL),
+        ErrorKind::AccessDenied,
+        "read into 7",
+    );
+    assert!(read(&view, 8 * CL, CL).unwrap() == fx.img0[r(8 * CL, CL)]);
+}
+
+/// A discard while a view read of the cluster is in flight on the live disk
+/// does not let a live write overtake that read (and no copy is made).
+#[test]
+fn discard_while_a_view_read_is_in_flight_still_holds_the_write_back() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(&store, opts());
+    let view = Arc::new(SnapshotView(snap.clone()));
+    let c = 4;
+    fx.dev.read.arm(1, move |o, l| o == c * CL && l == CL);
+    let reader = spawn_read(&view, c * CL, CL);
+    fx.dev.read.wait_caught(1);
+    let v = view.clone();
+    let t = spawn(move || v.trim(c * CL, CL));
+    done(&t, "discard during a read").unwrap();
+    let w = spawn_write(&fx.live, vec![0xEE; CL as usize], c * CL);
+    not_yet(&w, "write to a discarded cluster with a read still in flight");
+    fx.dev.read.release();
+    let got = done(&reader, "read");
+    assert!(
+        got.as_ref().is_ok_and(|b| *b == fx.img0[r(c * CL, CL)]),
+        "read in flight got {}",
+        brief(&got)
+    );
+    done(&w, "write").unwrap();
+    assert!(store.saved().is_empty(), "a discarded cluster was copied");
+    assert_kind(read(&*view, c * CL, CL), ErrorKind::AccessDenied, "later read");
+}
+
+/// A discard while the cluster's copy is in flight: the copy is dropped when
+/// it settles, the space comes back, and no later write copies it again.
+#[test]
+fn discard_while_a_copy_is_in_flight_drops_the_copy_when_it_settles() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(&store, opts());
+    let view = Arc::new(SnapshotView(snap.clone()));
+    let c = 4;
+    store.save.arm(1, move |i, _| i == c);
+    let w = spawn_write(&fx.live, vec![0xEE; 10], c * CL);
+    store.save.wait_caught(1);
+    view.trim(c * CL, CL).unwrap();
+    assert_kind(
+        read(&*view, c * CL, CL),
+        ErrorKind::AccessDenied,
+        "read of a discarded copying cluster",
+    );
+    store.save.release();
+    done(&w, "write").unwrap();
+    assert_eq!(snap.stats().used_bytes, 0, "the dropped copy still counts");
+    assert_eq!(store.forgets(), vec![c]);
+    fx.live.write_at(&[0xEF; 10], c * CL, false).unwrap();
+    assert_eq!(store.saved(), vec![c]);
+    assert_kind(read(&*view, c * CL, CL), ErrorKind::AccessDenied, "read after");
+}
+
+/// With read-once, two reads of one saved cluster overlap: the first is
+/// inside the store load when the second completes and discards the
+/// cluster. The first must return the data of the instant (it began before
+/// the discard) or fail with AccessDenied -- never other bytes.
+#[test]
+fn a_store_read_overlapping_a_discard_never_returns_wrong_data() {
+    let mut wrong = Vec::new();
+    for file_store in [false, true] {
+        let fx = Fx::new();
+        let store = if file_store { fx.file_store() } else { fx.store() };
+        let snap = fx.snapshot(
+            &store,
             SnapshotOptions {
-                cluster_size: CLUSTER,
-                ..Default::default()
+                read_once: true,
+                ..opts()
             },
         );
+        let view = Arc::new(SnapshotView(snap.clone()));
+        let c = 3;
+        fx.live.write_at(&[0xEE; CL as usize], c * CL, false).unwrap();
+        store.load.arm(1, move |i, _| i == c);
+        let r1 = spawn_read(&view, c * CL, CL);
+        store.load.wait_caught(1);
+        let r2 = spawn_read(&view, c * CL, CL);
+        let got2 = done(&r2, "second read");
+        assert!(
+            got2.as_ref().is_ok_and(|b| *b == fx.img0[r(c * CL, CL)]),
+            "second read: {}",
+            brief(&got2)
+        );
+        assert_eq!(store.forgets(), vec![c], "the second read discarded the cluster");
+        store.load.release();
+        let got1 = done(&r1, "first read");
+        let ok = match &got1 {
+            Ok(b) => *b == fx.img0[r(c * CL, CL)],
+            Err(e) => e.kind() == ErrorKind::AccessDenied,
+        };
+        if !ok {
+            wrong.push(format!(
+                "{} store: a view read that classified cluster {c} as saved, then loaded it after a \
+                 concurrent discard freed it, returned {} instead of the instant's data or AccessDenied",
+                if file_store { "file" } else { "ram" },
+                brief(&got1)
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+// ---------------------------------------------------------------------------
+// f. Scope.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn scope_limits_copies_and_reads_to_the_clusters_of_the_bitmap() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let bitmap = DirtyBitmap::new(SIZE, 512);
+    bitmap.set(2 * CL, 2 * CL); // clusters 2, 3
+    bitmap.set(7 * CL + 1024, 1); // one granule inside cluster 7
+    bitmap.set(13 * CL, 1); // a hole cluster
+    let snap = fx.snapshot(
+        &store,
+        SnapshotOptions {
+            scope: Some(bitmap),
+            ..opts()
+        },
+    );
+    let view = SnapshotView(snap.clone());
+    let inside = [2u64, 3, 7, 13];
+    for c in 0..NCL {
+        if !inside.contains(&c) {
+            assert_kind(
+                read(&view, c * CL, CL),
+                ErrorKind::AccessDenied,
+                &format!("cluster {c} outside"),
+            );
+        }
+    }
+    for c in 0..NCL {
+        fx.live
+            .write_at(&[0xE0 + c as u8; 300], c * CL + 1000, false)
+            .unwrap();
+    }
+    fx.live.write_zeroes(0, SIZE, ZeroFlags::default()).unwrap();
+    let mut saved = store.saved();
+    saved.sort();
+    assert_eq!(saved, inside.to_vec(), "copies outside the scope");
+    for c in 0..NCL {
+        let got = read(&view, c * CL, CL);
+        if inside.contains(&c) {
+            assert!(got.unwrap() == fx.img0[r(c * CL, CL)], "cluster {c} inside");
+        } else {
+            assert_kind(got, ErrorKind::AccessDenied, &format!("cluster {c} outside"));
+        }
+    }
+    assert!(read(&view, 2 * CL + 5, 2 * CL - 10).unwrap() == fx.img0[r(2 * CL + 5, 2 * CL - 10)]);
+    assert_kind(
+        read(&view, 3 * CL + 5, CL),
+        ErrorKind::AccessDenied,
+        "read from 3 into 4",
+    );
+    assert_kind(read(&view, 0, SIZE), ErrorKind::AccessDenied, "whole read");
+    let ext = view.block_status(13 * CL, CL).unwrap();
+    assert!(!ext.is_empty() && ext.iter().map(|e| e.length).sum::<u64>() <= CL);
+}
+
+// ---------------------------------------------------------------------------
+// g. The instant is atomic with respect to writes.
+// ---------------------------------------------------------------------------
+
+/// A write held inside its base write when a freeze starts: the freeze waits
+/// for it, so it lands wholly before the instant.
+#[test]
+fn freeze_waits_for_a_write_in_flight_which_lands_before_the_instant() {
+    let fx = Fx::new();
+    // An earlier snapshot, so the write also runs copy-before-write.
+    let s0 = fx.store();
+    let snap0 = fx.snapshot(&s0, opts());
+    let (off, len) = (3 * CL + 100, 2 * CL);
+    fx.dev.write.arm(1, move |o, _| o == off);
+    let w = spawn_write(&fx.live, vec![0xEE; len as usize], off);
+    fx.dev.write.wait_caught(1);
+    let s1 = fx.store();
+    let live = fx.live.clone();
+    let dev = fx.dev.clone();
+    let store1 = s1.boxed();
+    let freezer = spawn(move || {
+        let g = live.freeze();
+        let mut img = vec![0u8; dev.size() as usize];
+        dev.file.read_at(&mut img, 0).unwrap();
+        let snap = live.snapshot(store1, opts());
         drop(g);
-        s
+        (snap, img)
+    });
+    not_yet(&freezer, "freeze with a write in flight");
+    fx.dev.write.release();
+    done(&w, "write").unwrap();
+    let (snap1, img1) = done(&freezer, "freeze");
+    let mut expect = fx.img0.clone();
+    expect[r(off, len)].fill(0xEE);
+    assert!(
+        img1 == expect,
+        "the image at the instant does not hold the whole write"
+    );
+    let view1 = SnapshotView(snap1);
+    // Later writes do not show through either snapshot.
+    fx.live.write_at(&vec![0x77; SIZE as usize], 0, false).unwrap();
+    assert_view_exact(&view1, &expect, "snapshot after the write");
+    assert_view_exact(&SnapshotView(snap0), &fx.img0, "snapshot before the write");
+}
+
+/// A write arriving while the disk is frozen waits, and lands wholly after
+/// the instant.
+#[test]
+fn a_write_arriving_while_frozen_lands_after_the_instant() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let guard = fx.live.freeze();
+    let w = spawn_write(&fx.live, vec![0xEE; 3 * CL as usize], 2 * CL + 1);
+    not_yet(&w, "write while frozen");
+    let l = fx.live.clone();
+    let zero = spawn(move || l.write_zeroes(8 * CL, CL, ZeroFlags::default()));
+    not_yet(&zero, "write-zeroes while frozen");
+    assert!(
+        fx.live.try_write_at(&[1; 10], 0).is_none(),
+        "inline write while frozen"
+    );
+    let snap = fx.live.snapshot(store.boxed(), opts());
+    drop(guard);
+    done(&w, "write").unwrap();
+    done(&zero, "write-zeroes").unwrap();
+    assert_view_exact(&SnapshotView(snap), &fx.img0, "view");
+    let mut saved = store.saved();
+    saved.sort();
+    assert_eq!(saved, vec![2, 3, 4, 5, 8]);
+}
+
+// ---------------------------------------------------------------------------
+// h. Several snapshots of one disk.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn several_snapshots_are_each_exact_and_detaching_one_keeps_the_others() {
+    let fx = Fx::new();
+    let mut image = fx.img0.clone();
+    let write = |image: &mut Vec<u8>, off: u64, len: u64, b: u8| {
+        fx.live.write_at(&vec![b; len as usize], off, false).unwrap();
+        image[r(off, len)].fill(b);
     };
-    live.write_at(&[1; SIZE as usize], 0, false).unwrap();
-    let a = take(&live);
-    live.write_at(&[2; 2 * CLUSTER as usize], CLUSTER, false).unwrap();
-    let b = take(&live);
-    live.write_at(&[3; SIZE as usize], 0, false).unwrap();
-    live.detach(&a);
-    live.write_at(&[4; SIZE as usize], 0, false).unwrap();
-    let mut want_b = vec![1; SIZE as usize];
-    want_b[CLUSTER as usize..3 * CLUSTER as usize].fill(2);
-    assert_eq!(read_view(&b, 0, SIZE as usize).unwrap(), want_b);
-    assert_eq!(live.snapshot_count(), 1);
+    let st1 = fx.store();
+    let s1 = fx.snapshot(&st1, opts());
+    let img1 = image.clone();
+    write(&mut image, CL + 10, 3 * CL, 0xA1);
+    let st2 = fx.file_store();
+    let s2 = fx.snapshot(&st2, opts());
+    let img2 = image.clone();
+    write(&mut image, 2 * CL, 2 * CL, 0xA2);
+    write(&mut image, 10 * CL - 5, 10, 0xA3);
+    let st3 = fx.store();
+    let s3 = fx.snapshot(&st3, opts());
+    let img3 = image.clone();
+    write(&mut image, 0, 5 * CL, 0xA4);
+    fx.live.trim(12 * CL, 4 * CL).unwrap();
+    image[r(12 * CL, 4 * CL)].fill(0);
+    assert_eq!(fx.live.snapshot_count(), 3);
+    let (v1, v2, v3) = (
+        SnapshotView(s1.clone()),
+        SnapshotView(s2.clone()),
+        SnapshotView(s3.clone()),
+    );
+    assert_view_exact(&v1, &img1, "s1");
+    assert_view_exact(&v2, &img2, "s2");
+    assert_view_exact(&v3, &img3, "s3");
+    assert!(fx.live_image() == image);
+
+    // A view read of s1 held on the live disk blocks a write to that cluster
+    // but not reads of the other snapshots.
+    let c = 7;
+    let v1a = Arc::new(SnapshotView(s1.clone()));
+    fx.dev.read.arm(1, move |o, l| o == c * CL + 1 && l == 10);
+    let reader = spawn_read(&v1a, c * CL + 1, 10);
+    fx.dev.read.wait_caught(1);
+    let w = spawn_write(&fx.live, vec![0xA5; 10], c * CL);
+    not_yet(&w, "write under a read of s1");
+    assert_view_exact(&v2, &img2, "s2 while s1 is read");
+    assert_view_exact(&v3, &img3, "s3 while s1 is read");
+    fx.dev.read.release();
+    assert!(done(&reader, "read").unwrap() == img1[r(c * CL + 1, 10)]);
+    done(&w, "write").unwrap();
+    image[r(c * CL, 10)].fill(0xA5);
+
+    fx.live.detach(&s2);
+    assert_eq!(fx.live.snapshot_count(), 2);
+    let saved2 = st2.saved().len();
+    write(&mut image, 0, SIZE, 0xA6);
+    assert_eq!(st2.saved().len(), saved2, "a detached snapshot still gets copies");
+    assert_view_exact(&v1, &img1, "s1 after detach");
+    assert_view_exact(&v3, &img3, "s3 after detach");
+    drop((v2, s2));
+    assert!(fx.live_image() == image);
+}
+
+// ---------------------------------------------------------------------------
+// k. Block status pins clusters like a read.
+// ---------------------------------------------------------------------------
+
+/// A view block status held on the live disk for cluster C (data at the
+/// instant): a live trim of C waits for it, and the status says data.
+#[test]
+fn view_block_status_in_flight_holds_back_a_live_trim_of_its_clusters() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(&store, opts());
+    let view = Arc::new(SnapshotView(snap.clone()));
+    let c = 2;
+    fx.dev.status.arm(1, move |o, _| o == c * CL);
+    let v = view.clone();
+    let bs = spawn(move || v.block_status(c * CL, 2 * CL));
+    fx.dev.status.wait_caught(1);
+    let live = fx.live.clone();
+    let t = spawn(move || live.trim(c * CL, CL));
+    not_yet(&t, "trim under a block status");
+    let live = fx.live.clone();
+    let z = spawn(move || {
+        live.write_zeroes(
+            c * CL + CL,
+            CL,
+            ZeroFlags {
+                may_unmap: true,
+                ..ZeroFlags::default()
+            },
+        )
+    });
+    not_yet(&z, "write-zeroes under a block status");
+    fx.dev.status.release();
+    let ext = done(&bs, "block status").unwrap();
+    assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 2 * CL);
+    assert!(
+        ext.iter().all(|e| e.mapping == Mapping::Data),
+        "status reported {ext:?} for data"
+    );
+    done(&t, "trim").unwrap();
+    done(&z, "write-zeroes").unwrap();
+    let ext = view.block_status(0, SIZE).unwrap();
+    let mut pos = 0;
+    for e in &ext {
+        if e.mapping != Mapping::Data {
+            assert!(
+                fx.img0[r(pos, e.length)].iter().all(|&b| b == 0),
+                "{e:?} at {pos} over data"
+            );
+        }
+        pos += e.length;
+    }
+    assert_eq!(pos, SIZE);
+    assert_view_exact(&*view, &fx.img0, "after");
+}
+
+/// Block status must not cost more blocking than a read: with a view block
+/// status in flight on the live disk for cluster C, view reads (of any
+/// cluster: rule 1) and live writes to other clusters, copies included
+/// (rules 2 and 3), go ahead; only a change to C waits.
+#[test]
+fn a_view_block_status_in_flight_blocks_only_changes_to_its_own_clusters() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(&store, opts());
+    let view = Arc::new(SnapshotView(snap.clone()));
+    let c = 2;
+    fx.dev.status.arm(1, move |o, _| o == c * CL);
+    let v = view.clone();
+    let bs = spawn(move || v.block_status(c * CL, CL));
+    fx.dev.status.wait_caught(1);
+
+    // Start all three at once and give them one deadline together.
+    let reads: Vec<_> = [(6 * CL, CL, "another cluster"), (c * CL, CL, "the same cluster")]
+        .into_iter()
+        .map(|(off, len, what)| (off, len, what, spawn_read(&view, off, len)))
+        .collect();
+    let w = spawn_write(&fx.live, vec![0xE9; 100], 9 * CL);
+    let deadline = Instant::now() + LONG;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let mut blocked = Vec::new();
+    for (off, len, what, rx) in &reads {
+        match rx.recv_timeout(left()) {
+            Ok(got) => assert!(
+                got.as_ref().is_ok_and(|b| *b == fx.img0[r(*off, *len)]),
+                "view read of {what}: {}",
+                brief(&got)
+            ),
+            Err(_) => blocked.push(format!("a view read of {what}")),
+        }
+    }
+    match w.recv_timeout(left()) {
+        Ok(res) => res.unwrap(),
+        Err(_) => blocked.push("a live write (with its copy) to another cluster".into()),
+    }
+    let own = spawn_write(&fx.live, vec![0xE2; 100], c * CL);
+    not_yet(&own, "live write to the cluster whose status is in flight");
+    fx.dev.status.release();
+    let ext = done(&bs, "block status").unwrap();
+    assert!(ext.iter().all(|e| e.mapping == Mapping::Data), "{ext:?}");
+    done(&own, "write").unwrap();
+    assert!(
+        blocked.is_empty(),
+        "while a view block status of cluster {c} was held inside the live disk's block status, \
+         these did not complete: {}",
+        blocked.join("; ")
+    );
+    assert_view_exact(&*view, &fx.img0, "after");
+    assert!(fx.dev.reads.load(Ordering::SeqCst) > 0);
 }
