@@ -521,6 +521,7 @@ impl Snapshot {
                 // A discard may free a saved cluster while we load it; its
                 // state then says so, and what we loaded cannot be trusted.
                 self.load(part, lo).and_then(|_| {
+                    let _g = self.lock();
                     if (c..end).any(|x| self.states.get(x) & MASK == NOT_NEEDED) {
                         Err(Error::new(
                             ErrorKind::AccessDenied,
@@ -610,6 +611,9 @@ impl Snapshot {
         let mut freed = 0;
         for c in first..last_excl {
             let s = self.states.get(c);
+            // Mark first, then free: a reader that loaded the slot re-checks
+            // the mark under this lock.
+            self.states.set_base(c, NOT_NEEDED);
             match s & MASK {
                 NOT_NEEDED => continue,
                 SAVED => {
@@ -618,7 +622,6 @@ impl Snapshot {
                 }
                 _ => {}
             }
-            self.states.set_base(c, NOT_NEEDED);
             self.discarded.fetch_add(1, Ordering::Relaxed);
         }
         self.used.fetch_sub(freed, Ordering::Relaxed);

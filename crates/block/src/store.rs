@@ -87,6 +87,17 @@ impl Store for FileStore {
         self.file.read_at(buf, index * cluster + offset)
     }
 
+    fn save_from_file(
+        &self,
+        index: u64,
+        cluster: u64,
+        src: &RawFile,
+        offset: u64,
+        len: u64,
+    ) -> Option<Result<()>> {
+        self.file.copy_from(src, offset, index * cluster, len)
+    }
+
     fn forget(&self, index: u64, cluster: u64) {
         let _ = self
             .file
