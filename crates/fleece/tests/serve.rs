@@ -206,6 +206,7 @@ fn fio_random_read_write_with_crc32c_verify() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output=/dev/null",
         ],
     );
