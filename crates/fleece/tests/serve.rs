@@ -461,3 +461,102 @@ fn tcp_listener_serves_nbd_uris() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Reads one option reply: (option, reply type, payload).
+fn option_reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(
+        &h[..8],
+        &0x0003_e889_0455_65a9u64.to_be_bytes(),
+        "bad option reply magic"
+    );
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p).unwrap();
+    (
+        u32::from_be_bytes(h[8..12].try_into().unwrap()),
+        u32::from_be_bytes(h[12..16].try_into().unwrap()),
+        p,
+    )
+}
+
+fn send_option(s: &mut UnixStream, opt: u32, data: &[u8]) {
+    let mut v = b"IHAVEOPT".to_vec();
+    v.extend_from_slice(&opt.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    s.write_all(&v).unwrap();
+}
+
+#[test]
+fn unknown_options_get_err_unsup_and_haggling_goes_on_to_a_working_export() {
+    let d = Daemon::start(&[("disk", MIB)]);
+    let mut s = UnixStream::connect(&d.sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    assert_eq!(&greeting[8..16], b"IHAVEOPT");
+    assert_eq!(
+        u16::from_be_bytes([greeting[16], greeting[17]]) & 3,
+        3,
+        "fixed newstyle + no zeroes"
+    );
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    // Unknown option with a payload: refused, payload consumed, no disconnect.
+    send_option(&mut s, 0x4242, b"whatever the client says");
+    let (opt, kind, msg) = option_reply(&mut s);
+    assert_eq!((opt, kind), (0x4242, (1 << 31) + 1), "expected NBD_REP_ERR_UNSUP");
+    assert!(!msg.is_empty());
+    // STARTTLS without TLS configured: refused too.
+    send_option(&mut s, 5, b"");
+    assert_eq!(option_reply(&mut s).1, (1 << 31) + 1);
+    // LIST with data is invalid, LIST without works.
+    send_option(&mut s, 3, b"x");
+    assert_eq!(option_reply(&mut s).1, (1 << 31) + 3);
+    send_option(&mut s, 3, b"");
+    let (_, kind, p) = option_reply(&mut s);
+    assert_eq!(kind, 2, "NBD_REP_SERVER");
+    assert_eq!(&p[4..8], b"disk");
+    assert_eq!(option_reply(&mut s).1, 1, "NBD_REP_ACK");
+    // Extended headers, then GO: the transmission phase works with 64-bit headers.
+    send_option(&mut s, 11, b"");
+    assert_eq!(option_reply(&mut s).1, 1);
+    let mut go = 4u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"disk");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    send_option(&mut s, 7, &go);
+    loop {
+        let (_, kind, p) = option_reply(&mut s);
+        if kind == 1 {
+            break;
+        }
+        assert_eq!(kind, 3, "NBD_REP_INFO");
+        if u16::from_be_bytes([p[0], p[1]]) == 0 {
+            assert_eq!(u64::from_be_bytes(p[2..10].try_into().unwrap()), MIB);
+        }
+    }
+    // NBD_CMD_READ of 512 bytes at 0 with an extended header.
+    let mut req = 0x21e4_1c71u32.to_be_bytes().to_vec();
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&77u64.to_be_bytes());
+    req.extend_from_slice(&0u64.to_be_bytes());
+    req.extend_from_slice(&512u64.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut hdr = [0u8; 32];
+    s.read_exact(&mut hdr).unwrap();
+    assert_eq!(&hdr[..4], &0x6e8a_278cu32.to_be_bytes(), "extended reply magic");
+    assert_eq!(u64::from_be_bytes(hdr[8..16].try_into().unwrap()), 77, "cookie");
+    assert_eq!(
+        u16::from_be_bytes([hdr[6], hdr[7]]),
+        1,
+        "NBD_REPLY_TYPE_OFFSET_DATA"
+    );
+    let len = u64::from_be_bytes(hdr[24..32].try_into().unwrap());
+    assert_eq!(len, 8 + 512);
+    let mut body = vec![0u8; len as usize];
+    s.read_exact(&mut body).unwrap();
+    assert!(body[8..].iter().all(|&b| b == 0));
+}
