@@ -629,54 +629,85 @@ impl Snapshot {
     }
 
     /// Mapping of the disk at the instant.
+    ///
+    /// The live disk is asked once for the whole range, not once per run of
+    /// unsaved clusters: on tmpfs each SEEK_HOLE walks the page cache to the
+    /// next hole under the inode lock, and a fragmented view made thousands
+    /// of such walks per request, starving live writes.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(self.size, offset, len)?;
         self.check_readable()?;
-        let end = offset + len;
-        let mut out: Vec<Extent> = Vec::new();
-        let mut pos = offset;
-        let mut walked = 0u64;
-        while pos < end && walked < 1 << 16 {
-            let c = pos / self.cluster;
-            let mut g = self.lock();
-            let from_live = self.source(c).unwrap_or(false);
-            let mut stop = c + 1;
-            while stop * self.cluster < end && self.source(stop).unwrap_or(false) == from_live {
-                stop += 1;
+        // Bound the work per request; the client asks again from where we stop.
+        let end = offset + len.min((1u64 << 16) * self.cluster);
+        let first = offset / self.cluster;
+        let last = (end - 1) / self.cluster;
+        // Runs of (first cluster, end cluster, from the live disk).
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut g = self.lock();
+        for c in first..=last {
+            let live = self.source(c).unwrap_or(false);
+            match runs.last_mut() {
+                Some(r) if r.2 == live => r.1 = c + 1,
+                _ => runs.push((c, c + 1, live)),
             }
-            walked += stop - c;
-            let hi = (stop * self.cluster).min(end);
-            if from_live {
-                // Pin the clusters like a read: a live trim must not turn
-                // data that existed at the instant into a reported hole, and
-                // nothing else waits while the live disk answers.
-                for x in c..stop {
-                    *g.readers.entry(x).or_insert(0) += 1;
-                    let s = self.states.get(x);
-                    self.states.set(x, s | READERS);
-                }
-                drop(g);
-                let res = self.base.block_status(pos, hi - pos);
-                self.release_readers(c, stop);
-                // Breaking lets writes through without waiting for pins.
-                self.check_readable()?;
-                let mut covered = pos;
-                for e in res? {
-                    let l = e.length.min(hi - covered);
-                    if l == 0 {
+        }
+        // Pin the unsaved clusters like a read: a live trim must not turn
+        // data that existed at the instant into a reported hole.
+        let pinned: Vec<(u64, u64)> = runs.iter().filter(|r| r.2).map(|r| (r.0, r.1)).collect();
+        for &(a, b) in &pinned {
+            for x in a..b {
+                *g.readers.entry(x).or_insert(0) += 1;
+                let s = self.states.get(x);
+                self.states.set(x, s | READERS);
+            }
+        }
+        drop(g);
+        let base = if pinned.is_empty() {
+            Ok((end, Vec::new()))
+        } else {
+            let lo = (pinned[0].0 * self.cluster).max(offset);
+            let hi = (pinned[pinned.len() - 1].1 * self.cluster).min(end);
+            self.base.block_status(lo, hi - lo).map(|e| (lo, e))
+        };
+        for &(a, b) in &pinned {
+            self.release_readers(a, b);
+        }
+        // Breaking lets writes through without waiting for pins.
+        self.check_readable()?;
+        let (mut bpos, base) = base?;
+        let mut base = base.into_iter().peekable();
+        let mut out: Vec<Extent> = Vec::new();
+        for (a, b, live) in runs {
+            let lo = (a * self.cluster).max(offset);
+            let hi = (b * self.cluster).min(end);
+            if !live {
+                push(&mut out, hi - lo, Mapping::Data);
+                continue;
+            }
+            // Walk the live disk's extents over [lo, hi).
+            let mut pos = lo;
+            while pos < hi {
+                while let Some(e) = base.peek() {
+                    if bpos + e.length <= pos {
+                        bpos += e.length;
+                        base.next();
+                    } else {
                         break;
                     }
-                    push(&mut out, l, e.mapping);
-                    covered += l;
                 }
-                if covered < hi {
-                    push(&mut out, hi - covered, Mapping::Data);
+                match base.peek() {
+                    Some(e) if bpos <= pos => {
+                        let stop = (bpos + e.length).min(hi);
+                        push(&mut out, stop - pos, e.mapping);
+                        pos = stop;
+                    }
+                    // Not covered by the answer: claim nothing.
+                    _ => {
+                        push(&mut out, hi - pos, Mapping::Data);
+                        pos = hi;
+                    }
                 }
-            } else {
-                drop(g);
-                push(&mut out, hi - pos, Mapping::Data);
             }
-            pos = hi;
         }
         Ok(out)
     }
