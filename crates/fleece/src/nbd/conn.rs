@@ -292,15 +292,18 @@ enum Exec {
     Blocking,
 }
 
+/// Flags a command may carry. FUA is valid on every command (the spec says
+/// a server that advertises it must accept it everywhere); it only matters
+/// for writes.
 fn allowed_flags(command: u16, structured: bool) -> u16 {
-    match command {
-        CMD_READ if structured => CMD_FLAG_DF,
-        CMD_WRITE => CMD_FLAG_FUA | CMD_FLAG_PAYLOAD_LEN,
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-        CMD_TRIM => CMD_FLAG_FUA,
-        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
-        _ => 0,
-    }
+    CMD_FLAG_FUA
+        | match command {
+            CMD_READ if structured => CMD_FLAG_DF,
+            CMD_WRITE => CMD_FLAG_PAYLOAD_LEN,
+            CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            _ => 0,
+        }
 }
 
 fn errno(kind: ErrorKind) -> u32 {
