@@ -1,0 +1,43 @@
+"""FUA on writes, zeroes and trims is accepted; the data is in the image
+file when the reply arrives (NBD_IMAGE names the file, if given)."""
+import os
+
+import nbd
+
+from nbdtest import MIB, connect, done
+
+IMAGE = os.environ.get("NBD_IMAGE")
+
+h = connect()
+assert h.can_fua() and h.can_flush()
+
+
+def in_file(off, want):
+    if IMAGE:
+        with open(IMAGE, "rb") as f:
+            f.seek(off)
+            got = f.read(len(want))
+        assert got == want, "FUA-acknowledged data at %d is not in %s" % (off, IMAGE)
+
+
+data = os.urandom(128 << 10)
+h.pwrite(data, 3 * MIB, nbd.CMD_FLAG_FUA)
+in_file(3 * MIB, data)
+assert h.pread(len(data), 3 * MIB) == data
+h.zero(64 << 10, 3 * MIB, nbd.CMD_FLAG_FUA)
+in_file(3 * MIB, b"\0" * (64 << 10) + data[64 << 10:])
+h.trim(64 << 10, 3 * MIB + (64 << 10), nbd.CMD_FLAG_FUA)
+in_file(3 * MIB + (64 << 10), b"\0" * (64 << 10))
+assert h.pread(128 << 10, 3 * MIB) == b"\0" * (128 << 10)
+# Many FUA writes in flight at once.
+bufs = [nbd.Buffer.from_bytearray(bytearray([i + 1]) * 4096) for i in range(32)]
+cookies = [h.aio_pwrite(b, 5 * MIB + i * 4096, flags=nbd.CMD_FLAG_FUA) for i, b in enumerate(bufs)]
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for c in cookies:
+    assert h.aio_command_completed(c)
+for i in range(32):
+    in_file(5 * MIB + i * 4096, bytes([i + 1]) * 4096)
+h.flush()
+h.shutdown()
+done()
