@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 mod bitmap;
+mod buf;
 mod cbw;
 mod dev;
 mod error;
@@ -15,6 +16,7 @@ mod raw;
 mod store;
 
 pub use bitmap::DirtyBitmap;
+pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use cbw::{LiveDisk, OnCbwError, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotStats, SnapshotView};
 pub use dev::{check_range, BlockDev, Capabilities, Extent, Mapping, ZeroFlags};
 pub use error::{Error, ErrorKind, Result};

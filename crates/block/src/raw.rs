@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use crate::dev::{check_range, BlockDev, Capabilities, Extent, Mapping, ZeroFlags};
 use crate::{Error, ErrorKind, Result};
@@ -26,6 +27,20 @@ pub struct RawFile {
     nowait: AtomicBool,
     /// The file lives in memory (tmpfs), so a read never waits for a disk.
     in_memory: bool,
+    /// A range known to be all data, so block status need not ask again:
+    /// `SEEK_HOLE` walks the page cache to the next hole, which in a dense
+    /// tmpfs image is the end of the file, on every call.
+    dense: Mutex<DenseRun>,
+}
+
+/// `[start, end)` is data as of generation `gen`; any `fallocate` (the only
+/// way we make holes) starts a new generation and forgets the run. Writes
+/// only turn holes into data, so they never make the run wrong.
+#[derive(Debug, Default)]
+struct DenseRun {
+    gen: u64,
+    start: u64,
+    end: u64,
 }
 
 impl RawFile {
@@ -52,6 +67,7 @@ impl RawFile {
             read_only,
             nowait: AtomicBool::new(true),
             in_memory: false,
+            dense: Mutex::default(),
         }
         .detect_memory())
     }
@@ -74,6 +90,7 @@ impl RawFile {
             read_only: false,
             nowait: AtomicBool::new(true),
             in_memory: false,
+            dense: Mutex::default(),
         }
         .detect_memory())
     }
@@ -157,11 +174,17 @@ impl RawFile {
                 length as libc::off_t,
             )
         };
-        if r == 0 {
+        let res = if r == 0 {
             Ok(())
         } else {
             Err(io::Error::last_os_error())
-        }
+        };
+        let mut dense = self.dense.lock().unwrap_or_else(|p| p.into_inner());
+        *dense = DenseRun {
+            gen: dense.gen + 1,
+            ..DenseRun::default()
+        };
+        res
     }
 
     fn punch_hole(&self, offset: u64, length: u64) -> io::Result<()> {
@@ -395,6 +418,17 @@ impl BlockDev for RawFile {
         let end = offset + length;
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = offset;
+        let (gen, known) = {
+            let d = self.dense.lock().unwrap_or_else(|p| p.into_inner());
+            let known = (d.start <= offset && offset < d.end).then_some((d.start, d.end));
+            (d.gen, known)
+        };
+        if let Some((_, known_end)) = known {
+            push(&mut out, known_end.min(end) - pos, Mapping::Data);
+            pos = known_end.min(end);
+        }
+        // The data run found here, unclamped, to remember for next time.
+        let mut found: Option<(u64, u64)> = None;
         while pos < end {
             let data = match self.seek(pos, libc::SEEK_DATA) {
                 Ok(d) => d.unwrap_or(self.size).min(end),
@@ -409,17 +443,29 @@ impl BlockDev for RawFile {
                 pos = data;
                 continue;
             }
-            let hole = self
+            let hole_at = self
                 .seek(pos, libc::SEEK_HOLE)
                 .map_err(|e| Error::io("block status", e))?
-                .unwrap_or(self.size)
-                .min(end);
-            let hole = hole.max(pos + 1);
+                .unwrap_or(self.size);
+            found = Some((pos, hole_at));
+            let hole = hole_at.min(end).max(pos + 1);
             push(&mut out, hole - pos, Mapping::Data);
             pos = hole;
             // Enough extents for any reply: the client asks again from here.
             if out.len() >= 1024 {
                 break;
+            }
+        }
+        if let Some((mut start, run_end)) = found {
+            if let Some((known_start, known_end)) = known {
+                if known_end == start {
+                    start = known_start;
+                }
+            }
+            let mut d = self.dense.lock().unwrap_or_else(|p| p.into_inner());
+            if d.gen == gen {
+                d.start = start;
+                d.end = run_end;
             }
         }
         Ok(out)
@@ -465,6 +511,27 @@ mod tests {
         assert_eq!(total, 1 << 20);
         assert_eq!(ext[0].mapping, Mapping::Hole);
         assert!(ext.iter().any(|e| e.mapping == Mapping::Data));
+    }
+
+    #[test]
+    fn block_status_sees_a_new_hole_after_remembering_a_dense_run() {
+        let (_d, f) = tmp(1 << 20);
+        f.write_at(&vec![5u8; 1 << 20], 0, false).unwrap();
+        for _ in 0..2 {
+            let ext = f.block_status(4096, (1 << 20) - 4096).unwrap();
+            assert_eq!(ext.len(), 1, "{ext:?}");
+            assert_eq!(ext[0].mapping, Mapping::Data);
+        }
+        f.trim(512 << 10, 64 << 10).unwrap();
+        let ext = f.block_status(4096, (1 << 20) - 4096).unwrap();
+        assert!(
+            ext.iter().any(|e| e.mapping == Mapping::Hole),
+            "the punched range must show as a hole: {ext:?}"
+        );
+        let ext = f.block_status(0, 4096).unwrap();
+        assert_eq!(ext[0].mapping, Mapping::Data);
+        let total: u64 = f.block_status(0, 1 << 20).unwrap().iter().map(|e| e.length).sum();
+        assert_eq!(total, 1 << 20);
     }
 
     #[test]
