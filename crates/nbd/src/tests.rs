@@ -213,3 +213,31 @@ fn error_messages_are_cut_to_qemus_limit() {
     assert_eq!(out.len(), 20 + len);
     assert!(len - 6 <= MAX_ERROR_MESSAGE);
 }
+
+#[test]
+fn success_is_a_simple_reply_except_where_the_mode_or_command_forbids_it() {
+    let req = |command| Request {
+        flags: 0,
+        command,
+        cookie: 7,
+        offset: 0,
+        length: 0,
+        payload_len: 0,
+    };
+    let magic = |mode, command| {
+        let mut out = Vec::new();
+        Replies::new(mode).ok(&mut out, &req(command));
+        (u32::from_be_bytes(out[..4].try_into().unwrap()), out.len())
+    };
+    for cmd in [CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES, CMD_CACHE] {
+        assert_eq!(magic(ReplyMode::Simple, cmd), (SIMPLE_REPLY_MAGIC, 16));
+        assert_eq!(magic(ReplyMode::Structured, cmd), (SIMPLE_REPLY_MAGIC, 16));
+        assert_eq!(magic(ReplyMode::Extended, cmd), (EXTENDED_REPLY_MAGIC, 32));
+    }
+    // A read (here of length 0) must end with a structured chunk.
+    assert_eq!(
+        magic(ReplyMode::Structured, CMD_READ),
+        (STRUCTURED_REPLY_MAGIC, 20)
+    );
+    assert_eq!(magic(ReplyMode::Extended, CMD_READ), (EXTENDED_REPLY_MAGIC, 32));
+}

@@ -148,9 +148,16 @@ impl Replies {
 
     /// Success with no payload (the whole reply).
     pub fn ok(&self, out: &mut Vec<u8>, req: &Request) {
-        match self.mode {
-            ReplyMode::Simple => self.simple(out, req, 0),
-            _ => self.chunk_header(out, req, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0),
+        // With structured replies (but not extended headers) the spec lets
+        // anything but a read or block status succeed with a simple reply,
+        // as nbdkit and qemu do. It is 4 bytes shorter, and libnbd reads it
+        // in one call instead of two: a measurable share of a 4 KiB write.
+        let simple_allowed = self.mode == ReplyMode::Simple
+            || (self.mode == ReplyMode::Structured && !matches!(req.command, CMD_READ | CMD_BLOCK_STATUS));
+        if simple_allowed {
+            self.simple(out, req, 0)
+        } else {
+            self.chunk_header(out, req, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)
         }
     }
 
