@@ -1,22 +1,37 @@
 #!/usr/bin/env python3
-"""fleece benchmark: the same workloads, in one run, against fleece,
-qemu-storage-daemon (copy-before-write + snapshot-access), nbdkit's file
-plugin, and fio straight on the image file (the machine's limit).
+"""fleece benchmark: identical workloads, in one run, against
 
-Images live in /dev/shm so that writeback noise does not hide software
-costs. Results: a table on stdout, bench/results/latest.json, and (with
---markdown FILE) the table in Markdown. Never used as a test.
+  fleece              fleece serve + fleece snapshot create (file store)
+  qemu                qemu-storage-daemon: copy-before-write + snapshot-access
+                      for snapshots, a plain raw export otherwise
+  nbdkit              nbdkit's file plugin (plain export only)
+  limit               fio straight on the image file (io_uring, else libaio,
+                      else psync) and nbdcopy from the file: the machine's limit
+
+Images, stores, pulled copies and Unix sockets live in one temp dir under
+/dev/shm, removed at the end (also on Ctrl-C and errors). Every measurement
+starts a fresh server process. A step that fails is reported as "n/a" with
+its reason and the run goes on.
+
+Output: the report (Markdown tables, ratios, pass/fail targets) on stdout,
+bench/results/latest.json, and optionally --markdown FILE and
+--update-benchmarks (rewrites the generated part of BENCHMARKS.md).
 
 usage: python3 bench/run.py [--quick] [--only fleece,qemu,nbdkit,limit]
-                            [--fleece-bin PATH] [--markdown FILE]
+                            [--fleece-bin PATH] [--rounds N] [--markdown FILE]
+                            [--update-benchmarks]
 """
 import argparse
+import ctypes
+import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,60 +40,201 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHM = "/dev/shm"
 TICK = os.sysconf("SC_CLK_TCK")
+KINDS = ("fleece", "qemu", "nbdkit", "limit")
+LABEL = {"fleece": "fleece", "qemu": "qemu-storage-daemon", "nbdkit": "nbdkit", "limit": "limit"}
+SNAPSHOT_KINDS = ("fleece", "qemu")
+BEGIN, END = "<!-- bench/run.py: begin generated -->", "<!-- bench/run.py: end generated -->"
 
-WORKLOADS = [
-    # name, fio rw, block size, queue depth
-    ("randwrite-4k-qd16", "randwrite", "4k", 16),
-    ("seqwrite-1m-qd4", "write", "1M", 4),
-    ("randread-4k-qd16", "randread", "4k", 16),
+# key, fio rw, block size, queue depth, headline unit, description
+FIO = [
+    ("randwrite-4k-qd16", "randwrite", "4k", 16, "IOPS", "4 KiB random writes QD16"),
+    ("seqwrite-1m-qd4", "write", "1M", 4, "MiB/s", "1 MiB sequential writes QD4"),
+    ("randread-4k-qd16", "randread", "4k", 16, "IOPS", "4 KiB random reads QD16"),
 ]
 
 
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
+class StepError(Exception):
+    """A measurement step failed; the message is the reason shown in the report."""
 
 
-def run(cmd, timeout=600, **kw):
-    return subprocess.run(cmd, check=True, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+def log(msg):
+    print("[%6.1fs] %s" % (time.time() - T0, msg), file=sys.stderr, flush=True)
 
 
-def wait_socket(path, proc, timeout=20):
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited: %s" % (proc.stderr.read() if proc.stderr else proc.returncode))
+T0 = time.time()
+
+# ---------------------------------------------------------------- processes
+try:
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover
+    _LIBC = None
+CHILDREN = []  # every long-lived process we started and have not reaped
+
+
+def _child_setup():
+    # Die with us even if we are SIGKILLed (PR_SET_PDEATHSIG = 1).
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+def tail(text, n=400):
+    text = (text or "").strip().replace("\n", " | ")
+    return text[-n:]
+
+
+def file_tail(path, n=400):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            return tail(f.read().decode(errors="replace"), n)
+    except OSError:
+        return ""
+
+
+def run(cmd, timeout, ok=(0,), cwd=None, env=None):
+    """Run cmd to completion in its own process group, killing the whole group
+    on timeout or on any exception (Ctrl-C). Returns (rc, stdout, stderr)."""
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=cwd, env=env, start_new_session=True, preexec_fn=_child_setup)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _killpg(p)
+        p.communicate()
+        raise StepError("%s timed out after %d s" % (os.path.basename(cmd[0]), timeout))
+    except BaseException:
+        _killpg(p)
+        p.wait()
+        raise
+    out, err = out.decode(errors="replace"), err.decode(errors="replace")
+    if ok is not None and p.returncode not in ok:
+        raise StepError("%s exited %d: %s" % (os.path.basename(cmd[0]), p.returncode, tail(err or out)))
+    return p.returncode, out, err
+
+
+def spawn(cmd, log_path, stdout_path=None):
+    """Start a long-lived process (server, background writer) with its output in files."""
+    lf = open(log_path, "ab")
+    of = open(stdout_path, "wb") if stdout_path else lf
+    try:
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=of, stderr=lf,
+                             start_new_session=True, preexec_fn=_child_setup)
+    finally:
+        lf.close()
+        if stdout_path:
+            of.close()
+    CHILDREN.append(p)
+    return p
+
+
+def _killpg(p):
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def stop(p, sig=signal.SIGTERM, timeout=20):
+    """Stop a spawned process: sig, then SIGKILL to its group. Returns its exit code."""
+    if getattr(p, "bench_stopped", False):
+        return p.returncode
+    if p.poll() is None:
         try:
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(path)
-            s.close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError("server did not listen on " + path)
+            p.send_signal(sig)
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _killpg(p)
+            p.wait(timeout=10)
+    _killpg(p)  # helpers it may have forked (fio's job processes)
+    p.bench_stopped = True
+    if p in CHILDREN:
+        CHILDREN.remove(p)
+    return p.returncode
+
+
+def stop_all():
+    for p in list(CHILDREN):
+        try:
+            stop(p, timeout=5)
+        except Exception:
+            _killpg(p)
 
 
 def proc_stats(pid):
-    """(peak RSS bytes, CPU seconds) of a live process."""
-    rss = 0
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                rss = int(line.split()[1]) * 1024
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / TICK
-    return rss, cpu
+    """(peak RSS bytes, CPU seconds) of a live process: VmHWM, utime+stime."""
+    rss = None
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    rss = int(line.split()[1]) * 1024
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError as e:
+        raise StepError("server process %d is gone (%s)" % (pid, e))
+    return rss, (int(fields[11]) + int(fields[12])) / TICK
 
 
+def server_said(log_path, n=300):
+    """The tail of a server's log, without the command line written at its top."""
+    try:
+        with open(log_path, errors="replace") as f:
+            return tail(f.read().partition("\n")[2], n)
+    except OSError:
+        return ""
+
+
+def wait_socket(path, proc, log_path, timeout):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise StepError("the server exited with %s at start: %s" % (proc.returncode,
+                                                                       server_said(log_path) or "(no output)"))
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(path)
+            return
+        except OSError:
+            time.sleep(0.02)
+        finally:
+            s.close()
+    raise StepError("the server did not listen on %s within %d s: %s" % (
+        os.path.basename(path), timeout, server_said(log_path) or "(no output)"))
+
+
+def same_file(a, b, timeout):
+    """(equal, detail) using cmp."""
+    rc, out, err = run(["cmp", a, b], timeout=timeout, ok=None)
+    if rc == 0:
+        return True, "equal"
+    if rc == 1:
+        return False, tail(out, 200)
+    raise StepError("cmp failed: " + tail(err))
+
+
+def allocated(path):
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------- servers
 class Server:
-    """A server process serving `live` (read-write) and maybe `view`."""
-
-    def __init__(self, kind, args, sock, live, view=None, setup=None, env=None):
-        self.kind, self.sock, self.live_name, self.view_name = kind, sock, live, view
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        wait_socket(setup["wait"] if setup else sock, self.proc)
-        if setup and setup.get("after"):
-            setup["after"]()
+    def __init__(self, bench, kind, cmd, sock, ready_path, live):
+        self.bench, self.kind, self.sock, self.live_name = bench, kind, sock, live
+        self.view_name = None
+        self.info = {}
+        self.log = bench.path("%s-%d.log" % (kind, bench.counter()))
+        with open(self.log, "w") as f:
+            f.write("$ %s\n" % " ".join(shlex.quote(c) for c in cmd))
+        self.proc = spawn(cmd, self.log)
+        try:
+            wait_socket(ready_path, self.proc, self.log, bench.opts.ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def uri(self, name):
         return "nbd+unix:///%s?socket=%s" % (name, self.sock)
@@ -89,112 +245,181 @@ class Server:
 
     @property
     def view(self):
-        return self.uri(self.view_name) if self.view_name else None
+        return self.uri(self.view_name)
 
     def stats(self):
+        if self.proc.poll() is not None:
+            raise StepError("server died (exit %s): %s" % (self.proc.returncode, server_said(self.log)))
         return proc_stats(self.proc.pid)
+
+    def before_stop(self):
+        pass
+
+    def explain(self, err):
+        """err with what the server said (and whether it died), for the report."""
+        msg = str(err)
+        if "the server exited" in msg or "did not listen" in msg:
+            return err
+        if self.proc.poll() is not None and "server died" not in msg:
+            msg += "; the server exited with %s" % self.proc.returncode
+        said = server_said(self.log)
+        if said:
+            msg += "; server log: " + said
+        return StepError(msg)
 
     def stop(self):
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self.before_stop()
+            except StepError as e:
+                self.bench.note("%s: %s" % (self.kind, e))
+        graceful = self.proc.poll() is None
+        rc = stop(self.proc)
+        ok = (0,) if self.kind == "fleece" else (0, -signal.SIGTERM)  # fleece: exit 0 (CONTRACT.md)
+        if graceful and rc not in ok:
+            self.bench.note("%s exited with %s on SIGTERM%s: %s" % (
+                self.kind, rc, " (killed after 20 s)" if rc == -signal.SIGKILL else "", server_said(self.log, 200)))
+        return rc
 
 
+class FleeceServer(Server):
+    def __init__(self, bench, store_path=None):
+        n = bench.counter()
+        self.bin = bench.fleece_bin
+        self.ctl = bench.path("f%d-ctl.sock" % n)
+        sock = bench.path("f%d.sock" % n)
+        cmd = [self.bin, "serve", "--disk", "disk=" + bench.image, "--nbd", "unix:" + sock,
+               "--control", self.ctl, "--state-dir", bench.path("f%d-state" % n), "--log-level", "warn"]
+        super().__init__(bench, "fleece", cmd, sock, self.ctl, "disk")
+        self.store = store_path
+
+    def snapshot(self):
+        t = time.time()
+        run([self.bin, "snapshot", "create", "disk", "--name", "s", "--control", self.ctl,
+             "--store", "file:" + self.store, "--json"], timeout=60)
+        self.info["snapshot_create_s"] = time.time() - t
+        self.view_name = "disk@s"
+
+    def snapshot_state(self):
+        """Copied clusters and store use; raises if the snapshot broke."""
+        _, out, _ = run([self.bin, "snapshot", "show", "disk@s", "--control", self.ctl, "--json"], timeout=30)
+        s = json.loads(out)
+        self.info.update({"copied_clusters": s.get("copied_clusters"), "cluster_size": s.get("cluster_size"),
+                          "store_used_bytes": (s.get("store") or {}).get("used_bytes"),
+                          "snapshot_state": s.get("state")})
+        if s.get("state") != "active":
+            raise StepError("fleece snapshot state %s: %s" % (s.get("state"), s.get("error")))
+
+    def before_stop(self):
+        if self.view_name:
+            run([self.bin, "snapshot", "delete", "disk@s", "--control", self.ctl], timeout=60)
+
+
+def qemu_server(bench, snapshot, store_path=None):
+    n = bench.counter()
+    sock = bench.path("q%d.sock" % n)
+    aio = bench.opts.qemu_aio
+    cmd = ["qemu-storage-daemon",
+           "--blockdev", "file,node-name=f,filename=%s,aio=%s" % (bench.image, aio),
+           "--blockdev", "raw,node-name=d,file=f",
+           "--nbd-server", "addr.type=unix,addr.path=%s,max-connections=0" % sock]
+    if snapshot:
+        with open(store_path, "wb") as f:  # the store must exist with the disk's size
+            f.truncate(bench.size)
+        cmd += ["--blockdev", "file,node-name=tf,filename=%s,aio=%s" % (store_path, aio),
+                "--blockdev", "raw,node-name=t,file=tf",
+                "--blockdev", "copy-before-write,node-name=cbw,file=d,target=t",
+                "--blockdev", "snapshot-access,node-name=snap,file=cbw",
+                "--export", "nbd,id=e0,node-name=cbw,name=disk,writable=on",
+                "--export", "nbd,id=e1,node-name=snap,name=snap"]
+    else:
+        cmd += ["--export", "nbd,id=e0,node-name=d,name=disk,writable=on"]
+    srv = Server(bench, "qemu", cmd, sock, sock, "disk")
+    if snapshot:
+        srv.view_name = "snap"
+    return srv
+
+
+def nbdkit_server(bench):
+    sock = bench.path("k%d.sock" % bench.counter())
+    cmd = ["nbdkit", "-f", "--exit-with-parent", "-U", sock, "file", "file=" + bench.image]
+    return Server(bench, "nbdkit", cmd, sock, sock, "")
+
+
+# ---------------------------------------------------------------- fio
+def parse_fio(out, rw):
+    try:
+        job = json.loads(out[out.index("{"):])["jobs"][0]
+    except (ValueError, KeyError, IndexError):
+        raise StepError("fio printed no JSON: " + tail(out))
+    if job.get("error"):
+        raise StepError("fio job error %s" % job.get("error"))
+    side = job["write"] if "write" in rw else job["read"]
+    if not side.get("total_ios"):
+        raise StepError("fio did no I/O")
+    pct = side.get("clat_ns", {}).get("percentile", {})
+    return {"iops": side["iops"], "mib_s": side["bw_bytes"] / 2**20, "ios": side["total_ios"],
+            "p50_us": pct.get("50.000000", 0) / 1000, "p99_us": pct.get("99.000000", 0) / 1000,
+            "p999_us": pct.get("99.900000", 0) / 1000,
+            "client_cpu_pct": job.get("usr_cpu", 0) + job.get("sys_cpu", 0)}
+
+
+def read_iops_log(prefix):
+    """[(t_ms, iops)] from fio's averaged IOPS log (PREFIX_iops.1.log)."""
+    rows = []
+    path = prefix + "_iops.1.log"
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = [x.strip() for x in line.split(",")]
+                if len(parts) >= 2:
+                    rows.append((int(parts[0]), float(parts[1])))
+    except (OSError, ValueError):
+        pass
+    return rows
+
+
+def window_rate(rows, t0_ms, t1_ms, avg_ms):
+    """Mean IOPS of the log windows inside [t0, t1] (each row closes a window of avg_ms)."""
+    vals = [v for t, v in rows if t - avg_ms >= t0_ms - avg_ms / 2 and t <= t1_ms + avg_ms / 2]
+    return sum(vals) / len(vals) if vals else None
+
+
+# ---------------------------------------------------------------- the bench
 class Bench:
     def __init__(self, opts):
         self.opts = opts
-        self.tmp = tempfile.mkdtemp(prefix="fleece-bench-", dir=SHM)
-        self.image = os.path.join(self.tmp, "disk.raw")
         self.size = opts.size
-        self.results = {}
-        self.servers = []
+        self.tmp = tempfile.mkdtemp(prefix="fleece-bench-%d-" % os.getpid(), dir=SHM)
+        self.image = self.path("disk.raw")
+        self.reference = self.path("reference.raw")
+        self.pulled = self.path("pulled.raw")
+        self.fleece_bin = opts.fleece_bin
+        self.results = {}  # key -> list of per-round dicts
+        self.skip = {}  # kind -> reason every remaining step of that kind is n/a
+        self.start_failures = {}
+        self.notes = []  # things that went wrong without spoiling a measurement
+        self._n = 0
+
+    def counter(self):
+        self._n += 1
+        return self._n
+
+    def note(self, text):
+        if text not in self.notes:
+            self.notes.append(text)
+            log("note: " + text)
 
     def path(self, name):
         return os.path.join(self.tmp, name)
 
     def cleanup(self):
-        for s in self.servers:
-            s.stop()
+        stop_all()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    # ---- servers -------------------------------------------------------
-    def fleece(self, snapshot):
-        sock, ctl = self.path("f.sock"), self.path("f-ctl.sock")
-        state = self.path("f-state")
-        args = [self.opts.fleece_bin, "serve", "--disk", "disk=" + self.image, "--nbd", "unix:" + sock,
-                "--control", ctl, "--state-dir", state, "--log-level", "warn"]
-        srv = Server("fleece", args, sock, "disk", setup={"wait": ctl})
-        self.servers.append(srv)
-        if snapshot:
-            self.reference()
-            run([self.opts.fleece_bin, "snapshot", "create", "disk", "--name", "s", "--control", ctl,
-                 "--store", "file:" + self.path("f-store.raw")])
-            srv.view_name = "disk@s"
-        return srv
-
-    def qemu(self, snapshot):
-        sock = self.path("q.sock")
-        args = ["qemu-storage-daemon",
-                "--blockdev", "file,node-name=f,filename=%s,aio=threads" % self.image,
-                "--blockdev", "raw,node-name=d,file=f",
-                "--nbd-server", "addr.type=unix,addr.path=%s,max-connections=0" % sock]
-        if snapshot:
-            self.reference()
-            store = self.path("q-store.raw")
-            with open(store, "wb") as f:
-                f.truncate(self.size)
-            args += ["--blockdev", "file,node-name=tf,filename=%s,aio=threads" % store,
-                     "--blockdev", "raw,node-name=t,file=tf",
-                     "--blockdev", "copy-before-write,node-name=cbw,file=d,target=t",
-                     "--blockdev", "snapshot-access,node-name=snap,file=cbw",
-                     "--export", "nbd,id=e0,node-name=cbw,name=disk,writable=on",
-                     "--export", "nbd,id=e1,node-name=snap,name=snap"]
-        else:
-            args += ["--export", "nbd,id=e0,node-name=d,name=disk,writable=on"]
-        srv = Server("qemu", args, sock, "disk", "snap" if snapshot else None)
-        self.servers.append(srv)
-        return srv
-
-    def nbdkit(self, snapshot):
-        assert not snapshot
-        sock = self.path("k.sock")
-        if os.path.exists(sock):
-            os.unlink(sock)  # nbdkit leaves its socket behind
-        srv = Server("nbdkit", ["nbdkit", "-f", "-U", sock, "file", self.image], sock, "")
-        self.servers.append(srv)
-        return srv
-
-    def reference(self):
-        """The image at the instant: copied while nothing writes."""
-        shutil.copyfile(self.image, self.path("reference.raw"))
-
-    # ---- workloads -----------------------------------------------------
-    def fio(self, target, rw, bs, qd, runtime, nbd=True, extra=(), ramp=True):
-        # A fresh snapshot is measured from its first write: no ramp there,
-        # or the copy-before-write cost would hide in it.
-        args = ["fio", "--name=job", "--rw=" + rw, "--bs=" + bs, "--iodepth=%d" % qd,
-                "--size=%d" % self.size, "--runtime=%d" % runtime, "--time_based",
-                "--randrepeat=0", "--norandommap", "--output-format=json"]
-        if ramp:
-            args.append("--ramp_time=2")
-        if nbd:
-            args += ["--ioengine=nbd", "--uri=" + target]
-        else:
-            args += ["--ioengine=" + self.opts.limit_engine, "--filename=" + target, "--direct=0"]
-        args += list(extra)
-        out = run(args, timeout=runtime + 120).stdout
-        job = json.loads(out[out.index("{"):])["jobs"][0]
-        side = job["write"] if "write" in rw else job["read"]
-        pct = side["clat_ns"].get("percentile", {})
-        return {"iops": side["iops"], "mib_s": side["bw_bytes"] / 2**20,
-                "p50_us": pct.get("50.000000", 0) / 1000, "p99_us": pct.get("99.000000", 0) / 1000}
-
+    # ---- helpers
     def fill(self):
-        log("filling a %d MiB image with random data" % (self.size >> 20))
+        log("filling a %d MiB image in %s with random data" % (self.size >> 20, self.tmp))
         with open(self.image, "wb") as f:
             left = self.size
             while left:
@@ -202,237 +427,769 @@ class Bench:
                 f.write(os.urandom(n))
                 left -= n
 
-    def measure(self, kind, snapshot, workload):
-        name, rw, bs, qd = workload
+    def take_reference(self):
+        """The image at the instant: copied while nothing writes."""
+        shutil.copyfile(self.image, self.reference)
+
+    def server(self, kind, snapshot=False, reference=False):
+        if kind in self.skip:
+            raise StepError(self.skip[kind])
+        store = self.path("%s-store.raw" % kind)
+        for p in (store,):
+            if os.path.exists(p):
+                os.unlink(p)
+        try:
+            if kind == "fleece":
+                srv = FleeceServer(self, store)
+            elif kind == "qemu":
+                if reference:
+                    self.take_reference()
+                srv = qemu_server(self, snapshot, store)
+            elif kind == "nbdkit":
+                srv = nbdkit_server(self)
+            else:
+                raise StepError("no server for " + kind)
+        except StepError as e:
+            if "the server exited" in str(e) or "did not listen" in str(e):
+                self.start_failures[kind] = self.start_failures.get(kind, 0) + 1
+                if "the server exited" in str(e) or self.start_failures[kind] >= 2:
+                    self.skip[kind] = str(e)  # the same reason (one footnote) for the steps left
+                    log("%s failed to start: its remaining steps are skipped" % kind)
+            raise
+        srv.store = store
+        if snapshot and kind == "fleece":
+            try:
+                if reference:
+                    self.take_reference()
+                srv.snapshot()
+            except BaseException:
+                srv.stop()
+                raise
+        return srv
+
+    def fio(self, target, w, runtime, ramp, nbd=True, iops_log=None, avg_ms=250):
+        key, rw, bs, qd = w[:4]
+        cmd = ["fio", "--name=job", "--rw=" + rw, "--bs=" + bs, "--iodepth=%d" % qd,
+               "--size=%d" % self.size, "--runtime=%d" % runtime, "--time_based",
+               "--randrepeat=0", "--norandommap", "--output-format=json"]
+        if ramp:
+            cmd.append("--ramp_time=%d" % ramp)
+        if nbd:
+            cmd += ["--ioengine=nbd", "--uri=" + target]
+        else:
+            cmd += ["--ioengine=" + self.opts.limit_engine, "--filename=" + target]
+        if iops_log:
+            cmd += ["--write_iops_log=" + iops_log, "--log_avg_msec=%d" % avg_ms]
+        _, out, err = run(cmd, timeout=runtime + ramp + 90)
+        r = parse_fio(out, rw)
+        if iops_log:
+            rows = read_iops_log(iops_log)
+            r["iops_series"] = [round(v) for _, v in rows]
+            first = [v for t, v in rows if t <= self.opts.first_window * 1000]
+            if first:
+                r["first_iops"] = sum(first) / len(first)
+        return r
+
+    # ---- steps: each returns a result dict or raises StepError
+    def step_fio(self, kind, snapshot, w):
+        runtime, ramp = self.opts.runtime, 0 if snapshot else self.opts.ramp
+        # A fresh snapshot is measured from its first write: no ramp, or the
+        # copy-before-write of the first write to each cluster would hide in it.
+        log_prefix = self.path("iops-%d" % self.counter()) if snapshot and w[1] != "randread" else None
         if kind == "limit":
-            return self.fio(self.image, rw, bs, qd, self.opts.runtime, nbd=False)
-        srv = getattr(self, kind)(snapshot)
+            return self.fio(self.image, w, runtime, ramp, nbd=False)
+        srv = self.server(kind, snapshot)
         try:
-            cpu0 = srv.stats()[1]
-            r = self.fio(srv.live, rw, bs, qd, self.opts.runtime, ramp=not snapshot)
+            _, cpu0 = srv.stats()
+            r = self.fio(srv.live, w, runtime, ramp, iops_log=log_prefix)
             rss, cpu1 = srv.stats()
-            r["rss_mib"], r["cpu_s"] = rss / 2**20, cpu1 - cpu0
+            r["server_rss_mib"], r["server_cpu_s"] = rss / 2**20, cpu1 - cpu0
+            if snapshot:
+                if kind == "fleece":
+                    srv.snapshot_state()
+                r["store_allocated_mib"] = (allocated(srv.store) or 0) / 2**20
+            r.update(srv.info)
             return r
+        except StepError as e:
+            raise srv.explain(e)
         finally:
             srv.stop()
-            self.servers.remove(srv)
 
-    def live_pull(self, kind):
-        """nbdcopy read of the live export, no snapshot."""
-        srv = getattr(self, kind)(False)
-        try:
-            out = self.path("pulled.raw")
-            times = []
-            for _ in range(self.opts.repeat):
-                t0 = time.time()
-                run(["nbdcopy", "--connections=2", srv.live, out], timeout=600)
-                times.append(time.time() - t0)
-            secs = sorted(times)[len(times) // 2]
-            r = {"seconds": secs, "all_seconds": times, "mib_s": self.size / 2**20 / secs,
-                 "exact": subprocess.run(["cmp", "-s", out, self.image]).returncode == 0}
-            os.unlink(out)
-            return r
-        finally:
-            srv.stop()
-            self.servers.remove(srv)
+    def nbdcopy(self, src, dst):
+        t = time.time()
+        run(["nbdcopy", src, dst], timeout=self.opts.pull_timeout)
+        return time.time() - t
 
-    def pull(self, kind, under_writes):
-        srv = getattr(self, kind)(True)
+    def pulls(self, src, r, reference, repeat):
+        """repeat timed pulls to null:, then one to a file compared with reference."""
+        times = [self.nbdcopy(src, "null:") for _ in range(repeat)]
+        r["null_all_s"] = times
+        r["seconds"] = statistics.median(times)
+        r["mib_s"] = self.size / 2**20 / r["seconds"]
+        if os.path.exists(self.pulled):
+            os.unlink(self.pulled)
+        s = self.nbdcopy(src, self.pulled)
+        r["file_seconds"], r["file_mib_s"] = s, self.size / 2**20 / s
+        r["exact"], r["cmp"] = same_file(self.pulled, reference, self.opts.pull_timeout)
+        os.unlink(self.pulled)
+        return r
+
+    def step_live_pull(self, kind):
+        if kind == "limit":
+            return self.pulls(self.image, {}, self.image, self.opts.repeat)
+        srv = self.server(kind)
         try:
-            out = self.path("pulled.raw")
-            writer = None
-            if under_writes:
-                writer = subprocess.Popen(
-                    ["fio", "--name=load", "--ioengine=nbd", "--uri=" + srv.live, "--rw=randwrite", "--bs=4k",
-                     "--iodepth=16", "--size=%d" % self.size, "--runtime=600", "--time_based",
-                     "--randrepeat=0", "--norandommap", "--output-format=json"],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                time.sleep(1)
-            times = []
-            # Idle pulls are short and noisy here: take the median of a few.
-            for _ in range(1 if under_writes else self.opts.repeat):
-                t0 = time.time()
-                run(["nbdcopy", "--connections=2", srv.view, out], timeout=600)
-                times.append(time.time() - t0)
-            secs = sorted(times)[len(times) // 2]
-            rss, cpu = srv.stats()
-            r = {"seconds": secs, "all_seconds": times, "mib_s": self.size / 2**20 / secs, "rss_mib": rss / 2**20}
-            if writer:
-                writer.send_signal(signal.SIGINT)
-                o, _ = writer.communicate(timeout=60)
-                try:
-                    job = json.loads(o[o.index("{"):])["jobs"][0]["write"]
-                    r["write_iops"] = job["iops"]
-                except (ValueError, KeyError):
-                    r["write_iops"] = None
-            r["exact"] = subprocess.run(["cmp", "-s", out, self.path("reference.raw")]).returncode == 0
-            os.unlink(out)
+            _, cpu0 = srv.stats()
+            r = self.pulls(srv.live, {}, self.image, self.opts.repeat)
+            rss, cpu1 = srv.stats()
+            r["server_rss_mib"], r["server_cpu_s"] = rss / 2**20, cpu1 - cpu0
             return r
+        except StepError as e:
+            raise srv.explain(e)
         finally:
             srv.stop()
-            self.servers.remove(srv)
+
+    def step_view_idle(self, kind):
+        srv = self.server(kind, snapshot=True, reference=True)
+        try:
+            _, cpu0 = srv.stats()
+            r = self.pulls(srv.view, {}, self.reference, self.opts.repeat)
+            rss, cpu1 = srv.stats()
+            r["server_rss_mib"], r["server_cpu_s"] = rss / 2**20, cpu1 - cpu0
+            if kind == "fleece":
+                srv.snapshot_state()
+            r.update(srv.info)
+            return r
+        except StepError as e:
+            raise srv.explain(e)
+        finally:
+            srv.stop()
+
+    def step_view_writes(self, kind, to_file, rate=None):
+        """Fresh snapshot, 4k random writes QD16 on the live disk, one pull of
+        the view while they run (to null: for speed, or to a file for the check).
+        With `rate`, the writer is held to that many IOPS (fio --rate_iops), so
+        both servers serve the same write load and the pull speeds compare."""
+        srv = self.server(kind, snapshot=True, reference=True)
+        writer = None
+        try:
+            _, cpu0 = srv.stats()
+            prefix = self.path("wlog-%d" % self.counter())
+            avg_ms = 100
+            n = self.counter()
+            wout, wlog = self.path("writer-%d.json" % n), self.path("writer-%d.log" % n)
+            writer = spawn(["fio", "--name=load", "--ioengine=nbd", "--uri=" + srv.live, "--rw=randwrite",
+                            "--bs=4k", "--iodepth=16", "--size=%d" % self.size, "--runtime=3600", "--time_based",
+                            "--randrepeat=0", "--norandommap", "--output-format=json",
+                            "--write_iops_log=" + prefix, "--log_avg_msec=%d" % avg_ms, "--log_unix_epoch=1"]
+                           + (["--rate_iops=%d" % rate] if rate else []),
+                           wlog, stdout_path=wout)
+            time.sleep(self.opts.writer_lead)  # the writer is connected and writing
+            if writer.poll() is not None:
+                raise StepError("the fio writer exited early: " + file_tail(wlog))
+            dst = self.pulled if to_file else "null:"
+            if to_file and os.path.exists(self.pulled):
+                os.unlink(self.pulled)
+            t0 = time.time()
+            self.nbdcopy(srv.view, dst)
+            t1 = time.time()
+            rss, cpu1 = srv.stats()
+            alive = writer.poll() is None
+            stop(writer, sig=signal.SIGINT, timeout=30)
+            r = {"seconds": t1 - t0, "mib_s": self.size / 2**20 / (t1 - t0),
+                 "server_rss_mib": rss / 2**20, "server_cpu_s": cpu1 - cpu0}
+            rows = read_iops_log(prefix)
+            r["write_iops"] = window_rate(rows, t0 * 1000, t1 * 1000, avg_ms)
+            try:
+                with open(wout) as f:
+                    wj = parse_fio(f.read(), "randwrite")
+                r["writer_total_ios"], r["writer_p99_us"] = wj["ios"], wj["p99_us"]
+                if r["write_iops"] is None:
+                    r["write_iops"] = wj["iops"]
+            except (OSError, StepError) as e:
+                r["writer_error"] = str(e)
+            if not alive:
+                raise StepError("the fio writer died during the pull: " + file_tail(wlog))
+            if kind == "fleece":
+                srv.snapshot_state()
+            r.update(srv.info)
+            if to_file:
+                r["exact"], r["cmp"] = same_file(self.pulled, self.reference, self.opts.pull_timeout)
+                os.unlink(self.pulled)
+                # the check means something only if the live disk really moved on
+                r["live_changed"] = not same_file(self.image, self.reference, self.opts.pull_timeout)[0]
+            return r
+        except StepError as e:
+            raise srv.explain(e)
+        finally:
+            if writer is not None:
+                stop(writer, sig=signal.SIGINT, timeout=30)
+            srv.stop()
+
+    # ---- the plan
+    def plan(self):
+        """[(key, kind, callable)] in run order: per workload, every server back
+        to back, so that the machine's background noise hits them alike."""
+        kinds = self.opts.only
+        steps = []
+        for w in FIO:
+            for k in kinds:
+                steps.append(("%s/plain/%s" % (k, w[0]), k, lambda k=k, w=w: self.step_fio(k, False, w)))
+        for w in FIO:
+            for k in kinds:
+                if k in SNAPSHOT_KINDS:
+                    steps.append(("%s/snapshot/%s" % (k, w[0]), k, lambda k=k, w=w: self.step_fio(k, True, w)))
+        for k in kinds:
+            steps.append(("%s/pull/live" % k, k, lambda k=k: self.step_live_pull(k)))
+        for k in kinds:
+            if k in SNAPSHOT_KINDS:
+                steps.append(("%s/pull/view-idle" % k, k, lambda k=k: self.step_view_idle(k)))
+        for k in kinds:
+            if k in SNAPSHOT_KINDS:
+                steps.append(("%s/pull/view-writes-null" % k, k, lambda k=k: self.step_view_writes(k, False)))
+        for k in kinds:
+            if k in SNAPSHOT_KINDS:
+                steps.append(("%s/pull/view-rate-null" % k, k,
+                              lambda k=k: self.step_view_writes(k, False, self.opts.pull_write_rate)))
+        for k in kinds:
+            if k in SNAPSHOT_KINDS:
+                steps.append(("%s/pull/view-writes-file" % k, k, lambda k=k: self.step_view_writes(k, True)))
+        return steps
 
     def go(self):
         self.fill()
-        kinds = self.opts.only
-        R = self.results
-        for kind in kinds:
-            for snapshot in (False, True):
-                if snapshot and kind in ("nbdkit", "limit"):
-                    continue
-                for w in WORKLOADS:
-                    key = "%s/%s/%s" % (kind, "snapshot" if snapshot else "plain", w[0])
-                    log("running", key)
-                    try:
-                        R[key] = self.measure(kind, snapshot, w)
-                    except Exception as e:  # keep going: report what failed
-                        R[key] = {"error": str(e)[:300]}
-                    log("  ", R[key])
-            if kind in ("fleece", "qemu", "nbdkit"):
-                key = "%s/pull/live" % kind
-                log("running", key)
+        steps = self.plan()
+        for rnd in range(self.opts.rounds):
+            # alternate who goes first within a workload from round to round
+            order = steps if rnd % 2 == 0 else _reverse_within_groups(steps)
+            for key, kind, fn in order:
+                label = key + ("" if self.opts.rounds == 1 else " (round %d)" % (rnd + 1))
                 try:
-                    R[key] = self.live_pull(kind)
-                except Exception as e:
-                    R[key] = {"error": str(e)[:300]}
-                log("  ", R[key])
-            if kind in ("fleece", "qemu"):
-                for under in (False, True):
-                    key = "%s/pull/%s" % (kind, "under-writes" if under else "idle")
-                    log("running", key)
-                    try:
-                        R[key] = self.pull(kind, under)
-                    except Exception as e:
-                        R[key] = {"error": str(e)[:300]}
-                    log("  ", R[key])
+                    r = fn()
+                except StepError as e:
+                    r = {"error": str(e)}
+                except Exception as e:  # a bug here should not lose the other rows
+                    r = {"error": "%s: %s" % (type(e).__name__, e)}
+                self.results.setdefault(key, []).append(r)
+                log("%-40s %s" % (label, summary(r)))
 
 
-def ratio(a, b):
-    return a / b if a and b else None
+def _reverse_within_groups(steps):
+    """Same workloads in the same order, servers in reverse order within each."""
+    out, group, last = [], [], None
+    for s in steps:
+        g = s[0].split("/", 1)[1]
+        if g != last and group:
+            out += group[::-1]
+            group = []
+        group.append(s)
+        last = g
+    return out + group[::-1]
 
 
-def report(R, opts):
-    def g(key, field):
-        v = R.get(key, {})
-        return v.get(field) if isinstance(v, dict) else None
+def summary(r):
+    if "error" in r:
+        return "n/a: " + r["error"][:200]
+    parts = []
+    if "iops" in r:
+        parts.append("%.0f IOPS %.0f MiB/s p50 %.0f p99 %.0f us" % (r["iops"], r["mib_s"], r["p50_us"], r["p99_us"]))
+        if "first_iops" in r:
+            parts.append("first %.0f IOPS" % r["first_iops"])
+    elif "mib_s" in r:
+        parts.append("%.0f MiB/s" % r["mib_s"])
+        if r.get("write_iops"):
+            parts.append("writes %.0f IOPS" % r["write_iops"])
+        if "exact" in r:
+            parts.append("exact" if r["exact"] else "MISMATCH " + r.get("cmp", ""))
+    if r.get("server_rss_mib"):
+        parts.append("rss %.1f MiB cpu %.1f s" % (r["server_rss_mib"], r["server_cpu_s"]))
+    return ", ".join(parts)
 
-    lines = []
-    hdr = "| workload | fleece | qemu-storage-daemon | nbdkit | limit (fio %s) | fleece/qemu | fleece/nbdkit | fleece/limit |" % opts.limit_engine
-    lines += [hdr, "|" + "---|" * 8]
-    for mode in ("plain", "snapshot"):
-        for w in WORKLOADS:
-            f = g("fleece/%s/%s" % (mode, w[0]), "iops")
-            q = g("qemu/%s/%s" % (mode, w[0]), "iops")
-            k = g("nbdkit/plain/%s" % w[0], "iops") if mode == "plain" else None
-            l = g("limit/plain/%s" % w[0], "iops") if mode == "plain" else None
-            fmt = lambda v: "%.0f" % v if v else "-"
-            rf = lambda v: "%.2fx" % v if v else "-"
-            lines.append("| %s %s (IOPS) | %s | %s | %s | %s | %s | %s | %s |" % (
-                w[0], "during fresh snapshot" if mode == "snapshot" else "", fmt(f), fmt(q), fmt(k), fmt(l),
-                rf(ratio(f, q)), rf(ratio(f, k)), rf(ratio(f, l))))
-    for mode in ("plain", "snapshot"):
-        f = g("fleece/%s/randwrite-4k-qd16" % mode, "p99_us")
-        q = g("qemu/%s/randwrite-4k-qd16" % mode, "p99_us")
-        k = g("nbdkit/plain/randwrite-4k-qd16", "p99_us") if mode == "plain" else None
-        lines.append("| p99 latency 4k randwrite %s (µs) | %s | %s | %s | - | %s | %s | - |" % (
-            mode, "%.0f" % f if f else "-", "%.0f" % q if q else "-", "%.0f" % k if k else "-",
-            "%.2fx" % ratio(f, q) if ratio(f, q) else "-", "%.2fx" % ratio(f, k) if ratio(f, k) else "-"))
-    f, q, k = (g("%s/pull/live" % x, "mib_s") for x in ("fleece", "qemu", "nbdkit"))
-    lines.append("| nbdcopy read of the live disk (MiB/s) | %s | %s | %s | - | %s | %s | - |" % (
-        "%.0f" % f if f else "-", "%.0f" % q if q else "-", "%.0f" % k if k else "-",
-        "%.2fx" % ratio(f, q) if ratio(f, q) else "-", "%.2fx" % ratio(f, k) if ratio(f, k) else "-"))
-    for under in ("idle", "under-writes"):
-        f = g("fleece/pull/" + under, "mib_s")
-        q = g("qemu/pull/" + under, "mib_s")
-        lines.append("| nbdcopy pull of the view, %s (MiB/s) | %s | %s | - | - | %s | - | - |" % (
-            under, "%.0f" % f if f else "-", "%.0f" % q if q else "-", "%.2fx" % ratio(f, q) if ratio(f, q) else "-"))
-        if under == "under-writes":
-            fw, qw = g("fleece/pull/" + under, "write_iops"), g("qemu/pull/" + under, "write_iops")
-            lines.append("| 4k randwrite IOPS during that pull | %s | %s | - | - | %s | - | - |" % (
-                "%.0f" % fw if fw else "-", "%.0f" % qw if qw else "-", "%.2fx" % ratio(fw, qw) if ratio(fw, qw) else "-"))
-    rss = [g(k, "rss_mib") for k in R if k.startswith("fleece/")]
-    rss = [r for r in rss if r]
-    qrss = [g(k, "rss_mib") for k in R if k.startswith("qemu/")]
-    qrss = [r for r in qrss if r]
-    lines.append("| peak RSS (MiB, max over runs) | %s | %s | - | - | - | - | - |" % (
-        "%.1f" % max(rss) if rss else "-", "%.1f" % max(qrss) if qrss else "-"))
-    cpu = lambda kind: g("%s/plain/randwrite-4k-qd16" % kind, "cpu_s")
-    lines.append("| server CPU s during plain 4k randwrite | %s | %s | %s | - | - | - | - |" % tuple(
-        "%.1f" % cpu(k) if cpu(k) else "-" for k in ("fleece", "qemu", "nbdkit")))
-    exact = {k: R[k].get("exact") for k in R if "/pull/" in k and isinstance(R[k], dict)}
-    lines.append("")
-    lines.append("Every pull equal to the image at the instant: %s" % (
-        "yes" if exact and all(exact.values()) else "NO: %s" % exact))
 
-    t = []
-    def target(desc, value, ok):
-        t.append("- [%s] %s: %s" % ("x" if ok else " ", desc, value))
-    r = ratio(g("fleece/plain/randwrite-4k-qd16", "iops"), g("nbdkit/plain/randwrite-4k-qd16", "iops"))
-    target("plain 4k random writes >= 1.0x nbdkit", "%.2fx" % r if r else "n/a", bool(r and r >= 1.0))
-    r = ratio(g("fleece/pull/live", "mib_s"), g("qemu/pull/live", "mib_s"))
-    target("nbdcopy read of the live disk >= 1.0x qemu", "%.2fx" % r if r else "n/a", bool(r and r >= 1.0))
-    r = ratio(g("fleece/snapshot/randwrite-4k-qd16", "iops"), g("qemu/snapshot/randwrite-4k-qd16", "iops"))
-    target("4k random writes during a fresh snapshot >= 2x qemu", "%.2fx" % r if r else "n/a", bool(r and r >= 2))
-    r = ratio(g("fleece/snapshot/randwrite-4k-qd16", "iops"), g("fleece/plain/randwrite-4k-qd16", "iops"))
-    target("... and >= 0.5x fleece's own plain speed", "%.2fx" % r if r else "n/a", bool(r and r >= 0.5))
-    for under in ("idle", "under-writes"):
-        r = ratio(g("fleece/pull/" + under, "mib_s"), g("qemu/pull/" + under, "mib_s"))
-        target("view pull %s >= 1.2x qemu" % under, "%.2fx" % r if r else "n/a", bool(r and r >= 1.2))
-    r = ratio(g("fleece/snapshot/randwrite-4k-qd16", "p99_us"), g("qemu/snapshot/randwrite-4k-qd16", "p99_us"))
-    target("p99 write latency during a snapshot <= 0.5x qemu", "%.2fx" % r if r else "n/a", bool(r and r <= 0.5))
-    m = max(rss) if rss else None
-    target("peak RSS <= 64 MiB serving a 1 GiB disk with a file store", "%.1f MiB" % m if m else "n/a", bool(m and m <= 64))
-    return "\n".join(lines), "\n".join(t)
+def aggregate(rounds):
+    """Median of the numeric fields over the rounds that succeeded."""
+    good = [r for r in rounds if "error" not in r]
+    if not good:
+        return {"error": rounds[0]["error"]}
+    if len(good) == 1:
+        out = dict(good[0])
+    else:
+        out = {}
+        for k in good[0]:
+            vals = [r.get(k) for r in good]
+            if all(isinstance(v, bool) for v in vals):
+                out[k] = all(vals)
+            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                out[k] = statistics.median(vals)
+            else:
+                out[k] = vals[0]
+        out["rounds"] = good
+    errs = [r["error"] for r in rounds if "error" in r]
+    if errs:
+        out["failed_rounds"] = errs
+    return out
+
+
+# ---------------------------------------------------------------- report
+class Report:
+    def __init__(self, R, opts, meta, run_notes=()):
+        self.R, self.opts, self.meta, self.run_notes = R, opts, meta, list(run_notes)
+        self.size = opts.size
+        self.notes = []  # footnote reasons, in order
+        self.kinds = opts.only
+
+    def get(self, key, field):
+        v = self.R.get(key)
+        if not isinstance(v, dict) or "error" in v:
+            return None
+        x = v.get(field)
+        return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+    def cell(self, key, field, fmt="%.0f"):
+        """The value, '-' when the step is not part of this run, or n/a[N] with a reason."""
+        if key is None or key not in self.R:
+            return "-"
+        v = self.R[key]
+        if "error" in v:
+            reason = v["error"]
+            if reason not in self.notes:
+                self.notes.append(reason)
+            return "n/a[%d]" % (self.notes.index(reason) + 1)
+        x = v.get(field)
+        return fmt % x if isinstance(x, (int, float)) else "-"
+
+    @staticmethod
+    def ratio(a, b, fmt="%.2fx"):
+        return fmt % (a / b) if a and b else "-"
+
+    def throughput(self):
+        L = ["| workload | unit | fleece | qemu-storage-daemon | nbdkit | limit (%s) | fleece/qemu | fleece/nbdkit "
+             "| fleece/limit |" % self.meta["limit_desc"], "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+        def row(desc, unit, keys, field, fmt="%.0f"):
+            cells = [self.cell(keys.get(k), field, fmt) for k in KINDS]
+            f = self.get(keys.get("fleece"), field)
+            ratios = [self.ratio(f, self.get(keys.get(k), field)) for k in ("qemu", "nbdkit", "limit")]
+            L.append("| %s | %s | %s | %s |" % (desc, unit, " | ".join(cells), " | ".join(ratios)))
+
+        for mode in ("plain", "snapshot"):
+            for w in FIO:
+                field = "iops" if w[4] == "IOPS" else "mib_s"
+                kinds = KINDS if mode == "plain" else SNAPSHOT_KINDS
+                keys = {k: "%s/%s/%s" % (k, mode, w[0]) for k in kinds}
+                desc = w[5] + (", fresh snapshot" if mode == "snapshot" else "")
+                row(desc, w[4], keys, field)
+                if mode == "snapshot" and w[0] == "randwrite-4k-qd16":
+                    row("&nbsp;&nbsp;… its first %g s (most copies happen here)" % self.opts.first_window, "IOPS",
+                        keys, "first_iops")
+        pk = lambda step, kinds: {k: "%s/pull/%s" % (k, step) for k in kinds}
+        row("nbdcopy live disk → null:", "MiB/s", pk("live", KINDS), "mib_s")
+        row("nbdcopy live disk → file", "MiB/s", pk("live", KINDS), "file_mib_s")
+        row("nbdcopy snapshot view → null:, idle", "MiB/s", pk("view-idle", SNAPSHOT_KINDS), "mib_s")
+        row("nbdcopy snapshot view → file, idle", "MiB/s", pk("view-idle", SNAPSHOT_KINDS), "file_mib_s")
+        row("nbdcopy snapshot view → null: under 4 KiB random writes QD16", "MiB/s",
+            pk("view-writes-null", SNAPSHOT_KINDS), "mib_s")
+        row("&nbsp;&nbsp;… write rate during that pull", "IOPS", pk("view-writes-null", SNAPSHOT_KINDS), "write_iops")
+        row("nbdcopy snapshot view → null: under 4 KiB random writes QD16 at %d IOPS" % self.opts.pull_write_rate,
+            "MiB/s", pk("view-rate-null", SNAPSHOT_KINDS), "mib_s")
+        row("&nbsp;&nbsp;… write rate during that pull", "IOPS", pk("view-rate-null", SNAPSHOT_KINDS), "write_iops")
+        row("nbdcopy snapshot view → file under 4 KiB random writes QD16", "MiB/s",
+            pk("view-writes-file", SNAPSHOT_KINDS), "mib_s")
+        row("&nbsp;&nbsp;… write rate during that pull", "IOPS", pk("view-writes-file", SNAPSHOT_KINDS), "write_iops")
+        return L
+
+    def latency(self):
+        L = ["| fio completion latency, p50 / p99 (µs) | fleece | qemu-storage-daemon | nbdkit | limit "
+             "| p99 fleece/qemu | p99 fleece/nbdkit |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for mode in ("plain", "snapshot"):
+            for w in FIO:
+                kinds = KINDS if mode == "plain" else SNAPSHOT_KINDS
+                keys = {k: "%s/%s/%s" % (k, mode, w[0]) for k in kinds}
+                cells = []
+                for k in KINDS:
+                    a, b = self.cell(keys.get(k), "p50_us"), self.cell(keys.get(k), "p99_us")
+                    cells.append(a if a == b and not a[0].isdigit() else "%s / %s" % (a, b))
+                f = self.get(keys.get("fleece"), "p99_us")
+                L.append("| %s%s | %s | %s | %s |" % (
+                    w[5], ", fresh snapshot" if mode == "snapshot" else "", " | ".join(cells),
+                    self.ratio(f, self.get(keys.get("qemu"), "p99_us")),
+                    self.ratio(f, self.get(keys.get("nbdkit"), "p99_us"))))
+        return L
+
+    def resources(self):
+        servers = [k for k in KINDS if k != "limit"]
+        L = ["| server CPU s (utime+stime) · peak RSS MiB (VmHWM) | fleece | qemu-storage-daemon | nbdkit "
+             "| CPU fleece/qemu | CPU fleece/nbdkit |", "|---|---:|---:|---:|---:|---:|"]
+        steps = [("%s/%s" % (m, w[0]), w[5] + (", fresh snapshot" if m == "snapshot" else "")) for m in
+                 ("plain", "snapshot") for w in FIO]
+        steps += [("pull/live", "nbdcopy live disk (null: + file)"), ("pull/view-idle", "view pulls, idle"),
+                  ("pull/view-writes-null", "view pull → null: under writes (server total)"),
+                  ("pull/view-rate-null", "view pull → null: under held writes (server total)"),
+                  ("pull/view-writes-file", "view pull → file under writes (server total)")]
+        for step, desc in steps:
+            cells = []
+            for k in servers:
+                key = "%s/%s" % (k, step)
+                c, m = self.cell(key if key in self.R else None, "server_cpu_s", "%.1f"), \
+                    self.cell(key if key in self.R else None, "server_rss_mib", "%.1f")
+                cells.append(c if c == m else "%s · %s" % (c, m))
+            f = self.get("fleece/" + step, "server_cpu_s")
+            L.append("| %s | %s | %s | %s |" % (desc, " | ".join(cells),
+                                                self.ratio(f, self.get("qemu/" + step, "server_cpu_s")),
+                                                self.ratio(f, self.get("nbdkit/" + step, "server_cpu_s"))))
+        peak = []
+        for k in servers:
+            v = [self.get(key, "server_rss_mib") for key in self.R if key.startswith(k + "/")]
+            v = [x for x in v if x]
+            peak.append("%.1f" % max(v) if v else "-")
+        L.append("| **peak RSS over all runs (MiB)** | %s | - | - |" % " | ".join(peak))
+        return L
+
+    def correctness(self):
+        L = []
+        for key in sorted(k for k in self.R if "/pull/" in k):
+            v = self.R[key]
+            if "error" in v or "exact" not in v:
+                continue
+            extra = ""
+            if "live_changed" in v:
+                extra = " (live disk changed meanwhile: %s)" % ("yes" if v["live_changed"] else "NO")
+            L.append("- %s: %s%s" % (key, "equal" if v["exact"] else "DIFFERENT: " + v.get("cmp", ""), extra))
+        return L
+
+    def reason(self, keys):
+        for k in keys:
+            v = self.R.get(k)
+            if v is None:
+                return "%s not run" % k
+            if "error" in v:
+                return "%s: %s" % (k, v["error"][:160])
+        return "no value"
+
+    def targets(self):
+        T = []
+        g = self.get
+
+        def target(desc, keys, value, ok, fmt="%.2fx", note=""):
+            if value is None:
+                T.append("- n/a  %s (%s)" % (desc, self.reason(keys)))
+            else:
+                T.append("- %s %s: %s%s" % ("PASS" if ok(value) else "FAIL", desc, fmt % value, note))
+
+        def r(ka, kb, field):
+            a, b = g(ka, field), g(kb, field)
+            return a / b if a and b else None
+
+        rw = "randwrite-4k-qd16"
+        k = ("fleece/plain/" + rw, "nbdkit/plain/" + rw)
+        target("plain 4 KiB random writes >= 1.0x nbdkit", k, r(*k, "iops"), lambda x: x >= 1.0)
+        k = ("fleece/snapshot/" + rw, "qemu/snapshot/" + rw)
+        target("4 KiB random writes during a fresh snapshot >= 2x qemu-storage-daemon", k, r(*k, "iops"),
+               lambda x: x >= 2.0)
+        k = ("fleece/snapshot/" + rw, "fleece/plain/" + rw)
+        target("4 KiB random writes during a fresh snapshot >= 0.5x fleece's own plain speed", k, r(*k, "iops"),
+               lambda x: x >= 0.5)
+        k = ("fleece/pull/view-idle", "qemu/pull/view-idle")
+        target("view pull (nbdcopy → null:) idle >= 1.2x qemu-storage-daemon", k, r(*k, "mib_s"),
+               lambda x: x >= 1.2)
+        k = ("fleece/pull/view-rate-null", "qemu/pull/view-rate-null")
+        target("view pull (nbdcopy → null:) under 4 KiB random writes at %d IOPS >= 1.2x qemu-storage-daemon"
+               % self.opts.pull_write_rate, k, r(*k, "mib_s"), lambda x: x >= 1.2)
+        k = ("fleece/pull/view-writes-null", "qemu/pull/view-writes-null")
+        wk = r(*k, "write_iops")
+        v = r(*k, "mib_s")
+        T.append("- info view pull (nbdcopy → null:) under unthrottled 4 KiB random writes: %s, with the writer at "
+                 "%s qemu's rate (both share 2 CPUs with the server, so a faster writer leaves the pull less)" % (
+                     "%.2fx" % v if v else "n/a", "%.2fx" % wk if wk else "n/a"))
+        k = ("fleece/snapshot/" + rw, "qemu/snapshot/" + rw)
+        target("p99 write latency during a fresh snapshot <= 0.5x qemu-storage-daemon", k, r(*k, "p99_us"),
+               lambda x: x <= 0.5)
+        # runs where fleece served the disk and a snapshot with a file store
+        fk = [key for key in self.R if key.startswith("fleece/snapshot/") or key.startswith("fleece/pull/view-")]
+        rss = [x for x in (g(key, "server_rss_mib") for key in fk) if x]
+        note = "" if self.size >= 1 << 30 else " (image %d MiB here, not 1 GiB: indicative only)" % (self.size >> 20)
+        target("peak RSS <= 64 MiB serving a 1 GiB disk with a file store (max over fleece's snapshot runs)",
+               fk or ["fleece/snapshot/*"], max(rss) if rss else None, lambda x: x <= 64, "%.1f MiB", note)
+        pulls = {key: v for key, v in self.R.items() if "/pull/" in key and "exact" in v}
+        bad = [key for key, v in pulls.items() if not v["exact"]]
+        if not pulls:
+            T.append("- n/a  every pull equals the image at the instant (no pull finished)")
+        else:
+            T.append("- %s every pull equals the image at the instant (%d of %d pulls checked with cmp%s)" % (
+                "FAIL" if bad else "PASS", len(pulls) - len(bad), len(pulls),
+                "; different: " + ", ".join(bad) if bad else ""))
+        return T
+
+    def render(self):
+        m = self.meta
+        out = []
+        out.append("Run: `%s` — %s" % (m["command"], m["date"]))
+        out.append("")
+        out.append("Machine: %s; %d CPUs; %s RAM; kernel %s; load average %s at start, %s at end." % (
+            m["cpu_model"], m["cpus"], m["memory"], m["kernel"], m["loadavg_start"], m["loadavg_end"]))
+        out.append("Tools: %s." % "; ".join("%s" % v for v in m["versions"].values()))
+        out.append("fleece: %s (%s)." % (m["fleece_commit"], m["fleece_build"]))
+        out.append("Setup: image %d MiB in /dev/shm filled with random data; fio runs of %d s (+%d s ramp on plain runs, "
+                   "none on fresh-snapshot runs); %d idle pull(s) per point (median); %d round(s) (median); "
+                   "qemu-storage-daemon file nodes aio=%s; the limit is %s." % (
+                       self.size >> 20, self.opts.runtime, self.opts.ramp, self.opts.repeat, self.opts.rounds,
+                       self.opts.qemu_aio, m["limit_desc"]))
+        out.append("")
+        out += self.throughput()
+        out.append("")
+        out += self.latency()
+        out.append("")
+        out += self.resources()
+        out.append("")
+        out.append("Targets:")
+        out.append("")
+        out += self.targets()
+        out.append("")
+        c = self.correctness()
+        if c:
+            out.append("Pulled copies compared with the image at the instant:")
+            out.append("")
+            out += c
+            out.append("")
+        if self.run_notes:
+            out.append("Notes (did not spoil a measurement):")
+            out.append("")
+            out += ["- " + n.replace("|", "\\|") for n in self.run_notes]
+            out.append("")
+        if self.notes:
+            out.append("n/a reasons:")
+            out.append("")
+            for i, n in enumerate(self.notes):
+                out.append("%d. %s" % (i + 1, n.replace("|", "\\|")))
+            out.append("")
+        return "\n".join(out)
+
+
+# ---------------------------------------------------------------- setup
+def versions():
+    v = {}
+    for name, cmd in (("qemu", ["qemu-storage-daemon", "--version"]), ("nbdkit", ["nbdkit", "--version"]),
+                      ("fio", ["fio", "--version"]), ("libnbd", ["nbdcopy", "--version"])):
+        try:
+            _, out, _ = run(cmd, timeout=20)
+            line = out.strip().splitlines()[0 if name != "libnbd" else -1]
+            v[name] = line.replace("qemu-storage-daemon version", "qemu-storage-daemon")
+        except (StepError, OSError, IndexError) as e:
+            v[name] = "%s: unavailable (%s)" % (name, e)
+    return v
+
+
+def machine():
+    model, mem = "unknown CPU", "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            mem = "%.0f GiB" % (int(f.readline().split()[1]) / 2**20)
+    except OSError:
+        pass
+    return model, mem
+
+
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def probe_limit_engine(tmpdir):
+    """io_uring, else libaio, else psync: the first fio engine that works on a file here."""
+    probe = os.path.join(tmpdir, "probe.raw")
+    tried = []
+    for engine in ("io_uring", "libaio", "psync"):
+        try:
+            run(["fio", "--name=probe", "--ioengine=" + engine, "--filename=" + probe, "--size=1M", "--rw=randwrite",
+                 "--bs=4k", "--iodepth=4", "--output=/dev/null"], timeout=60)
+            os.unlink(probe)
+            desc = engine if not tried else "%s (%s)" % (engine, "; ".join(tried))
+            return engine, desc
+        except (StepError, OSError) as e:
+            tried.append("%s unavailable: %s" % (engine, str(e)[:120]))
+    return "psync", "psync (probes failed: %s)" % "; ".join(tried)
+
+
+def build_fleece(opts):
+    """None when the binary is ready, else the reason fleece's rows are n/a."""
+    if opts.fleece_bin_given:
+        log("using %s (no build)" % opts.fleece_bin)
+    elif not opts.no_build:
+        log("building fleece: cargo build --release -p fleece")
+        try:
+            run(["cargo", "build", "--release", "-p", "fleece"], timeout=opts.build_timeout, cwd=ROOT)
+        except StepError as e:
+            msg = str(e)
+            # the first compiler error says more than the last line
+            i = msg.find("error")
+            return "cargo build --release -p fleece failed: " + (msg[i:i + 300] if i >= 0 else msg)
+        except OSError as e:
+            return "cargo build failed: %s" % e
+    if not os.access(opts.fleece_bin, os.X_OK):
+        return "no fleece binary at %s" % opts.fleece_bin
+    try:
+        run([opts.fleece_bin, "--version"], timeout=20)
+    except (StepError, OSError) as e:
+        return "fleece --version failed: %s" % e
+    return None
+
+
+def fleece_commit():
+    try:
+        _, head, _ = run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], timeout=20)
+        _, dirty, _ = run(["git", "-C", ROOT, "status", "--porcelain", "--", "crates", "Cargo.toml", "Cargo.lock"],
+                          timeout=20)
+        return head.strip() + (" + uncommitted changes in crates/" if dirty.strip() else "")
+    except (StepError, OSError):
+        return "unknown commit"
+
+
+def remove_stale_tmpdirs():
+    """Temp dirs of earlier runs that were killed before they could clean up."""
+    for name in os.listdir(SHM):
+        if not name.startswith("fleece-bench-"):
+            continue
+        try:
+            pid = int(name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log("removing the stale %s/%s of a dead run" % (SHM, name))
+            shutil.rmtree(os.path.join(SHM, name), ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def update_benchmarks(text):
+    path = os.path.join(ROOT, "BENCHMARKS.md")
+    block = "%s\n%s\n%s" % (BEGIN, text.rstrip(), END)
+    try:
+        with open(path) as f:
+            doc = f.read()
+    except FileNotFoundError:
+        doc = "# Benchmarks\n\n" + BEGIN + "\n" + END + "\n"
+    if BEGIN in doc and END in doc:
+        doc = doc[:doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
+    else:
+        doc = doc.rstrip() + "\n\n## Latest run\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(doc)
+    log("updated %s" % path)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="short runs on a 256 MiB image (smoke check)")
-    ap.add_argument("--only", default="fleece,qemu,nbdkit,limit")
-    ap.add_argument("--fleece-bin", default=os.path.join(ROOT, "target", "release", "fleece"))
-    ap.add_argument("--no-build", action="store_true")
-    ap.add_argument("--markdown", help="also write the table and targets to this file")
-    ap.add_argument("--repeat", type=int, default=3, help="idle pulls per measurement (median is kept)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 256 MiB image, 3 s fio jobs (about 2 minutes)")
+    ap.add_argument("--only", default=",".join(KINDS), help="servers to run, from %s" % ",".join(KINDS))
+    ap.add_argument("--fleece-bin", help="use this fleece binary (and do not build)")
+    ap.add_argument("--no-build", action="store_true", help="use target/release/fleece as it is")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat every step N times, report medians")
+    ap.add_argument("--repeat", type=int, help="timed idle pulls per point (median); default 3, quick 1")
+    ap.add_argument("--runtime", type=int, help="seconds per fio job (default 12, quick 3)")
+    ap.add_argument("--size-mib", type=int, help="image size in MiB (default 1024, quick 256)")
+    ap.add_argument("--qemu-aio", default="threads", choices=("threads", "io_uring"),
+                    help="aio= of qemu-storage-daemon's file nodes (default: qemu's default, threads)")
+    ap.add_argument("--markdown", help="also write the report to this file")
+    ap.add_argument("--update-benchmarks", action="store_true",
+                    help="rewrite the generated part of BENCHMARKS.md with this run's report")
+    ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "latest.json"))
     opts = ap.parse_args()
     opts.only = [k.strip() for k in opts.only.split(",") if k.strip()]
-    opts.size = (256 << 20) if opts.quick else (1 << 30)
-    opts.runtime = 3 if opts.quick else 10
-    probe = subprocess.run(["fio", "--name=p", "--ioengine=io_uring", "--filename=/dev/shm/.fleece-probe", "--size=4k",
-                            "--rw=read", "--output=/dev/null"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        os.unlink("/dev/shm/.fleece-probe")
-    except OSError:
-        pass
-    opts.limit_engine = "io_uring" if probe.returncode == 0 else "psync"
-    if not opts.no_build and "fleece" in opts.only:
-        log("building fleece (release)")
-        run(["cargo", "build", "--release", "-p", "fleece"], timeout=1800, cwd=ROOT)
-    b = Bench(opts)
+    bad = [k for k in opts.only if k not in KINDS]
+    if bad:
+        ap.error("unknown server(s) %s; choose from %s" % (",".join(bad), ",".join(KINDS)))
+    opts.fleece_bin_given = bool(opts.fleece_bin)
+    opts.fleece_bin = os.path.abspath(opts.fleece_bin or os.path.join(ROOT, "target", "release", "fleece"))
+    opts.size = (opts.size_mib or (256 if opts.quick else 1024)) << 20
+    opts.runtime = opts.runtime or (3 if opts.quick else 12)
+    opts.ramp = 1 if opts.quick else 3
+    opts.repeat = opts.repeat or (1 if opts.quick else 3)
+    opts.first_window = 1 if opts.quick else 2
+    opts.writer_lead = 0.5  # s between starting the writer and the pull
+    opts.pull_write_rate = 5000  # IOPS of the held writer: well within what both servers sustain
+    opts.ready_timeout = 20
+    opts.pull_timeout = 120 if opts.quick else 300
+    opts.build_timeout = 1800
+    command = "python3 bench/run.py" + ("" if len(sys.argv) == 1 else " " + " ".join(
+        shlex.quote(a) for a in sys.argv[1:]))
 
-    def on_signal(*_):
-        b.cleanup()
-        sys.exit(130)
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt("signal %d" % signum)
 
-    signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    for tool in ("fio", "nbdcopy", "cmp") + (("qemu-storage-daemon",) if "qemu" in opts.only else ()) + \
+            (("nbdkit",) if "nbdkit" in opts.only else ()):
+        if not shutil.which(tool):
+            sys.exit("bench: %s is not installed" % tool)
+    remove_stale_tmpdirs()
+    load0 = loadavg()
+    b = None
+    reason = None
+    fleece_build = "not run"
     try:
+        if "fleece" in opts.only:
+            reason = build_fleece(opts)
+            fleece_build = "release build at %s" % opts.fleece_bin if reason is None else "unavailable: " + reason
+        b = Bench(opts)
+        opts.limit_engine, limit_desc = probe_limit_engine(b.tmp)
+        if "fleece" in opts.only and reason:
+            log("fleece rows will be n/a: " + reason)
+            b.skip["fleece"] = reason
+        elif "fleece" in opts.only:
+            # run a private copy: a rebuild during the run cannot swap binaries under it
+            b.fleece_bin = b.path("fleece")
+            shutil.copy2(opts.fleece_bin, b.fleece_bin)
         b.go()
+    except KeyboardInterrupt:
+        log("interrupted: stopping servers and removing %s" % (b.tmp if b else "nothing"))
+        if b:
+            b.cleanup()
+        sys.exit(130)
     finally:
-        b.cleanup()
-    table, targets = report(b.results, opts)
-    machine = "%s, %d CPUs, %s, kernel %s" % (platform.machine(), os.cpu_count(), "quick" if opts.quick else "full",
-                                              platform.release())
-    print(table)
-    print()
-    print(targets)
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "latest.json"), "w") as f:
-        json.dump({"machine": machine, "image_bytes": opts.size, "runtime_s": opts.runtime,
-                   "limit_engine": opts.limit_engine, "results": b.results}, f, indent=2)
+        if b:
+            b.cleanup()
+    results = {k: aggregate(v) for k, v in b.results.items()}
+    model, mem = machine()
+    meta = {"command": command, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "cpu_model": model, "cpus": os.cpu_count(), "memory": mem, "kernel": platform.release(),
+            "arch": platform.machine(), "loadavg_start": load0, "loadavg_end": loadavg(),
+            "versions": versions(), "fleece_commit": fleece_commit(), "fleece_build": fleece_build,
+            "limit_engine": opts.limit_engine, "limit_desc": "fio %s; nbdcopy from the file" % limit_desc}
+    data = {"meta": meta, "config": {"image_bytes": opts.size, "runtime_s": opts.runtime, "ramp_s": opts.ramp,
+                                     "repeat": opts.repeat, "rounds": opts.rounds, "quick": opts.quick,
+                                     "servers": opts.only, "qemu_aio": opts.qemu_aio,
+                                     "first_window_s": opts.first_window},
+            "results": results, "notes": b.notes}
+    os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
+
+    def save():
+        with open(opts.json, "w") as f:
+            json.dump(data, f, indent=1)
+
+    save()  # the numbers survive a bug in the report below
+    rep = Report(results, opts, meta, b.notes)
+    text = rep.render()
+    print(text)
+    data["targets"], data["report_markdown"] = rep.targets(), text
+    save()
+    log("wrote %s (%.0f s in all)" % (opts.json, time.time() - T0))
     if opts.markdown:
         with open(opts.markdown, "w") as f:
-            f.write("Machine: %s; image %d MiB in /dev/shm; fio runs of %d s.\n\n%s\n\n%s\n" % (
-                machine, opts.size >> 20, opts.runtime, table, targets))
+            f.write(text + "\n")
+    if opts.update_benchmarks:
+        update_benchmarks(text)
 
 
 if __name__ == "__main__":
