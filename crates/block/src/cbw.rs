@@ -35,6 +35,9 @@ const NOT_COPIED: u8 = 0;
 const COPYING: u8 = 1;
 const SAVED: u8 = 2;
 const NOT_NEEDED: u8 = 3;
+/// Saved without a store slot: the cluster was a hole (or read as zeroes)
+/// at the instant, so the view reads zeroes and the store stays empty.
+const ZEROED: u8 = 4;
 const MASK: u8 = 0x7f;
 /// A view read of this cluster from the live disk is in flight.
 const READERS: u8 = 0x80;
@@ -136,8 +139,11 @@ pub enum SnapshotEvent {
 /// Counters for status output.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotStats {
-    /// Clusters saved to the store so far.
+    /// Clusters whose contents at the instant are saved so far.
     pub copied_clusters: u64,
+    /// Of those, clusters that were holes (or zeroes) at the instant, kept
+    /// as such without taking store space.
+    pub hole_clusters: u64,
     /// Clusters discarded from the view.
     pub discarded_clusters: u64,
     /// Bytes the store holds.
@@ -169,6 +175,7 @@ pub struct Snapshot {
     broken: AtomicBool,
     used: AtomicU64,
     copied: AtomicU64,
+    holes: AtomicU64,
     discarded: AtomicU64,
     listener: OnceLock<Listener>,
 }
@@ -195,6 +202,7 @@ impl Snapshot {
             broken: AtomicBool::new(false),
             used: AtomicU64::new(0),
             copied: AtomicU64::new(0),
+            holes: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
             listener: OnceLock::new(),
         }
@@ -229,6 +237,7 @@ impl Snapshot {
     pub fn stats(&self) -> SnapshotStats {
         SnapshotStats {
             copied_clusters: self.copied.load(Ordering::Relaxed),
+            hole_clusters: self.holes.load(Ordering::Relaxed),
             discarded_clusters: self.discarded.load(Ordering::Relaxed),
             used_bytes: self.used.load(Ordering::Relaxed),
             broken: self.lock().broken.clone(),
@@ -277,7 +286,7 @@ impl Snapshot {
     }
 
     fn quiet(s: u8) -> bool {
-        s & READERS == 0 && matches!(s & MASK, SAVED | NOT_NEEDED)
+        s & READERS == 0 && matches!(s & MASK, SAVED | ZEROED | NOT_NEEDED)
     }
 
     /// True if a live write to the range needs nothing from this snapshot.
@@ -339,24 +348,11 @@ impl Snapshot {
                     {
                         end += 1;
                     }
-                    let bytes: u64 = (c..end).map(|x| self.cluster_len(x)).sum();
-                    if let Some(limit) = self.opts.store_limit {
-                        let used = self.used.load(Ordering::Relaxed);
-                        if used + bytes > limit {
-                            drop(g);
-                            return self.fail(Error::new(
-                                ErrorKind::StoreFull,
-                                format!("snapshot store limit of {limit} bytes reached"),
-                            ));
-                        }
-                    }
-                    // Reserve now so that concurrent copies respect the limit.
-                    self.used.fetch_add(bytes, Ordering::Relaxed);
                     for x in c..end {
                         self.states.set_base(x, COPYING);
                     }
                     drop(g);
-                    let res = self.copy(c, end, bytes, deadline);
+                    let res = self.copy(c, end, deadline);
                     if let Err(e) = res {
                         return self.fail(e);
                     }
@@ -381,19 +377,19 @@ impl Snapshot {
     /// from the live disk to the store. With a timeout the copy runs on its
     /// own thread so the writer can give up on it; the copy then still
     /// finishes and settles the cluster states itself.
-    fn copy(self: &Arc<Self>, c: u64, end: u64, bytes: u64, deadline: Option<Instant>) -> Result<()> {
+    fn copy(self: &Arc<Self>, c: u64, end: u64, deadline: Option<Instant>) -> Result<()> {
         let Some(deadline) = deadline else {
-            return self.copy_and_settle(c, end, bytes);
+            return self.copy_and_settle(c, end);
         };
         let (tx, rx) = mpsc::channel();
         let me = self.clone();
         let spawned = std::thread::Builder::new()
             .name("cbw-copy".into())
             .spawn(move || {
-                let _ = tx.send(me.copy_and_settle(c, end, bytes));
+                let _ = tx.send(me.copy_and_settle(c, end));
             });
         if let Err(e) = spawned {
-            self.settle(c, end, bytes, false);
+            self.settle(c, end, 0, None);
             return Err(Error::io("cannot start a copy thread", e));
         }
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -408,13 +404,93 @@ impl Snapshot {
         }
     }
 
-    fn copy_and_settle(&self, c: u64, end: u64, bytes: u64) -> Result<()> {
+    /// Which clusters of `[c, end)` read as zeroes on the live disk (holes,
+    /// or zero extents). Only called while they are `COPYING`, so no write
+    /// can change them meanwhile. If the disk cannot tell, none.
+    fn zero_clusters(&self, c: u64, end: u64) -> Vec<bool> {
+        let mut zero = vec![false; (end - c) as usize];
+        let lo = c * self.cluster;
+        let hi = (end * self.cluster).min(self.size);
+        let Ok(extents) = self.base.block_status(lo, hi - lo) else {
+            return zero;
+        };
+        let mut pos = lo;
+        for e in extents {
+            let e_end = (pos + e.length).min(hi);
+            if e.mapping != Mapping::Data {
+                // Clusters wholly inside this extent.
+                let first = pos.div_ceil(self.cluster);
+                for x in first.max(c)..end {
+                    let x_end = (x * self.cluster + self.cluster_len(x)).min(hi);
+                    if x_end > e_end {
+                        break;
+                    }
+                    zero[(x - c) as usize] = true;
+                }
+            }
+            pos = e_end;
+            if pos >= hi {
+                break;
+            }
+        }
+        zero
+    }
+
+    /// Saves clusters `[c, end)` (already marked `COPYING`): holes are only
+    /// marked, data goes to the store within its limit.
+    fn copy_and_settle(&self, c: u64, end: u64) -> Result<()> {
+        let zero = self.zero_clusters(c, end);
+        let bytes: u64 = (c..end)
+            .filter(|&x| !zero[(x - c) as usize])
+            .map(|x| self.cluster_len(x))
+            .sum();
+        // Reserve before copying so that concurrent copies respect the limit.
+        let reserved = match self.opts.store_limit {
+            None => {
+                self.used.fetch_add(bytes, Ordering::Relaxed);
+                true
+            }
+            Some(limit) => self
+                .used
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                    (u + bytes <= limit).then_some(u + bytes)
+                })
+                .is_ok(),
+        };
+        if !reserved {
+            self.settle(c, end, 0, None);
+            let limit = self.opts.store_limit.unwrap_or_default();
+            return Err(Error::new(
+                ErrorKind::StoreFull,
+                format!("snapshot store limit of {limit} bytes reached"),
+            ));
+        }
+        let mut res = Ok(());
+        let mut a = c;
+        while a < end && res.is_ok() {
+            if zero[(a - c) as usize] {
+                a += 1;
+                continue;
+            }
+            let mut b = a + 1;
+            while b < end && !zero[(b - c) as usize] {
+                b += 1;
+            }
+            let run: u64 = (a..b).map(|x| self.cluster_len(x)).sum();
+            res = self.save_run(a, run);
+            a = b;
+        }
+        self.settle(c, end, bytes, res.is_ok().then_some(&zero[..]));
+        res
+    }
+
+    fn save_run(&self, c: u64, bytes: u64) -> Result<()> {
         // File to file, the kernel copies (or shares) the data itself.
         let direct = self.base.as_raw_file().and_then(|src| {
             self.store
                 .save_from_file(c, self.cluster, src, c * self.cluster, bytes)
         });
-        let res = match direct {
+        match direct {
             Some(r) => r,
             None => {
                 let mut buf = vec![0u8; bytes as usize];
@@ -422,28 +498,36 @@ impl Snapshot {
                     .read_at(&mut buf, c * self.cluster)
                     .and_then(|_| self.store.save(c, self.cluster, &buf))
             }
-        };
-        self.settle(c, end, bytes, res.is_ok());
-        res
+        }
     }
 
-    /// Marks clusters `[c, end)` saved (or back to not copied on failure),
-    /// and wakes waiters. A cluster discarded while its copy was in flight
-    /// stays not needed, and its fresh copy is dropped.
-    fn settle(&self, c: u64, end: u64, bytes: u64, ok: bool) {
+    /// Marks clusters `[c, end)` saved, as data or as holes per `done` (or
+    /// back to not copied when `done` is None: the copy failed), returns the
+    /// `reserved` store bytes that are not used, and wakes waiters. A
+    /// cluster discarded while its copy was in flight stays not needed, and
+    /// its fresh copy is dropped.
+    fn settle(&self, c: u64, end: u64, reserved: u64, done: Option<&[bool]>) {
         let mut g = self.lock();
-        let mut freed = if ok { 0 } else { bytes };
+        let mut freed = if done.is_some() { 0 } else { reserved };
         for x in c..end {
             let s = self.states.get(x);
+            let zero = done.is_some_and(|z| z[(x - c) as usize]);
             if s & MASK == COPYING {
-                self.states.set_base(x, if ok { SAVED } else { NOT_COPIED });
-            } else if ok {
+                let to = match done {
+                    None => NOT_COPIED,
+                    Some(_) if zero => ZEROED,
+                    Some(_) => SAVED,
+                };
+                self.states.set_base(x, to);
+            } else if done.is_some() && !zero {
                 self.store.forget(x, self.cluster);
                 freed += self.cluster_len(x);
             }
         }
-        if ok {
+        if let Some(z) = done {
             self.copied.fetch_add(end - c, Ordering::Relaxed);
+            self.holes
+                .fetch_add(z.iter().filter(|&&b| b).count() as u64, Ordering::Relaxed);
         }
         self.used.fetch_sub(freed, Ordering::Relaxed);
         self.changed.notify_all();
@@ -497,11 +581,12 @@ impl Snapshot {
                     format!("snapshot is broken: {why}"),
                 ));
             }
-            let from_live = self.source(c)?;
+            let src = self.source(c)?;
             let mut end = c + 1;
-            while end <= last && self.source(end).ok() == Some(from_live) {
+            while end <= last && self.source(end).ok() == Some(src) {
                 end += 1;
             }
+            let from_live = src == Source::Live;
             if from_live {
                 for x in c..end {
                     *g.readers.entry(x).or_insert(0) += 1;
@@ -517,6 +602,9 @@ impl Snapshot {
                 let r = self.base.read_at(part, lo);
                 self.release_readers(c, end);
                 r
+            } else if src == Source::Zero {
+                part.fill(0);
+                Ok(())
             } else {
                 // A discard may free a saved cluster while we load it; its
                 // state then says so, and what we loaded cannot be trusted.
@@ -543,10 +631,11 @@ impl Snapshot {
         Ok(())
     }
 
-    /// Ok(true): read from the live disk; Ok(false): from the store.
-    fn source(&self, c: u64) -> Result<bool> {
+    /// Where cluster `c` as of the instant is to be read from.
+    fn source(&self, c: u64) -> Result<Source> {
         match self.states.get(c) & MASK {
-            SAVED => Ok(false),
+            SAVED => Ok(Source::Store),
+            ZEROED => Ok(Source::Zero),
             NOT_NEEDED => Err(Error::new(
                 ErrorKind::AccessDenied,
                 "this part of the snapshot was discarded and can no longer be read",
@@ -555,7 +644,7 @@ impl Snapshot {
                 ErrorKind::AccessDenied,
                 "this part of the disk is outside the snapshot's bitmap",
             )),
-            _ => Ok(true),
+            _ => Ok(Source::Live),
         }
     }
 
@@ -620,6 +709,7 @@ impl Snapshot {
                     self.store.forget(c, self.cluster);
                     freed += self.cluster_len(c);
                 }
+                // ZEROED holds no store slot; NOT_COPIED and COPYING none yet.
                 _ => {}
             }
             self.discarded.fetch_add(1, Ordering::Relaxed);
@@ -641,19 +731,24 @@ impl Snapshot {
         let end = offset + len.min((1u64 << 16) * self.cluster);
         let first = offset / self.cluster;
         let last = (end - 1) / self.cluster;
-        // Runs of (first cluster, end cluster, from the live disk).
-        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        // Runs of (first cluster, end cluster, source). Clusters that cannot
+        // be read count as data: claiming nothing about them is safe.
+        let mut runs: Vec<(u64, u64, Source)> = Vec::new();
         let mut g = self.lock();
         for c in first..=last {
-            let live = self.source(c).unwrap_or(false);
+            let src = self.source(c).unwrap_or(Source::Store);
             match runs.last_mut() {
-                Some(r) if r.2 == live => r.1 = c + 1,
-                _ => runs.push((c, c + 1, live)),
+                Some(r) if r.2 == src => r.1 = c + 1,
+                _ => runs.push((c, c + 1, src)),
             }
         }
         // Pin the unsaved clusters like a read: a live trim must not turn
         // data that existed at the instant into a reported hole.
-        let pinned: Vec<(u64, u64)> = runs.iter().filter(|r| r.2).map(|r| (r.0, r.1)).collect();
+        let pinned: Vec<(u64, u64)> = runs
+            .iter()
+            .filter(|r| r.2 == Source::Live)
+            .map(|r| (r.0, r.1))
+            .collect();
         for &(a, b) in &pinned {
             for x in a..b {
                 *g.readers.entry(x).or_insert(0) += 1;
@@ -677,12 +772,19 @@ impl Snapshot {
         let (mut bpos, base) = base?;
         let mut base = base.into_iter().peekable();
         let mut out: Vec<Extent> = Vec::new();
-        for (a, b, live) in runs {
+        for (a, b, src) in runs {
             let lo = (a * self.cluster).max(offset);
             let hi = (b * self.cluster).min(end);
-            if !live {
-                push(&mut out, hi - lo, Mapping::Data);
-                continue;
+            match src {
+                Source::Store => {
+                    push(&mut out, hi - lo, Mapping::Data);
+                    continue;
+                }
+                Source::Zero => {
+                    push(&mut out, hi - lo, Mapping::Hole);
+                    continue;
+                }
+                Source::Live => {}
             }
             // Walk the live disk's extents over [lo, hi).
             let mut pos = lo;
@@ -711,6 +813,17 @@ impl Snapshot {
         }
         Ok(out)
     }
+}
+
+/// Where a cluster as of the instant is read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// Not yet changed: the live disk.
+    Live,
+    /// Saved in the store.
+    Store,
+    /// A hole at the instant: zeroes.
+    Zero,
 }
 
 fn push(out: &mut Vec<Extent>, length: u64, mapping: Mapping) {

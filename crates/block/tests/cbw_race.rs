@@ -1008,6 +1008,51 @@ fn store_limit_with_break_guest_write_fails_with_store_full() {
     assert_view_exact_from(&view, &fx.img0, 1, "after discard and copy");
 }
 
+#[test]
+fn holes_at_the_instant_are_kept_without_store_space() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(
+        &store,
+        SnapshotOptions {
+            store_limit: Some(CL),
+            ..opts()
+        },
+    );
+    let view = SnapshotView(snap.clone());
+    // Clusters DATA_CLUSTERS.. are holes: writing all of them takes no room.
+    for c in DATA_CLUSTERS..NCL {
+        fx.live.write_at(&[0xAB; 100], c * CL + 7, false).unwrap();
+    }
+    // A write that spans the last data cluster and the first hole copies
+    // only the data cluster, which exactly fills the store.
+    fx.live
+        .write_at(&[0xAC; 64], DATA_CLUSTERS * CL - 32, false)
+        .unwrap();
+    assert_eq!(snap.stats().used_bytes, CL);
+    assert_eq!(snap.stats().hole_clusters, NCL - DATA_CLUSTERS);
+    assert_eq!(store.saved(), vec![DATA_CLUSTERS - 1]);
+    assert_kind(
+        fx.live.write_at(&[1; 10], 0, false),
+        ErrorKind::StoreFull,
+        "a data cluster past the limit",
+    );
+    assert_view_exact(&view, &fx.img0, "holes read as zeroes");
+    let ext = view
+        .block_status(DATA_CLUSTERS * CL, SIZE - DATA_CLUSTERS * CL)
+        .unwrap();
+    assert_eq!(ext.len(), 1, "{ext:?}");
+    assert_eq!(ext[0].mapping, Mapping::Hole, "{ext:?}");
+    // Discarding a hole cluster frees nothing and makes it unreadable.
+    view.trim((NCL - 1) * CL, CL).unwrap();
+    assert_eq!(snap.stats().used_bytes, CL);
+    assert_kind(
+        read(&view, (NCL - 1) * CL, CL),
+        ErrorKind::AccessDenied,
+        "discarded hole",
+    );
+}
+
 /// Like [`assert_view_exact`] but from cluster `first` on.
 fn assert_view_exact_from(view: &dyn BlockDev, image: &[u8], first: u64, what: &str) {
     let size = view.size();
@@ -1561,7 +1606,10 @@ fn scope_limits_copies_and_reads_to_the_clusters_of_the_bitmap() {
     fx.live.write_zeroes(0, SIZE, ZeroFlags::default()).unwrap();
     let mut saved = store.saved();
     saved.sort();
-    assert_eq!(saved, inside.to_vec(), "copies outside the scope");
+    // Cluster 13 was a hole at the instant: kept as one, with no store slot.
+    assert_eq!(saved, vec![2, 3, 7], "copies outside the scope, or of a hole");
+    assert_eq!(snap.stats().copied_clusters, 4);
+    assert_eq!(snap.stats().hole_clusters, 1);
     for c in 0..NCL {
         let got = read(&view, c * CL, CL);
         if inside.contains(&c) {

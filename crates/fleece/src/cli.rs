@@ -552,7 +552,10 @@ fn snapshot(action: SnapshotCommand) -> Result<()> {
                 ),
                 _ => println!("store used      {}", human(used)),
             }
-            println!("copied          {} clusters", v["copied_clusters"]);
+            println!(
+                "copied          {} clusters ({} of them holes, kept without store space)",
+                v["copied_clusters"], v["hole_clusters"]
+            );
             println!("discarded       {} clusters", v["discarded_clusters"]);
             println!("on cbw error    {}", s(&v["on_cbw_error"]));
             println!("read once       {}", v["read_once"]);

@@ -338,6 +338,7 @@ impl Registry {
             "state": if stats.broken.is_some() { "broken" } else { "active" },
             "error": stats.broken,
             "copied_clusters": stats.copied_clusters,
+            "hole_clusters": stats.hole_clusters,
             "discarded_clusters": stats.discarded_clusters,
             "on_cbw_error": match opts.on_cbw_error {
                 OnCbwError::BreakGuestWrite => "break-guest-write",
