@@ -409,29 +409,20 @@ impl Snapshot {
     /// can change them meanwhile. If the disk cannot tell, none.
     fn zero_clusters(&self, c: u64, end: u64) -> Vec<bool> {
         let mut zero = vec![false; (end - c) as usize];
-        let lo = c * self.cluster;
         let hi = (end * self.cluster).min(self.size);
-        let Ok(extents) = self.base.block_status(lo, hi - lo) else {
-            return zero;
-        };
-        let mut pos = lo;
-        for e in extents {
-            let e_end = (pos + e.length).min(hi);
-            if e.mapping != Mapping::Data {
-                // Clusters wholly inside this extent.
-                let first = pos.div_ceil(self.cluster);
-                for x in first.max(c)..end {
-                    let x_end = (x * self.cluster + self.cluster_len(x)).min(hi);
-                    if x_end > e_end {
-                        break;
-                    }
-                    zero[(x - c) as usize] = true;
-                }
+        let mut x = c;
+        while x < end {
+            let lo = x * self.cluster;
+            let data = match self.base.next_data(lo, hi) {
+                Ok(d) => d.unwrap_or(hi),
+                Err(_) => return zero,
+            };
+            // Clusters wholly before the data are zeroes; the one holding it is not.
+            while x < end && x * self.cluster + self.cluster_len(x) <= data {
+                zero[(x - c) as usize] = true;
+                x += 1;
             }
-            pos = e_end;
-            if pos >= hi {
-                break;
-            }
+            x += 1;
         }
         zero
     }

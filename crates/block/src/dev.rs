@@ -87,6 +87,25 @@ pub trait BlockDev: Send + Sync {
     /// Mapping of the range from `offset`, covering at least one byte and at
     /// most `length` bytes.
     fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>>;
+    /// The first offset in `[offset, end)` that may hold data (anything not
+    /// known to read as zeroes), or None if the whole range reads as zeroes.
+    /// Devices with a cheaper probe than a full block status override it.
+    fn next_data(&self, offset: u64, end: u64) -> Result<Option<u64>> {
+        let mut pos = offset;
+        while pos < end {
+            let extents = self.block_status(pos, end - pos)?;
+            if extents.is_empty() {
+                return Ok(Some(pos));
+            }
+            for e in extents {
+                if e.mapping == Mapping::Data {
+                    return Ok(Some(pos));
+                }
+                pos += e.length;
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// Checks that `[offset, offset+length)` lies inside a device of `size` bytes,

@@ -413,6 +413,22 @@ impl BlockDev for RawFile {
         Ok(())
     }
 
+    fn next_data(&self, offset: u64, end: u64) -> Result<Option<u64>> {
+        check_range(self.size, offset, end.saturating_sub(offset))?;
+        if offset >= end {
+            return Ok(None);
+        }
+        // One SEEK_DATA, never SEEK_HOLE: on tmpfs both run under the inode
+        // lock that writes take too, and SEEK_HOLE in dense data walks to
+        // the end of the file.
+        match self.seek(offset, libc::SEEK_DATA) {
+            Ok(Some(d)) if d < end => Ok(Some(d)),
+            Ok(_) => Ok(None),
+            // No SEEK_DATA here: assume data.
+            Err(_) => Ok(Some(offset)),
+        }
+    }
+
     fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
         check_range(self.size, offset, length)?;
         let end = offset + length;
@@ -532,6 +548,19 @@ mod tests {
         assert_eq!(ext[0].mapping, Mapping::Data);
         let total: u64 = f.block_status(0, 1 << 20).unwrap().iter().map(|e| e.length).sum();
         assert_eq!(total, 1 << 20);
+    }
+
+    #[test]
+    fn next_data_finds_the_first_data_or_none_in_a_hole() {
+        let (_d, f) = tmp(1 << 20);
+        f.write_at(&[7u8; 4096], 512 << 10, false).unwrap();
+        assert_eq!(f.next_data(0, 1 << 20).unwrap(), Some(512 << 10));
+        assert_eq!(f.next_data(0, 256 << 10).unwrap(), None);
+        assert_eq!(
+            f.next_data((512 << 10) + 100, 1 << 20).unwrap(),
+            Some((512 << 10) + 100)
+        );
+        assert_eq!(f.next_data(600 << 10, 1 << 20).unwrap(), None);
     }
 
     #[test]
