@@ -46,6 +46,10 @@ const READERS: u8 = 0x80;
 const PAGE: u64 = 4096;
 /// Most clusters copied in one store write.
 const MAX_RUN: u64 = 64;
+/// Condition variables a snapshot's waiters spread over, by cluster: a
+/// settled copy or a finished view read wakes only writers that wait on
+/// clusters of the same slot, not all of them.
+const WAIT_SLOTS: usize = 64;
 
 /// Per-cluster state bytes, allocated by page on first change, so a big
 /// disk with few writes costs little. An absent page reads as `NOT_COPIED`.
@@ -160,6 +164,9 @@ struct Inner {
     broken: Option<String>,
     /// Highest usage alert sent (0, 80, 95).
     alerted: u8,
+    /// Writers waiting on each slot of `Snapshot::changed`, so that nobody
+    /// pays a futex call to wake a slot with no one in it.
+    waiting: [u32; WAIT_SLOTS],
 }
 
 /// The state of one disk at one instant.
@@ -170,7 +177,7 @@ pub struct Snapshot {
     store: Box<dyn Store>,
     states: States,
     inner: Mutex<Inner>,
-    changed: Condvar,
+    changed: Box<[Condvar]>,
     opts: SnapshotOptions,
     broken: AtomicBool,
     used: AtomicU64,
@@ -196,8 +203,9 @@ impl Snapshot {
                 readers: HashMap::new(),
                 broken: None,
                 alerted: 0,
+                waiting: [0; WAIT_SLOTS],
             }),
-            changed: Condvar::new(),
+            changed: (0..WAIT_SLOTS).map(|_| Condvar::new()).collect(),
             opts,
             broken: AtomicBool::new(false),
             used: AtomicU64::new(0),
@@ -253,19 +261,49 @@ impl Snapshot {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn wait<'a>(&self, g: MutexGuard<'a, Inner>, deadline: Option<Instant>) -> (MutexGuard<'a, Inner>, bool) {
-        match deadline {
-            None => (self.changed.wait(g).unwrap_or_else(|p| p.into_inner()), false),
+    /// Waits until cluster `c` may have changed (or the deadline passes).
+    fn wait<'a>(
+        &self,
+        mut g: MutexGuard<'a, Inner>,
+        c: u64,
+        deadline: Option<Instant>,
+    ) -> (MutexGuard<'a, Inner>, bool) {
+        let slot = (c % WAIT_SLOTS as u64) as usize;
+        let cv = &self.changed[slot];
+        g.waiting[slot] += 1;
+        let (mut g, timed_out) = match deadline {
+            None => (cv.wait(g).unwrap_or_else(|p| p.into_inner()), false),
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return (g, true);
+                    (g, true)
+                } else {
+                    let (g, r) = cv.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner());
+                    (g, r.timed_out() && Instant::now() >= d)
                 }
-                let (g, r) = self
-                    .changed
-                    .wait_timeout(g, left)
-                    .unwrap_or_else(|p| p.into_inner());
-                (g, r.timed_out() && Instant::now() >= d)
+            }
+        };
+        g.waiting[slot] -= 1;
+        (g, timed_out)
+    }
+
+    /// Wakes writers waiting on clusters `[c, end)`. Call with the lock held.
+    fn wake(&self, g: &Inner, c: u64, end: u64) {
+        let slots = WAIT_SLOTS as u64;
+        let n = (end - c).min(slots);
+        for x in c..c + n {
+            let slot = (x % slots) as usize;
+            if g.waiting[slot] > 0 {
+                self.changed[slot].notify_all();
+            }
+        }
+    }
+
+    /// Wakes every waiter (a break, a discard). Call with the lock held.
+    fn wake_all(&self, g: &Inner) {
+        for (slot, cv) in self.changed.iter().enumerate() {
+            if g.waiting[slot] > 0 {
+                cv.notify_all();
             }
         }
     }
@@ -303,7 +341,7 @@ impl Snapshot {
             tracing::error!(reason = %why, "snapshot broken");
             g.broken = Some(why.clone());
             self.broken.store(true, Ordering::Release);
-            self.changed.notify_all();
+            self.wake_all(g);
             if let Some(l) = self.listener.get() {
                 l(SnapshotEvent::Broken(why));
             }
@@ -359,14 +397,14 @@ impl Snapshot {
                     g = self.lock();
                 }
                 COPYING => {
-                    let (ng, timed_out) = self.wait(g, deadline);
+                    let (ng, timed_out) = self.wait(g, c, deadline);
                     g = ng;
                     if timed_out {
                         drop(g);
                         return self.fail(Error::new(ErrorKind::TimedOut, "copy-before-write timed out"));
                     }
                 }
-                _ if s & READERS != 0 => g = self.wait(g, None).0,
+                _ if s & READERS != 0 => g = self.wait(g, c, None).0,
                 _ => c += 1,
             }
         }
@@ -521,7 +559,7 @@ impl Snapshot {
                 .fetch_add(z.iter().filter(|&&b| b).count() as u64, Ordering::Relaxed);
         }
         self.used.fetch_sub(freed, Ordering::Relaxed);
-        self.changed.notify_all();
+        self.wake(&g, c, end);
         self.alert_usage(&mut g);
     }
 
@@ -641,7 +679,6 @@ impl Snapshot {
 
     fn release_readers(&self, c: u64, end: u64) {
         let mut g = self.lock();
-        let mut wake = false;
         for x in c..end {
             if let Some(n) = g.readers.get_mut(&x) {
                 *n -= 1;
@@ -649,12 +686,9 @@ impl Snapshot {
                     g.readers.remove(&x);
                     let s = self.states.get(x);
                     self.states.set(x, s & !READERS);
-                    wake = true;
+                    self.wake(&g, x, x + 1);
                 }
             }
-        }
-        if wake {
-            self.changed.notify_all();
         }
     }
 
@@ -687,7 +721,7 @@ impl Snapshot {
         if first >= last_excl {
             return;
         }
-        let _g = self.lock();
+        let g = self.lock();
         let mut freed = 0;
         for c in first..last_excl {
             let s = self.states.get(c);
@@ -706,7 +740,7 @@ impl Snapshot {
             self.discarded.fetch_add(1, Ordering::Relaxed);
         }
         self.used.fetch_sub(freed, Ordering::Relaxed);
-        self.changed.notify_all();
+        self.wake_all(&g);
     }
 
     /// Mapping of the disk at the instant.
