@@ -327,6 +327,12 @@ impl Snapshot {
         s & READERS == 0 && matches!(s & MASK, SAVED | ZEROED | NOT_NEEDED)
     }
 
+    /// True if copies never wait for a disk or a timer: the store is in
+    /// memory and there is no copy timeout (which needs its own thread).
+    fn copies_in_memory(&self) -> bool {
+        self.store.is_in_memory() && self.opts.cbw_timeout.is_none()
+    }
+
     /// True if a live write to the range needs nothing from this snapshot.
     fn write_is_free(&self, offset: u64, len: u64) -> bool {
         if len == 0 || self.is_broken() || offset >= self.size {
@@ -987,10 +993,26 @@ impl BlockDev for LiveDisk {
     fn try_write_at(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
         let _gate = self.gate.try_read().ok()?;
         let len = buf.len() as u64;
-        if !self.attached().iter().all(|s| s.write_is_free(offset, len))
-            || !self.bitmaps().iter().all(|b| b.covers(offset, len))
-        {
+        // A new bitmap bit means an fdatasync: that goes to the pool.
+        if !self.bitmaps().iter().all(|b| b.covers(offset, len)) {
             return None;
+        }
+        let snaps = self.attached();
+        if !snaps.iter().all(|s| s.write_is_free(offset, len)) {
+            // With the disk and every store in memory a copy is a memory
+            // copy, and running it here saves a hand-off to the pool in the
+            // copy phase of a fresh snapshot, where the write latency tail is.
+            // A wait here is for another thread's copy or view read of the
+            // same cluster, which do not need this one.
+            if !self.base.is_in_memory() || !snaps.iter().all(|s| s.copies_in_memory()) {
+                return None;
+            }
+            check_range(self.base.size(), offset, len).ok()?;
+            for s in snaps.iter() {
+                if let Err(e) = s.before_write(offset, len) {
+                    return Some(Err(e));
+                }
+            }
         }
         self.base.try_write_at(buf, offset)
     }
