@@ -213,11 +213,27 @@ def same_file(a, b, timeout):
     raise StepError("cmp failed: " + tail(err))
 
 
-def allocated(path):
+def allocated(path, pid=None):
+    """Bytes that the file at path takes, plus (with pid) those of the
+    unnamed files that process holds open in the same directory (fleece's
+    file store spreads over the named file and unnamed parts)."""
     try:
-        return os.stat(path).st_blocks * 512
+        total = os.stat(path).st_blocks * 512
     except OSError:
         return None
+    if pid is not None:
+        fd_dir = "/proc/%d/fd" % pid
+        prefix = os.path.dirname(os.path.abspath(path)) + "/#"
+        try:
+            for fd in os.listdir(fd_dir):
+                try:
+                    if os.readlink(os.path.join(fd_dir, fd)).startswith(prefix):
+                        total += os.stat(os.path.join(fd_dir, fd)).st_blocks * 512
+                except OSError:
+                    pass
+        except OSError:
+            pass
+    return total
 
 
 # ---------------------------------------------------------------- servers
@@ -507,7 +523,7 @@ class Bench:
             if snapshot:
                 if kind == "fleece":
                     srv.snapshot_state()
-                r["store_allocated_mib"] = (allocated(srv.store) or 0) / 2**20
+                r["store_allocated_mib"] = (allocated(srv.store, srv.proc.pid) or 0) / 2**20
             r.update(srv.info)
             return r
         except StepError as e:
@@ -659,6 +675,11 @@ class Bench:
     def go(self):
         self.fill()
         steps = self.plan()
+        if self.opts.steps:
+            want = [x.strip() for x in self.opts.steps.split(",") if x.strip()]
+            steps = [s for s in steps if any(x in s[0] for x in want)]
+            if not steps:
+                raise SystemExit("--steps %s matches no step" % self.opts.steps)
         for rnd in range(self.opts.rounds):
             # alternate who goes first within a workload from round to round
             order = steps if rnd % 2 == 0 else _reverse_within_groups(steps)
@@ -1093,6 +1114,8 @@ def main():
     ap.add_argument("--only", default=",".join(KINDS), help="servers to run, from %s" % ",".join(KINDS))
     ap.add_argument("--fleece-bin", help="use this fleece binary (and do not build)")
     ap.add_argument("--no-build", action="store_true", help="use target/release/fleece as it is")
+    ap.add_argument("--steps", help="run only steps whose key contains one of these comma-separated "
+                    "strings (keys as in the log, e.g. snapshot/randwrite-4k,pull/view-idle)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat every step N times, report medians")
     ap.add_argument("--repeat", type=int, help="timed idle pulls per point (median); default 3, quick 1")
     ap.add_argument("--runtime", type=int, help="seconds per fio job (default 12, quick 3)")
@@ -1108,6 +1131,8 @@ def main():
     bad = [k for k in opts.only if k not in KINDS]
     if bad:
         ap.error("unknown server(s) %s; choose from %s" % (",".join(bad), ",".join(KINDS)))
+    if opts.steps and opts.update_benchmarks:
+        ap.error("--update-benchmarks needs the whole run; drop --steps")
     opts.fleece_bin_given = bool(opts.fleece_bin)
     opts.fleece_bin = os.path.abspath(opts.fleece_bin or os.path.join(ROOT, "target", "release", "fleece"))
     opts.size = (opts.size_mib or (256 if opts.quick else 1024)) << 20

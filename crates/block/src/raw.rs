@@ -95,6 +95,32 @@ impl RawFile {
         .detect_memory())
     }
 
+    /// Creates a sparse file of `size` bytes without a name in directory
+    /// `dir` (`O_TMPFILE`): it takes space there, and vanishes when closed,
+    /// even if the process dies. `label` names it in messages.
+    pub fn create_unnamed(dir: &Path, size: u64, label: PathBuf) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(dir)
+            .map_err(|e| Error::io(format!("cannot create an unnamed file in {}", dir.display()), e))?;
+        file.set_len(size)
+            .map_err(|e| Error::io(format!("cannot size {}", label.display()), e))?;
+        Ok(RawFile {
+            file,
+            path: label,
+            size,
+            read_only: false,
+            nowait: AtomicBool::new(true),
+            in_memory: false,
+            dense: Mutex::default(),
+        }
+        .detect_memory())
+    }
+
     fn detect_memory(mut self) -> Self {
         const TMPFS_MAGIC: i64 = 0x0102_1994;
         const RAMFS_MAGIC: i64 = 0x8584_58f6;
@@ -150,6 +176,16 @@ impl RawFile {
             };
         }
         Some(Ok(()))
+    }
+
+    /// Bytes the file takes on its file system.
+    pub fn allocated(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(format!("cannot stat {}", self.path.display()), e))?;
+        Ok(m.blocks() * 512)
     }
 
     /// Path the file was opened from.

@@ -43,12 +43,24 @@ pub trait Store: Send + Sync {
     }
 }
 
-/// A sparse file with cluster `i` at offset `i * cluster`, so it only takes
-/// space for saved clusters. Removed when dropped.
+/// Sparse files with cluster `i` at offset `i * cluster`, so they only take
+/// space for saved clusters: the named file and, where the file system can
+/// make them, unnamed siblings in its directory, each holding every
+/// `SHARDS`-th stripe of `STRIPE` bytes. Removed when dropped.
+///
+/// Why several files: a buffered write takes the file's inode lock, so all
+/// copies into one file run one at a time, and on tmpfs a waiter spins on
+/// the lock while the holder copies. Writes to different files run in
+/// parallel.
 pub struct FileStore {
-    file: RawFile,
+    shards: Vec<RawFile>,
     granularity: u64,
 }
+
+/// Bytes per stripe: a multiple of every cluster size (a power of two of
+/// at most 1 MiB), so a cluster never straddles two files.
+const STRIPE: u64 = 1 << 20;
+const SHARDS: usize = 8;
 
 impl FileStore {
     /// Creates a sparse store file able to hold `size` bytes of clusters.
@@ -64,13 +76,47 @@ impl FileStore {
             .map(|m| m.blksize())
             .unwrap_or(4096)
             .max(512);
-        Ok(FileStore { file, granularity })
+        let mut shards = vec![file];
+        if size > STRIPE {
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            for i in 1..SHARDS {
+                let label = PathBuf::from(format!("{} (part {i})", path.display()));
+                match RawFile::create_unnamed(dir, size, label) {
+                    Ok(f) => shards.push(f),
+                    // No O_TMPFILE here: one file it is.
+                    Err(_) => break,
+                }
+            }
+        }
+        Ok(FileStore { shards, granularity })
+    }
+
+    fn shard(&self, offset: u64) -> &RawFile {
+        &self.shards[((offset / STRIPE) % self.shards.len() as u64) as usize]
+    }
+
+    /// Splits `[offset, offset + len)` at stripe boundaries.
+    fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+        let end = offset + len;
+        let mut at = offset;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let n = (STRIPE - at % STRIPE).min(end - at);
+            let p = (at, n);
+            at += n;
+            Some(p)
+        })
     }
 }
 
 impl Drop for FileStore {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(self.file.path());
+        let _ = std::fs::remove_file(self.shards[0].path());
     }
 }
 
@@ -80,11 +126,21 @@ impl Store for FileStore {
     }
 
     fn save(&self, index: u64, cluster: u64, data: &[u8]) -> Result<()> {
-        self.file.write_at(data, index * cluster, false)
+        let base = index * cluster;
+        for (at, n) in Self::pieces(base, data.len() as u64) {
+            let d = &data[(at - base) as usize..(at - base + n) as usize];
+            self.shard(at).write_at(d, at, false)?;
+        }
+        Ok(())
     }
 
     fn load(&self, index: u64, cluster: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.file.read_at(buf, index * cluster + offset)
+        let base = index * cluster + offset;
+        for (at, n) in Self::pieces(base, buf.len() as u64) {
+            let b = &mut buf[(at - base) as usize..(at - base + n) as usize];
+            self.shard(at).read_at(b, at)?;
+        }
+        Ok(())
     }
 
     fn save_from_file(
@@ -95,21 +151,38 @@ impl Store for FileStore {
         offset: u64,
         len: u64,
     ) -> Option<Result<()>> {
-        self.file.copy_from(src, offset, index * cluster, len)
+        let base = index * cluster;
+        for (i, (at, n)) in Self::pieces(base, len).enumerate() {
+            match self.shard(at).copy_from(src, offset + (at - base), at, n) {
+                Some(Ok(())) => {}
+                // The kernel declined on the first piece: the caller
+                // copies through a buffer. (It cannot decline later for
+                // the same pair of files.)
+                None if i == 0 => return None,
+                None => {
+                    return Some(Err(Error::new(
+                        ErrorKind::Io,
+                        "copy_file_range stopped working part way",
+                    )))
+                }
+                Some(Err(e)) => return Some(Err(e)),
+            }
+        }
+        Some(Ok(()))
     }
 
     fn forget(&self, index: u64, cluster: u64) {
-        let _ = self
-            .file
-            .trim(index * cluster, cluster.min(self.file.size() - index * cluster));
+        let at = index * cluster;
+        let size = self.shards[0].size();
+        let _ = self.shard(at).trim(at, cluster.min(size - at));
     }
 
     fn describe(&self) -> (&'static str, Option<PathBuf>) {
-        ("file", Some(self.file.path().to_path_buf()))
+        ("file", Some(self.shards[0].path().to_path_buf()))
     }
 
     fn is_in_memory(&self) -> bool {
-        self.file.is_in_memory()
+        self.shards.iter().all(|f| f.is_in_memory())
     }
 }
 
@@ -236,6 +309,60 @@ mod tests {
         s.save(5, 4096, &[2u8; 4096]).unwrap();
         s.load(5, 4096, 0, &mut b).unwrap();
         assert!(b.iter().all(|&x| x == 2));
+    }
+
+    #[test]
+    fn file_store_spreads_stripes_over_parts_and_reads_across_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4 * STRIPE * SHARDS as u64;
+        let s = FileStore::create(&dir.path().join("store"), size).unwrap();
+        assert!(s.shards.len() > 1, "O_TMPFILE works on the test's file system");
+        let src_path = dir.path().join("src");
+        let src = RawFile::create(&src_path, size).unwrap();
+        let pattern: Vec<u8> = (0..3 * STRIPE).map(|i| (i * 7 % 251) as u8).collect();
+        // A run that starts mid-stripe and spans four stripes, through the
+        // kernel copy, and one through a buffer.
+        let c = 16384u64;
+        src.write_at(&pattern, 5 * c, false).unwrap();
+        assert!(s.save_from_file(5, c, &src, 5 * c, 3 * STRIPE).unwrap().is_ok());
+        s.save(
+            2 * STRIPE / c * 3,
+            c,
+            &pattern[..STRIPE as usize + 2 * c as usize],
+        )
+        .unwrap();
+        let mut back = vec![0u8; 3 * STRIPE as usize];
+        s.load(5, c, 0, &mut back).unwrap();
+        assert!(back == pattern, "kernel-copied run reads back");
+        let mut part = vec![0u8; 100];
+        s.load(5, c, STRIPE - 5 * c - 50, &mut part).unwrap();
+        assert_eq!(&part[..], &pattern[(STRIPE - 5 * c - 50) as usize..][..100]);
+        let mut back2 = vec![0u8; STRIPE as usize + 2 * c as usize];
+        s.load(2 * STRIPE / c * 3, c, 0, &mut back2).unwrap();
+        assert!(back2[..] == pattern[..back2.len()], "buffer-saved run reads back");
+        // Every part took some of the data: the stripes are spread.
+        let used: Vec<u64> = s.shards.iter().map(|f| f.allocated().unwrap()).collect();
+        assert!(used.iter().filter(|&&b| b > 0).count() >= 4, "{used:?}");
+        // Forgetting a cluster frees it in the part that holds it.
+        let idx = STRIPE / c; // first cluster of the second stripe
+        let before = s.shard(idx * c).allocated().unwrap();
+        s.forget(idx, c);
+        let after = s.shard(idx * c).allocated().unwrap();
+        assert!(after < before, "{before} -> {after}");
+        s.load(idx, c, 0, &mut part).unwrap();
+        assert!(part.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn file_store_parts_have_no_names_and_go_with_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("store");
+        let s = FileStore::create(&p, 64 * STRIPE).unwrap();
+        s.save(0, 65536, &[1u8; 4 << 20]).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "only the named file is visible");
+        drop(s);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
