@@ -1,13 +1,13 @@
 //! Dirty bitmaps end to end: incremental backups over several rounds,
 //! kill -9 under write load, and qemu/libnbd reading the bitmaps over NBD.
 
-mod harness;
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use harness::*;
+use common::*;
 
 const MIB: u64 = 1 << 20;
 

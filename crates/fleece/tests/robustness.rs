@@ -378,3 +378,64 @@ fn export_name_option_works_with_and_without_no_zeroes() {
     );
     still_serves(&mut d);
 }
+
+#[test]
+fn unknown_options_get_err_unsup_and_haggling_goes_on_to_a_working_export() {
+    let d = Daemon::start_nbd(&[("disk", MIB)]);
+    let mut s = greet(&d.sock);
+    // Unknown option with a payload: refused, payload consumed, no disconnect.
+    s.write_all(&option(0x4242, b"whatever the client says")).unwrap();
+    let (opt, kind, msg) = option_reply(&mut s);
+    assert_eq!((opt, kind), (0x4242, REP_ERR_UNSUP));
+    assert!(!msg.is_empty(), "an error reply says why");
+    // STARTTLS without TLS configured: refused too.
+    s.write_all(&option(5, b"")).unwrap();
+    assert_eq!(option_reply(&mut s).1, REP_ERR_UNSUP);
+    // LIST with data is invalid, LIST without works.
+    s.write_all(&option(OPT_LIST, b"x")).unwrap();
+    assert_eq!(option_reply(&mut s).1, REP_ERR_INVALID);
+    s.write_all(&option(OPT_LIST, b"")).unwrap();
+    let (_, kind, p) = option_reply(&mut s);
+    assert_eq!(kind, REP_SERVER);
+    assert_eq!(&p[4..8], b"disk");
+    assert_eq!(option_reply(&mut s).1, REP_ACK);
+    // Extended headers, then GO: transmission works with 64-bit headers.
+    s.write_all(&option(11, b"")).unwrap();
+    assert_eq!(option_reply(&mut s).1, REP_ACK, "NBD_OPT_EXTENDED_HEADERS");
+    let mut go = 4u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"disk");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&option(OPT_GO, &go)).unwrap();
+    loop {
+        let (_, kind, p) = option_reply(&mut s);
+        if kind == REP_ACK {
+            break;
+        }
+        assert_eq!(kind, REP_INFO);
+        if u16::from_be_bytes([p[0], p[1]]) == 0 {
+            assert_eq!(u64::from_be_bytes(p[2..10].try_into().unwrap()), MIB);
+        }
+    }
+    // NBD_CMD_READ of 512 bytes at 0 with an extended request header.
+    let mut req = 0x21e4_1c71u32.to_be_bytes().to_vec();
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&CMD_READ.to_be_bytes());
+    req.extend_from_slice(&77u64.to_be_bytes());
+    req.extend_from_slice(&0u64.to_be_bytes());
+    req.extend_from_slice(&512u64.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut hdr = [0u8; 32];
+    s.read_exact(&mut hdr).unwrap();
+    assert_eq!(&hdr[..4], &0x6e8a_278cu32.to_be_bytes(), "extended reply magic");
+    assert_eq!(u64::from_be_bytes(hdr[8..16].try_into().unwrap()), 77, "cookie");
+    assert_eq!(
+        u16::from_be_bytes([hdr[6], hdr[7]]),
+        1,
+        "NBD_REPLY_TYPE_OFFSET_DATA"
+    );
+    let len = u64::from_be_bytes(hdr[24..32].try_into().unwrap());
+    assert_eq!(len, 8 + 512);
+    let mut body = vec![0u8; len as usize];
+    s.read_exact(&mut body).unwrap();
+    assert!(body[8..].iter().all(|&b| b == 0));
+}

@@ -1,12 +1,12 @@
 //! Live snapshots driven end to end: the real daemon, qemu-io, nbdcopy,
 //! qemu-img and fio over Unix sockets.
 
-mod harness;
+mod common;
 
 use std::path::Path;
 use std::process::Command;
 
-use harness::*;
+use common::*;
 
 const MIB: u64 = 1 << 20;
 

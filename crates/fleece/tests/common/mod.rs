@@ -395,6 +395,20 @@ impl Daemon {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("fleece {a:?}: not JSON ({e}):\n{out}"))
     }
 
+    /// Short for [`Daemon::cli_json`].
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        self.cli_json(args)
+    }
+
+    /// `fleece snapshot create DISKS --name NAME EXTRA`, asserting success.
+    pub fn snapshot_create(&self, disks: &[&str], name: &str, extra: &[&str]) {
+        let mut a = vec!["snapshot", "create"];
+        a.extend_from_slice(disks);
+        a.extend_from_slice(&["--name", name]);
+        a.extend_from_slice(extra);
+        self.cli_ok(&a);
+    }
+
     /// One HTTP/1.1 request on the control socket (`Connection: close`).
     /// Returns the status and the JSON body (`Null` when the body is empty).
     pub fn api(
@@ -624,6 +638,29 @@ pub fn spawn_fio(uri: &str, args: &[&str]) -> Child {
 }
 
 /// Waits for a child, asserting success.
+/// Starts fio 4 KiB random writes at QD16 on `uri` for `seconds`, over the
+/// first `size` of the export, in the background.
+pub fn fio_writer(uri: &str, seconds: u32, size: &str) -> Child {
+    spawn_fio(
+        uri,
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            &format!("--size={size}"),
+            &format!("--runtime={seconds}"),
+            "--time_based",
+        ],
+    )
+}
+
+/// True if two files have the same bytes.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    run_any("cmp", &["-s", a.to_str().unwrap(), b.to_str().unwrap()])
+        .status
+        .success()
+}
+
 pub fn wait_ok(child: Child, what: &str) -> String {
     let out = child.wait_with_output().unwrap();
     assert!(
