@@ -273,6 +273,52 @@ impl Drop for Tmpfs {
     }
 }
 
+impl Tmpfs {
+    /// Bytes in use on the mount.
+    fn used(&self) -> u64 {
+        let c = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
+        // SAFETY: statvfs fills the zeroed struct we pass; the path is a
+        // NUL-terminated string that outlives the call.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        (st.f_blocks - st.f_bfree) * st.f_frsize
+    }
+}
+
+#[test]
+fn store_on_a_full_tmpfs_fails_the_guest_write_by_default_and_keeps_both_disks_right() {
+    let d = Daemon::start(&[("disk", 16 * MIB)]);
+    let tiny = Tmpfs::mount(&d.path("tiny"), "512k");
+    qemu_io(&d.uri("disk"), &["write -P 0x71 0 8M"]);
+    let store = format!("file:{}", tiny.0.join("store.raw").display());
+    d.snapshot_create(&["disk"], "s", &["--store", &store]);
+    // Four clusters fit (the store's parts share the 512 KiB).
+    qemu_io(&d.uri("disk"), &["write -P 0x72 0 256k"]);
+    // 4 MiB of copies do not: ENOSPC fails the write, and none of it lands.
+    let out = run_any(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x73 1M 4M", &d.uri("disk")],
+    );
+    assert!(
+        text(&out.stdout).contains("failed") || !out.status.success(),
+        "a write whose copies cannot be stored succeeded"
+    );
+    qemu_io(
+        &d.uri("disk"),
+        &["read -P 0x72 0 256k", "read -P 0x71 256k 7936k"],
+    );
+    // A saved cluster takes writes without copying; the view is the instant.
+    qemu_io(&d.uri("disk"), &["write -P 0x74 0 64k", "read -P 0x74 0 64k"]);
+    qemu_io(&d.uri("disk@s"), &["read -P 0x71 0 8M"]);
+    let s = d.json(&["snapshot", "show", "disk@s"]);
+    assert_eq!(s["state"], "active", "{s}");
+    assert!(tiny.used() > 0);
+    // Deleting the snapshot frees every part of the store, named or not.
+    d.cli_ok(&["snapshot", "delete", "disk@s"]);
+    assert!(!tiny.0.join("store.raw").exists());
+    assert_eq!(tiny.used(), 0, "store space left behind");
+}
+
 #[test]
 fn store_on_a_full_tmpfs_breaks_the_snapshot_but_never_a_guest_write() {
     let d = Daemon::start(&[("disk", 16 * MIB)]);
