@@ -60,16 +60,7 @@ impl RawFile {
                 format!("{} is not a regular file", path.display()),
             ));
         }
-        Ok(RawFile {
-            file,
-            path: path.to_path_buf(),
-            size: meta.len(),
-            read_only,
-            nowait: AtomicBool::new(true),
-            in_memory: false,
-            dense: Mutex::default(),
-        }
-        .detect_memory())
+        Ok(RawFile::wrap(file, path.to_path_buf(), meta.len(), read_only))
     }
 
     /// Creates (or truncates) a sparse file of `size` bytes and opens it.
@@ -81,18 +72,7 @@ impl RawFile {
             .truncate(true)
             .open(path)
             .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
-        file.set_len(size)
-            .map_err(|e| Error::io(format!("cannot size {}", path.display()), e))?;
-        Ok(RawFile {
-            file,
-            path: path.to_path_buf(),
-            size,
-            read_only: false,
-            nowait: AtomicBool::new(true),
-            in_memory: false,
-            dense: Mutex::default(),
-        }
-        .detect_memory())
+        RawFile::sized(file, path.to_path_buf(), size)
     }
 
     /// Creates a sparse file of `size` bytes without a name in directory
@@ -107,18 +87,27 @@ impl RawFile {
             .mode(0o600)
             .open(dir)
             .map_err(|e| Error::io(format!("cannot create an unnamed file in {}", dir.display()), e))?;
+        RawFile::sized(file, label, size)
+    }
+
+    /// Sizes a new, writable file and wraps it.
+    fn sized(file: File, path: PathBuf, size: u64) -> Result<Self> {
         file.set_len(size)
-            .map_err(|e| Error::io(format!("cannot size {}", label.display()), e))?;
-        Ok(RawFile {
+            .map_err(|e| Error::io(format!("cannot size {}", path.display()), e))?;
+        Ok(RawFile::wrap(file, path, size, false))
+    }
+
+    fn wrap(file: File, path: PathBuf, size: u64, read_only: bool) -> Self {
+        RawFile {
             file,
-            path: label,
+            path,
             size,
-            read_only: false,
+            read_only,
             nowait: AtomicBool::new(true),
             in_memory: false,
             dense: Mutex::default(),
         }
-        .detect_memory())
+        .detect_memory()
     }
 
     fn detect_memory(mut self) -> Self {

@@ -60,11 +60,7 @@ fn image_fleecing_view_keeps_old_patterns_while_live_disk_changes() {
         ],
     );
     // Writes to the view are refused; the view is unchanged.
-    let out = run_any("qemu-io", &["-f", "raw", "-c", "write -P 0x77 0 4k", &view]);
-    assert!(
-        text(&out.stdout).contains("failed") || !out.status.success(),
-        "a write to the view succeeded"
-    );
+    qemu_io_fails(&view, "write -P 0x77 0 4k");
     qemu_io(&view, &["read -P 0x5 0 64k"]);
     d.cli_ok(&["snapshot", "delete", "disk@fleece"]);
     qemu_io(&live, &["read -P 0xab 0 64k", "read -P 0xd 1081344 32k"]);
@@ -231,14 +227,7 @@ fn full_store_fails_the_guest_write_and_keeps_the_view_exact_by_default() {
     // Fits: four 64 KiB clusters.
     qemu_io(&d.uri("disk"), &["write -P 0x62 0 256k"]);
     // Does not fit: the write fails and the live disk keeps the old data.
-    let out = run_any(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x63 1M 1M", &d.uri("disk")],
-    );
-    assert!(
-        text(&out.stdout).contains("failed") || !out.status.success(),
-        "write past the store limit succeeded"
-    );
+    qemu_io_fails(&d.uri("disk"), "write -P 0x63 1M 1M");
     qemu_io(&d.uri("disk"), &["read -P 0x61 1M 1M", "read -P 0x62 0 256k"]);
     qemu_io(&d.uri("disk@s"), &["read -P 0x61 0 4M"]);
     let s = d.json(&["snapshot", "show", "disk@s"]);
@@ -295,14 +284,7 @@ fn store_on_a_full_tmpfs_fails_the_guest_write_by_default_and_keeps_both_disks_r
     // Four clusters fit (the store's parts share the 512 KiB).
     qemu_io(&d.uri("disk"), &["write -P 0x72 0 256k"]);
     // 4 MiB of copies do not: ENOSPC fails the write, and none of it lands.
-    let out = run_any(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x73 1M 4M", &d.uri("disk")],
-    );
-    assert!(
-        text(&out.stdout).contains("failed") || !out.status.success(),
-        "a write whose copies cannot be stored succeeded"
-    );
+    qemu_io_fails(&d.uri("disk"), "write -P 0x73 1M 4M");
     qemu_io(
         &d.uri("disk"),
         &["read -P 0x72 0 256k", "read -P 0x71 256k 7936k"],
@@ -345,14 +327,7 @@ fn store_on_a_full_tmpfs_breaks_the_snapshot_but_never_a_guest_write() {
         s["error"].as_str().unwrap().contains("copy-before-write failed"),
         "{s}"
     );
-    let read = run_any(
-        "qemu-io",
-        &["-r", "-f", "raw", "-c", "read 0 64k", &d.uri("disk@s")],
-    );
-    assert!(
-        text(&read.stdout).contains("failed") || !read.status.success(),
-        "broken view was readable"
-    );
+    qemu_io_fails(&d.uri("disk@s"), "read 0 64k");
     d.cli_ok(&["snapshot", "delete", "disk@s"]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let _ = events.kill();
@@ -381,12 +356,8 @@ fn discard_on_the_view_frees_the_store_and_later_reads_fail() {
     let s = d.json(&["snapshot", "show", "disk@s"]);
     assert_eq!(s["store"]["used_bytes"], 512 * 1024, "{s}");
     assert_eq!(s["discarded_clusters"], 24);
-    let read = run_any("qemu-io", &["-f", "raw", "-c", "read 0 4k", &d.uri("disk@s")]);
-    assert!(
-        text(&read.stdout).contains("Operation not permitted"),
-        "{}",
-        text(&read.stdout)
-    );
+    let read = qemu_io_fails(&d.uri("disk@s"), "read 0 4k");
+    assert!(read.contains("Operation not permitted"), "{read}");
     qemu_io(&d.uri("disk@s"), &["read -P 0x31 512k 512k"]);
     // A live write to a discarded cluster copies nothing.
     qemu_io(&d.uri("disk"), &["write -P 0x33 1M 1M"]);
@@ -403,12 +374,8 @@ fn read_once_views_discard_what_each_read_returned() {
     let s = d.json(&["snapshot", "show", "disk@s"]);
     assert_eq!(s["store"]["used_bytes"], 0, "{s}");
     assert_eq!(s["discarded_clusters"], 32);
-    let again = run_any("qemu-io", &["-f", "raw", "-c", "read 0 64k", &d.uri("disk@s")]);
-    assert!(
-        text(&again.stdout).contains("Operation not permitted"),
-        "{}",
-        text(&again.stdout)
-    );
+    let again = qemu_io_fails(&d.uri("disk@s"), "read 0 64k");
+    assert!(again.contains("Operation not permitted"), "{again}");
     // Writes to clusters already read copy nothing.
     qemu_io(&d.uri("disk"), &["write -P 0x43 4M 1M"]);
     assert_eq!(d.json(&["snapshot", "show", "disk@s"])["copied_clusters"], 16);

@@ -588,6 +588,25 @@ pub fn qemu_io(target: &str, cmds: &[&str]) -> String {
     all
 }
 
+/// One qemu-io command on `target` (raw format) that must fail; returns
+/// what qemu-io printed, for checking the error.
+/// Reads open the target read-only. The command itself must fail (qemu-io
+/// prints "... failed: REASON"), not the opening of the target.
+pub fn qemu_io_fails(target: &str, cmd: &str) -> String {
+    let mut a = vec!["-f", "raw", "-c", cmd, target];
+    if cmd.starts_with("read") {
+        a.insert(0, "-r");
+    }
+    let out = run_any("qemu-io", &a);
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        all.contains(" failed: "),
+        "expected qemu-io {cmd:?} on {target} to fail; {}",
+        describe("qemu-io", &a, &out)
+    );
+    all
+}
+
 /// The python interpreter that can `import nbd` (python3-libnbd).
 pub fn python() -> &'static str {
     static PY: OnceLock<String> = OnceLock::new();
