@@ -15,18 +15,30 @@ mod snapshots;
 mod units;
 
 use clap::Parser;
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 fn main() {
     let cli = cli::Cli::parse();
-    let filter = cli
-        .log_level
-        .as_deref()
-        .and_then(|l| EnvFilter::try_new(l).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    let filter = match cli.log_level.as_deref().filter(|l| !l.trim().is_empty()) {
+        None => EnvFilter::new("info"),
+        Some(l) => match EnvFilter::try_new(l) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!(
+                    "fleece: error: log level {l:?} (from --log-level or RUST_LOG) is not valid: {e}; \
+                     use error, warn, info, debug or trace"
+                );
+                std::process::exit(1);
+            }
+        },
+    };
+    // Colour codes only where someone reads them: not in log files.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
     if let Err(e) = cli::run(cli) {

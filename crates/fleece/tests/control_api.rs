@@ -386,3 +386,24 @@ fn events_stream_reports_disk_added_and_removed() {
         "disk_added data does not name the disk: {data}"
     );
 }
+
+#[test]
+fn an_invalid_log_level_is_an_error_and_logs_to_a_file_have_no_colour_codes() {
+    let out = Command::new(BIN)
+        .args(["--log-level", "bogus[", "status"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with("fleece: error: log level \"bogus[\"") && err.contains("is not valid"),
+        "{err:?}"
+    );
+    // The harness sends the daemon's stderr to a file: plain text there.
+    let d = Daemon::start(&[("disk", MIB)]);
+    d.snapshot_create(&["disk"], "s", &[]);
+    let log = d.log();
+    assert!(log.contains("snapshot_created"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log:?}");
+}
