@@ -55,16 +55,30 @@ pub trait Store: Send + Sync {
 pub struct FileStore {
     shards: Vec<RawFile>,
     granularity: u64,
+    stripe: u64,
 }
 
-/// Bytes per stripe. Clusters are powers of two, so one of up to 1 MiB
-/// lies in one file; larger ones are split over several, like any run.
+/// Bytes per stripe by default. Clusters are powers of two, so one of up
+/// to 1 MiB lies in one file; larger ones are split over several, like any
+/// run.
 const STRIPE: u64 = 1 << 20;
 const SHARDS: usize = 8;
 
 impl FileStore {
     /// Creates a sparse store file able to hold `size` bytes of clusters.
     pub fn create(path: &Path, size: u64) -> Result<Self> {
+        FileStore::create_striped(path, size, STRIPE)
+    }
+
+    /// [`create`](Self::create) with stripes of `stripe` bytes (a power of
+    /// two of at least 4 KiB; tests use small ones to cross stripes often).
+    pub fn create_striped(path: &Path, size: u64, stripe: u64) -> Result<Self> {
+        if !stripe.is_power_of_two() || stripe < 4096 {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("store stripe {stripe} is not a power of two of at least 4096"),
+            ));
+        }
         if path.exists() {
             return Err(Error::new(
                 ErrorKind::Invalid,
@@ -77,7 +91,7 @@ impl FileStore {
             .unwrap_or(4096)
             .max(512);
         let mut shards = vec![file];
-        if size > STRIPE {
+        if size > stripe {
             let dir = match path.parent() {
                 Some(d) if !d.as_os_str().is_empty() => d,
                 _ => Path::new("."),
@@ -91,22 +105,27 @@ impl FileStore {
                 }
             }
         }
-        Ok(FileStore { shards, granularity })
+        Ok(FileStore {
+            shards,
+            granularity,
+            stripe,
+        })
     }
 
     fn shard(&self, offset: u64) -> &RawFile {
-        &self.shards[((offset / STRIPE) % self.shards.len() as u64) as usize]
+        &self.shards[((offset / self.stripe) % self.shards.len() as u64) as usize]
     }
 
     /// Splits `[offset, offset + len)` at stripe boundaries.
-    fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+        let stripe = self.stripe;
         let end = offset + len;
         let mut at = offset;
         std::iter::from_fn(move || {
             if at >= end {
                 return None;
             }
-            let n = (STRIPE - at % STRIPE).min(end - at);
+            let n = (stripe - at % stripe).min(end - at);
             let p = (at, n);
             at += n;
             Some(p)
@@ -127,7 +146,7 @@ impl Store for FileStore {
 
     fn save(&self, index: u64, cluster: u64, data: &[u8]) -> Result<()> {
         let base = index * cluster;
-        for (at, n) in Self::pieces(base, data.len() as u64) {
+        for (at, n) in self.pieces(base, data.len() as u64) {
             let d = &data[(at - base) as usize..(at - base + n) as usize];
             self.shard(at).write_at(d, at, false)?;
         }
@@ -136,7 +155,7 @@ impl Store for FileStore {
 
     fn load(&self, index: u64, cluster: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let base = index * cluster + offset;
-        for (at, n) in Self::pieces(base, buf.len() as u64) {
+        for (at, n) in self.pieces(base, buf.len() as u64) {
             let b = &mut buf[(at - base) as usize..(at - base + n) as usize];
             self.shard(at).read_at(b, at)?;
         }
@@ -152,7 +171,7 @@ impl Store for FileStore {
         len: u64,
     ) -> Option<Result<()>> {
         let base = index * cluster;
-        for (i, (at, n)) in Self::pieces(base, len).enumerate() {
+        for (i, (at, n)) in self.pieces(base, len).enumerate() {
             match self.shard(at).copy_from(src, offset + (at - base), at, n) {
                 Some(Ok(())) => {}
                 // The kernel declined on the first piece: the caller
@@ -174,7 +193,7 @@ impl Store for FileStore {
     fn forget(&self, index: u64, cluster: u64) {
         let base = index * cluster;
         let len = cluster.min(self.shards[0].size().saturating_sub(base));
-        for (at, n) in Self::pieces(base, len) {
+        for (at, n) in self.pieces(base, len) {
             let _ = self.shard(at).trim(at, n);
         }
     }

@@ -198,7 +198,11 @@ fn new_store(dir: &Path, kind: StoreKind, n: u32) -> Box<dyn Store> {
     match kind {
         StoreKind::Ram => Box::new(RamStore::new(1 << 30, dir.join(format!("spill{n}")), SIZE)),
         StoreKind::RamSpill => Box::new(RamStore::new(2 * CL, dir.join(format!("spill{n}")), SIZE)),
-        StoreKind::File => Box::new(FileStore::create(&dir.join(format!("store{n}")), SIZE).unwrap()),
+        // 8 KiB stripes: two clusters a file, so copies and reads cross
+        // from one part of the store to the next.
+        StoreKind::File => {
+            Box::new(FileStore::create_striped(&dir.join(format!("store{n}")), SIZE, 2 * CL).unwrap())
+        }
     }
 }
 
@@ -615,9 +619,9 @@ fn concurrent_run(store_kind: StoreKind, cluster: u64, seed: u64) {
     let live = Arc::new(LiveDisk::new(Arc::new(file)));
     let mk = |n: u32| -> Box<dyn Store> {
         match store_kind {
-            StoreKind::File => {
-                Box::new(FileStore::create(&dir.path().join(format!("store{n}")), DISK).unwrap())
-            }
+            StoreKind::File => Box::new(
+                FileStore::create_striped(&dir.path().join(format!("store{n}")), DISK, 4 * CL).unwrap(),
+            ),
             StoreKind::Ram => Box::new(RamStore::new(1 << 30, dir.path().join(format!("spill{n}")), DISK)),
             StoreKind::RamSpill => {
                 Box::new(RamStore::new(8 * CL, dir.path().join(format!("spill{n}")), DISK))
