@@ -891,10 +891,24 @@ class Report:
         T = []
         g = self.get
 
-        def target(desc, keys, value, ok, fmt="%.2fx", note=""):
+        def per_round(ka, kb, field):
+            """' (per round: 0.91x, 1.02x)' when there are several rounds."""
+            ra = (self.R.get(ka) or {}).get("rounds") or []
+            rb = (self.R.get(kb) or {}).get("rounds") or []
+            if len(ra) < 2 or len(ra) != len(rb):
+                return ""
+            cells = []
+            for x, y in zip(ra, rb):
+                a, b = x.get(field), y.get(field)
+                cells.append("%.2fx" % (a / b) if a and b else "n/a")
+            return " (per round: %s)" % ", ".join(cells)
+
+        def target(desc, keys, value, ok, fmt="%.2fx", note="", field=None):
             if value is None:
                 T.append("- n/a  %s (%s)" % (desc, self.reason(keys)))
             else:
+                if field:
+                    note += per_round(keys[0], keys[1], field)
                 T.append("- %s %s: %s%s" % ("PASS" if ok(value) else "FAIL", desc, fmt % value, note))
 
         def r(ka, kb, field):
@@ -903,19 +917,19 @@ class Report:
 
         rw = "randwrite-4k-qd16"
         k = ("fleece/plain/" + rw, "nbdkit/plain/" + rw)
-        target("plain 4 KiB random writes >= 1.0x nbdkit", k, r(*k, "iops"), lambda x: x >= 1.0)
+        target("plain 4 KiB random writes >= 1.0x nbdkit", k, r(*k, "iops"), lambda x: x >= 1.0, field="iops")
         k = ("fleece/snapshot/" + rw, "qemu/snapshot/" + rw)
         target("4 KiB random writes during a fresh snapshot >= 2x qemu-storage-daemon", k, r(*k, "iops"),
-               lambda x: x >= 2.0)
+               lambda x: x >= 2.0, field="iops")
         k = ("fleece/snapshot/" + rw, "fleece/plain/" + rw)
         target("4 KiB random writes during a fresh snapshot >= 0.5x fleece's own plain speed", k, r(*k, "iops"),
-               lambda x: x >= 0.5)
+               lambda x: x >= 0.5, field="iops")
         k = ("fleece/pull/view-idle", "qemu/pull/view-idle")
         target("view pull (nbdcopy → null:) idle >= 1.2x qemu-storage-daemon", k, r(*k, "mib_s"),
-               lambda x: x >= 1.2)
+               lambda x: x >= 1.2, field="mib_s")
         k = ("fleece/pull/view-rate-null", "qemu/pull/view-rate-null")
         target("view pull (nbdcopy → null:) under 4 KiB random writes at %d IOPS >= 1.2x qemu-storage-daemon"
-               % self.opts.pull_write_rate, k, r(*k, "mib_s"), lambda x: x >= 1.2)
+               % self.opts.pull_write_rate, k, r(*k, "mib_s"), lambda x: x >= 1.2, field="mib_s")
         k = ("fleece/pull/view-writes-null", "qemu/pull/view-writes-null")
         wk = r(*k, "write_iops")
         v = r(*k, "mib_s")
@@ -924,7 +938,7 @@ class Report:
                      "%.2fx" % v if v else "n/a", "%.2fx" % wk if wk else "n/a"))
         k = ("fleece/snapshot/" + rw, "qemu/snapshot/" + rw)
         target("p99 write latency during a fresh snapshot <= 0.5x qemu-storage-daemon", k, r(*k, "p99_us"),
-               lambda x: x <= 0.5)
+               lambda x: x <= 0.5, field="p99_us")
         # runs where fleece served the disk and a snapshot with a file store
         fk = [key for key in self.R if key.startswith("fleece/snapshot/") or key.startswith("fleece/pull/view-")]
         rss = [x for x in (g(key, "server_rss_mib") for key in fk) if x]
@@ -1108,6 +1122,24 @@ def update_benchmarks(text):
     log("updated %s" % path)
 
 
+def report_from_json(opts):
+    """The report of a saved run, rendered by this version of the script."""
+    with open(opts.from_json) as f:
+        data = json.load(f)
+    c = data["config"]
+    saved = argparse.Namespace(size=c["image_bytes"], runtime=c["runtime_s"], ramp=c["ramp_s"],
+                               repeat=c["repeat"], rounds=c["rounds"], quick=c["quick"], only=c["servers"],
+                               qemu_aio=c["qemu_aio"], first_window=c["first_window_s"],
+                               pull_write_rate=c.get("pull_write_rate", 5000))
+    text = Report(data["results"], saved, data["meta"], data.get("notes", ())).render()
+    print(text)
+    if opts.markdown:
+        with open(opts.markdown, "w") as f:
+            f.write(text + "\n")
+    if opts.update_benchmarks:
+        update_benchmarks(text)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 256 MiB image, 3 s fio jobs (about 2 minutes)")
@@ -1126,7 +1158,12 @@ def main():
     ap.add_argument("--update-benchmarks", action="store_true",
                     help="rewrite the generated part of BENCHMARKS.md with this run's report")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "latest.json"))
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="run nothing: print the report of a saved run (with --markdown, --update-benchmarks)")
     opts = ap.parse_args()
+    if opts.from_json:
+        report_from_json(opts)
+        return
     opts.only = [k.strip() for k in opts.only.split(",") if k.strip()]
     bad = [k for k in opts.only if k not in KINDS]
     if bad:
@@ -1195,7 +1232,8 @@ def main():
     data = {"meta": meta, "config": {"image_bytes": opts.size, "runtime_s": opts.runtime, "ramp_s": opts.ramp,
                                      "repeat": opts.repeat, "rounds": opts.rounds, "quick": opts.quick,
                                      "servers": opts.only, "qemu_aio": opts.qemu_aio,
-                                     "first_window_s": opts.first_window},
+                                     "first_window_s": opts.first_window,
+                                     "pull_write_rate": opts.pull_write_rate},
             "results": results, "notes": b.notes}
     os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
 
