@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Kind, Result};
 use crate::registry::{check_name, Export, Inner, MetaSource, Registry};
-use crate::units::parse_size;
+use crate::units::{human, parse_size};
 
 /// Default copy unit.
 const DEFAULT_CLUSTER: u64 = 64 << 10;
@@ -168,6 +168,15 @@ impl Registry {
             )));
         }
         let limit = size_value(&req.store_limit, "store_limit")?;
+        if let Some(l) = limit.filter(|&l| l < cluster) {
+            // Every copy would fail, and by default so would every write
+            // to data on the live disk.
+            return Err(Error::invalid(format!(
+                "store limit {} is smaller than one cluster ({}): no copy could ever be saved",
+                human(l),
+                human(cluster)
+            )));
+        }
         let on_cbw_error = match req.on_cbw_error.as_deref() {
             None | Some("break-guest-write") => OnCbwError::BreakGuestWrite,
             Some("break-snapshot") => OnCbwError::BreakSnapshot,

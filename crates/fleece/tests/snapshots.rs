@@ -422,6 +422,10 @@ fn bad_snapshot_requests_get_clear_errors() {
             "not a size",
         ),
         (
+            vec!["snapshot", "create", "disk", "--name", "s", "--store-limit", "1K"],
+            "smaller than one cluster",
+        ),
+        (
             vec!["snapshot", "create", "disk", "--name", "s", "--bitmap", "b0"],
             "bitmap 'b0' does not exist",
         ),
