@@ -544,6 +544,9 @@ impl Snapshot {
     fn settle(&self, c: u64, end: u64, reserved: u64, done: Option<&[bool]>) {
         let mut g = self.lock();
         let mut freed = if done.is_some() { 0 } else { reserved };
+        // Only clusters that end up saved count as copied: one discarded
+        // while its copy ran is not needed and holds nothing.
+        let (mut copied, mut holes) = (0, 0);
         for x in c..end {
             let s = self.states.get(x);
             let zero = done.is_some_and(|z| z[(x - c) as usize]);
@@ -554,16 +557,17 @@ impl Snapshot {
                     Some(_) => SAVED,
                 };
                 self.states.set_base(x, to);
+                if done.is_some() {
+                    copied += 1;
+                    holes += zero as u64;
+                }
             } else if done.is_some() && !zero {
                 self.store.forget(x, self.cluster);
                 freed += self.cluster_len(x);
             }
         }
-        if let Some(z) = done {
-            self.copied.fetch_add(end - c, Ordering::Relaxed);
-            self.holes
-                .fetch_add(z.iter().filter(|&&b| b).count() as u64, Ordering::Relaxed);
-        }
+        self.copied.fetch_add(copied, Ordering::Relaxed);
+        self.holes.fetch_add(holes, Ordering::Relaxed);
         self.used.fetch_sub(freed, Ordering::Relaxed);
         self.wake(&g, c, end);
         self.alert_usage(&mut g);

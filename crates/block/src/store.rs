@@ -64,6 +64,11 @@ pub struct FileStore {
 const STRIPE: u64 = 1 << 20;
 const SHARDS: usize = 8;
 
+/// Room a RAM store keeps before it stops calling itself in memory: one
+/// run of copies (64 clusters) of clusters up to 1 MiB. With larger
+/// clusters a run may still reach the spill file from a reader thread.
+const SPILL_MARGIN: u64 = 64 << 20;
+
 impl FileStore {
     /// Creates a sparse store file able to hold `size` bytes of clusters.
     pub fn create(path: &Path, size: u64) -> Result<Self> {
@@ -251,7 +256,14 @@ impl Store for RamStore {
     fn is_in_memory(&self) -> bool {
         match self.spill.get() {
             Some(Ok(s)) => s.is_in_memory(),
-            _ => true,
+            Some(Err(_)) => true,
+            // Before the first spill: in memory while there is room. Near
+            // the budget a copy may create and write the spill file, which
+            // must not happen on a thread that promises not to block.
+            None => {
+                let used = *self.used.lock().unwrap_or_else(|p| p.into_inner());
+                self.budget >= self.spill_size || used + SPILL_MARGIN <= self.budget
+            }
         }
     }
 
@@ -395,6 +407,21 @@ mod tests {
         assert_eq!(names.len(), 1, "only the named file is visible");
         drop(s);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn ram_store_is_in_memory_only_while_it_has_room_or_spills_to_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        // Budget past the disk's size: it can never spill.
+        let whole = RamStore::new(1 << 20, dir.path().join("spill0"), 1 << 20);
+        assert!(whole.is_in_memory());
+        let big = RamStore::new(1 << 30, dir.path().join("spill"), 4 << 30);
+        assert!(big.is_in_memory());
+        // Near its budget a copy may create the spill file on disk.
+        let small = RamStore::new(8192, dir.path().join("spill2"), 1 << 20);
+        assert!(!small.is_in_memory());
+        small.save(0, 4096, &[1u8; 16384]).unwrap();
+        assert_eq!(small.is_in_memory(), small.spill().unwrap().is_in_memory());
     }
 
     #[test]
