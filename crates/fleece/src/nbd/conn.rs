@@ -411,6 +411,12 @@ fn read_turns<R: Read>(conn: &Arc<Conn>, shared: &SharedReader<R>, pool: &Arc<Po
                     req.payload_len
                 ));
             }
+            // About to wait for the rest of a payload: the client may be
+            // waiting for our replies before it sends more.
+            if !pending.is_empty() && reader.buffered() < req.payload_len as usize {
+                conn.send(&pending);
+                pending.clear();
+            }
             let mut payload = Payload::new(req.payload_len as usize);
             reader
                 .read_exact(&mut payload)
@@ -435,6 +441,11 @@ fn read_turns<R: Read>(conn: &Arc<Conn>, shared: &SharedReader<R>, pool: &Arc<Po
         } else {
             req.payload_len
         };
+        if !pending.is_empty() {
+            // acquire may wait for the pool to drain.
+            conn.send(&pending);
+            pending.clear();
+        }
         conn.acquire(cost);
         let c = conn.clone();
         pool.submit(move || {
