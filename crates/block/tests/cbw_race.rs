@@ -1457,7 +1457,11 @@ fn discard_while_a_copy_is_in_flight_drops_the_copy_when_it_settles() {
     store.save.release();
     done(&w, "write").unwrap();
     assert_eq!(snap.stats().used_bytes, 0, "the dropped copy still counts");
-    assert_eq!(snap.stats().copied_clusters, 0, "a dropped copy is not a copied cluster");
+    assert_eq!(
+        snap.stats().copied_clusters,
+        0,
+        "a dropped copy is not a copied cluster"
+    );
     assert_eq!(store.forgets(), vec![c]);
     fx.live.write_at(&[0xEF; 10], c * CL, false).unwrap();
     assert_eq!(store.saved(), vec![c]);
