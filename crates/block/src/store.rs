@@ -176,19 +176,13 @@ impl Store for FileStore {
         len: u64,
     ) -> Option<Result<()>> {
         let base = index * cluster;
-        for (i, (at, n)) in self.pieces(base, len).enumerate() {
+        for (at, n) in self.pieces(base, len) {
             match self.shard(at).copy_from(src, offset + (at - base), at, n) {
                 Some(Ok(())) => {}
-                // The kernel declined on the first piece: the caller
-                // copies through a buffer. (It cannot decline later for
-                // the same pair of files.)
-                None if i == 0 => return None,
-                None => {
-                    return Some(Err(Error::new(
-                        ErrorKind::Io,
-                        "copy_file_range stopped working part way",
-                    )))
-                }
+                // The kernel declined: the caller copies the whole run
+                // through a buffer (pieces already copied are rewritten
+                // with the same bytes; the clusters are still COPYING).
+                None => return None,
                 Some(Err(e)) => return Some(Err(e)),
             }
         }
