@@ -918,3 +918,313 @@ pub mod raw {
         let _ = s.read(&mut buf);
     }
 }
+
+// ---- helpers for failure-mode tests (start-up refusals, mounts, child
+// processes, block-status maps) ----
+
+/// True when the test runs as root; otherwise prints a note that `test` is
+/// skipped (it needs mounts) and returns false.
+pub fn running_as_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    eprintln!("note: {test} needs root (it mounts a tmpfs); skipped");
+    false
+}
+
+/// A tmpfs mounted for one test; unmounted (lazily, so that processes still
+/// holding files there cannot keep it busy) on drop, also when the test panics.
+pub struct TmpfsMount {
+    pub dir: PathBuf,
+}
+
+impl TmpfsMount {
+    /// Mounts a tmpfs of `size` (as `mount -o size=`, e.g. `4m`) on `dir`,
+    /// creating the directory.
+    pub fn mount(dir: &Path, size: &str) -> TmpfsMount {
+        std::fs::create_dir_all(dir).unwrap();
+        run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                dir.to_str().unwrap(),
+            ],
+        );
+        TmpfsMount {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// A child process that is killed (by its pid) and reaped on drop.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Waits up to `timeout` for the process to exit; `None` if it still runs.
+    pub fn exited_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns
+/// whether it held.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What became of a `fleece serve` that is expected to refuse to start.
+#[derive(Debug)]
+pub struct ServeAttempt {
+    /// Its exit status; `None` if it started serving (it was then killed).
+    pub status: Option<ExitStatus>,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+}
+
+impl ServeAttempt {
+    /// Asserts the refusal the CLI convention asks for: exit code 1 and a
+    /// one-line `fleece: error: MESSAGE` naming every needle.
+    pub fn assert_refused(&self, needles: &[&str]) {
+        let status = self.status.unwrap_or_else(|| {
+            panic!(
+                "fleece serve started serving instead of refusing; stderr:\n{}",
+                self.stderr
+            )
+        });
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "fleece serve exited with {status}, not 1; stderr:\n{}",
+            self.stderr
+        );
+        let line = self
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("fleece: error: "))
+            .unwrap_or_else(|| panic!("no `fleece: error: ...` line on stderr:\n{}", self.stderr));
+        for n in needles {
+            assert!(line.contains(n), "{line:?} does not mention {n:?}");
+        }
+    }
+}
+
+/// Runs `fleece serve ARGS` (ARGS must include `--control CONTROL`) and
+/// waits until it exits, or until it accepts connections on `control` (it
+/// started: it is killed) or 20 s pass (killed too).
+pub fn serve_attempt(args: &[OsString], control: &Path) -> ServeAttempt {
+    let errfile = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(errfile.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break Some(st);
+        }
+        if UnixStream::connect(control).is_ok() || Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(child);
+    ServeAttempt {
+        status,
+        stderr: std::fs::read_to_string(errfile.path()).unwrap_or_default(),
+    }
+}
+
+impl Daemon {
+    /// Runs `fleece ARGS --control SOCK`, asserting the CLI error convention:
+    /// exit code 1 and one line `fleece: error: ...` on stderr that names
+    /// every needle. Returns that line.
+    pub fn cli_err(&self, args: &[&str], needles: &[&str]) -> String {
+        let out = self.cli(args);
+        let err = text(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "fleece {args:?}: {} (want exit code 1)\nstdout: {}\nstderr: {err}",
+            out.status,
+            text(&out.stdout)
+        );
+        let line = err.trim_end();
+        assert!(
+            line.starts_with("fleece: error: ") && line.lines().count() == 1,
+            "fleece {args:?}: stderr is not one `fleece: error: ...` line: {err:?}"
+        );
+        for n in needles {
+            assert!(
+                line.contains(n),
+                "fleece {args:?}: {line:?} does not mention {n:?}"
+            );
+        }
+        line.to_string()
+    }
+}
+
+/// One extent of `nbdinfo --map`: offset, length, type and description.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapExtent {
+    pub offset: u64,
+    pub len: u64,
+    pub kind: u32,
+    pub desc: String,
+}
+
+/// `nbdinfo --map[=CONTEXT] URI`, parsed.
+pub fn nbdinfo_map(uri: &str, context: Option<&str>) -> Vec<MapExtent> {
+    let flag = match context {
+        Some(c) => format!("--map={c}"),
+        None => "--map".to_string(),
+    };
+    run("nbdinfo", &[&flag, uri])
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert!(f.len() >= 3, "odd nbdinfo --map line {l:?}");
+            MapExtent {
+                offset: f[0].parse().unwrap(),
+                len: f[1].parse().unwrap(),
+                kind: f[2].parse().unwrap(),
+                desc: f[3..].join(" "),
+            }
+        })
+        .collect()
+}
+
+/// Asserts that the map covers `[offset, offset + len)` and that every
+/// extent overlapping it has type `kind` (and description `desc`, if given).
+pub fn assert_map_range(map: &[MapExtent], offset: u64, len: u64, kind: u32, desc: Option<&str>) {
+    let end = offset + len;
+    let mut covered = offset;
+    for e in map.iter().filter(|e| e.offset < end && e.offset + e.len > offset) {
+        assert!(
+            e.kind == kind && desc.is_none_or(|d| e.desc == d),
+            "[{offset}, {end}): extent {e:?} is not type {kind} {desc:?}; map: {map:#?}"
+        );
+        if e.offset <= covered {
+            covered = covered.max(e.offset + e.len);
+        }
+    }
+    assert!(
+        covered >= end,
+        "[{offset}, {end}) is not covered by the map: {map:#?}"
+    );
+}
+
+/// Every file (not directory) under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Lines from a child's stdout, each awaited with a timeout (poll(2)), so a
+/// silent child cannot hang the test. Dropping it closes the read end of
+/// the pipe.
+pub struct TimedLines {
+    out: std::process::ChildStdout,
+    buf: Vec<u8>,
+}
+
+impl TimedLines {
+    pub fn new(out: std::process::ChildStdout) -> TimedLines {
+        TimedLines { out, buf: Vec::new() }
+    }
+
+    /// The next line (without its newline), or `None` on EOF or when none
+    /// came within `timeout`.
+    pub fn line(&mut self, timeout: Duration) -> Option<String> {
+        use std::os::fd::AsRawFd;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Some(text(&line[..i]));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.out.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one pollfd we own, for a bounded time.
+            let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) };
+            if n <= 0 {
+                continue;
+            }
+            let mut chunk = [0u8; 4096];
+            match self.out.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(k) => self.buf.extend_from_slice(&chunk[..k]),
+            }
+        }
+    }
+}
