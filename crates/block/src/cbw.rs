@@ -109,6 +109,8 @@ pub struct SnapshotOptions {
     pub store_limit: Option<u64>,
     /// Only clusters dirty in this (frozen) bitmap are copied or readable.
     pub scope: Option<DirtyBitmap>,
+    /// Names the snapshot in log lines (the daemon uses `DISK@NAME`).
+    pub label: String,
 }
 
 impl Default for SnapshotOptions {
@@ -120,6 +122,7 @@ impl Default for SnapshotOptions {
             read_once: false,
             store_limit: None,
             scope: None,
+            label: String::new(),
         }
     }
 }
@@ -344,7 +347,7 @@ impl Snapshot {
 
     fn break_with(&self, g: &mut Inner, why: String) {
         if g.broken.is_none() {
-            tracing::error!(reason = %why, "snapshot broken");
+            tracing::error!(snapshot = %self.opts.label, reason = %why, "snapshot broken");
             g.broken = Some(why.clone());
             self.broken.store(true, Ordering::Release);
             self.wake_all(g);
@@ -766,12 +769,13 @@ impl Snapshot {
         let end = offset + len.min((1u64 << 16) * self.cluster);
         let first = offset / self.cluster;
         let last = (end - 1) / self.cluster;
-        // Runs of (first cluster, end cluster, source). Clusters that cannot
-        // be read count as data: claiming nothing about them is safe.
+        // Runs of (first cluster, end cluster, source).
         let mut runs: Vec<(u64, u64, Source)> = Vec::new();
         let mut g = self.lock();
         for c in first..=last {
-            let src = self.source(c).unwrap_or(Source::Store);
+            // Discarded or outside the scope: reads fail, and saying so lets
+            // a client skip the range instead of reading it to find out.
+            let src = self.source(c).unwrap_or(Source::Unavailable);
             match runs.last_mut() {
                 Some(r) if r.2 == src => r.1 = c + 1,
                 _ => runs.push((c, c + 1, src)),
@@ -819,6 +823,10 @@ impl Snapshot {
                     push(&mut out, hi - lo, Mapping::Hole);
                     continue;
                 }
+                Source::Unavailable => {
+                    push(&mut out, hi - lo, Mapping::Unavailable);
+                    continue;
+                }
                 Source::Live => {}
             }
             // Walk the live disk's extents over [lo, hi).
@@ -859,6 +867,8 @@ enum Source {
     Store,
     /// A hole at the instant: zeroes.
     Zero,
+    /// Discarded or outside the scope: not readable (block status only).
+    Unavailable,
 }
 
 fn push(out: &mut Vec<Extent>, length: u64, mapping: Mapping) {

@@ -11,6 +11,9 @@ pub enum Mapping {
     Zero,
     /// Not allocated, reads as zeroes.
     Hole,
+    /// Not part of this device's data: discarded from a snapshot view or
+    /// outside its bitmap; reading it fails.
+    Unavailable,
 }
 
 /// A run of bytes with one mapping.
@@ -98,7 +101,8 @@ pub trait BlockDev: Send + Sync {
                 return Ok(Some(pos));
             }
             for e in extents {
-                if e.mapping == Mapping::Data {
+                // Unavailable is not known to read as zeroes either.
+                if matches!(e.mapping, Mapping::Data | Mapping::Unavailable) {
                     return Ok(Some(pos));
                 }
                 pos += e.length;

@@ -5,7 +5,9 @@ use std::io;
 pub enum ErrorKind {
     /// Offset or length outside the device.
     OutOfRange,
-    /// Writing past the end of the device.
+    /// A write, write-zeroes or trim reaching past the end of the device,
+    /// which NBD answers with ENOSPC. Not a full file system: that is
+    /// [`StoreFull`](Self::StoreFull).
     NoSpace,
     /// The operation is not possible quickly (FAST_ZERO) or at all.
     NotSupported,
@@ -23,6 +25,8 @@ pub enum ErrorKind {
     Io,
     /// Bad argument from a caller (not a client request).
     Invalid,
+    /// The image is in use by another program.
+    Locked,
 }
 
 /// The one error type of the block layer: a kind, a message for people,
@@ -57,6 +61,16 @@ impl Error {
             kind,
             message: format!("{context}: {err}"),
             source: Some(err),
+        }
+    }
+
+    /// An error of `kind` with a message for people and the OS error that
+    /// stands for it, when the message says more than the OS error would.
+    pub(crate) fn with_source(kind: ErrorKind, message: impl Into<String>, source: io::Error) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            source: Some(source),
         }
     }
 

@@ -5,10 +5,11 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::dev::{check_range, BlockDev, Capabilities, Extent, Mapping, ZeroFlags};
+use crate::lock::{self, Acquired, LockMode};
 use crate::{Error, ErrorKind, Result};
 
 /// Largest zero buffer written at once when the file system cannot zero a
@@ -21,7 +22,9 @@ const ZERO_CHUNK: usize = 1 << 20;
 pub struct RawFile {
     file: File,
     path: PathBuf,
-    size: u64,
+    /// Size of the device; changes only in [`resize`](Self::resize), while
+    /// the caller keeps I/O away.
+    size: AtomicU64,
     read_only: bool,
     /// Cleared once `RWF_NOWAIT` reads turn out unsupported here.
     nowait: AtomicBool,
@@ -31,6 +34,13 @@ pub struct RawFile {
     /// `SEEK_HOLE` walks the page cache to the next hole, which in a dense
     /// tmpfs image is the end of the file, on every call.
     dense: Mutex<DenseRun>,
+    /// Set once the file was found shorter than the device, so that a
+    /// flood of failing reads logs it once.
+    truncation_logged: AtomicBool,
+    /// The image locks held, if any.
+    locked: Mutex<Option<LockMode>>,
+    /// Set once we warned that the file system has no OFD locks.
+    lock_warned: AtomicBool,
 }
 
 /// `[start, end)` is data as of generation `gen`; any `fallocate` (the only
@@ -101,11 +111,14 @@ impl RawFile {
         RawFile {
             file,
             path,
-            size,
+            size: AtomicU64::new(size),
             read_only,
             nowait: AtomicBool::new(true),
             in_memory: false,
             dense: Mutex::default(),
+            truncation_logged: AtomicBool::new(false),
+            locked: Mutex::new(None),
+            lock_warned: AtomicBool::new(false),
         }
         .detect_memory()
     }
@@ -128,8 +141,8 @@ impl RawFile {
     /// do it for these files (the caller copies through a buffer).
     pub fn copy_from(&self, src: &RawFile, src_off: u64, dst_off: u64, len: u64) -> Option<Result<()>> {
         if self.read_only
-            || check_range(self.size, dst_off, len).is_err()
-            || check_range(src.size, src_off, len).is_err()
+            || check_range(self.len(), dst_off, len).is_err()
+            || check_range(src.len(), src_off, len).is_err()
         {
             return None;
         }
@@ -154,7 +167,10 @@ impl RawFile {
             }
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {
-                _ if r == 0 => None, // past EOF of the source: let the caller handle it
+                // Past the end of the source (truncated under us?): the
+                // caller reads through a buffer instead, which fails
+                // properly, and rewrites the whole run if it copies.
+                _ if r == 0 => None,
                 Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
                     if done == 0 =>
                 {
@@ -180,6 +196,102 @@ impl RawFile {
     /// Path the file was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Size of the device.
+    fn len(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The file's current length, which another program may have changed
+    /// under us (the device's size is [`BlockDev::size`]).
+    pub fn file_len(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| Error::io(format!("cannot stat {}", self.path.display()), e))
+    }
+
+    /// Changes the size of the file and of the device. The caller makes
+    /// sure no I/O is in flight (it freezes the disk).
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        self.writable()?;
+        self.file
+            .set_len(new_size)
+            .map_err(|e| Error::io(format!("cannot resize {}", self.path.display()), e))?;
+        self.file.sync_data().map_err(|e| {
+            Error::io(
+                format!("cannot sync {} after resizing it", self.path.display()),
+                e,
+            )
+        })?;
+        self.size.store(new_size, Ordering::Release);
+        let mut dense = self.dense.lock().unwrap_or_else(|p| p.into_inner());
+        *dense = DenseRun {
+            gen: dense.gen + 1,
+            ..DenseRun::default()
+        };
+        self.truncation_logged.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Locks the image the way QEMU does (see [`LockMode`]), so that QEMU
+    /// processes cannot write or resize it while fleece serves it, and
+    /// fails with [`ErrorKind::Locked`] if one of them (or another fleece)
+    /// already uses it in a conflicting way. On a file system without open
+    /// file description locks it warns once and goes on, as QEMU does.
+    pub fn lock(&self, mode: LockMode) -> Result<()> {
+        let mut held = self.locked.lock().unwrap_or_else(|p| p.into_inner());
+        match lock::acquire(&self.file, &self.path, mode, *held)? {
+            Acquired::Locked => *held = Some(mode),
+            Acquired::Unsupported(e) => {
+                *held = None;
+                if !self.lock_warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        image = %self.path.display(),
+                        error = %e,
+                        "the file system does not support open file description locks: \
+                         QEMU processes will not see that fleece uses this image"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases the image locks, so that another program may take the
+    /// image at once, even while something still holds this `RawFile`.
+    pub fn unlock(&self) {
+        let mut held = self.locked.lock().unwrap_or_else(|p| p.into_inner());
+        lock::release_all(&self.file);
+        *held = None;
+    }
+
+    /// The error for an image that ends before the device does, logged
+    /// once per file: it was truncated by someone else, and what is gone
+    /// must not read as zeroes or look like holes.
+    fn truncated(&self, what: &str, offset: u64, file_len: u64) -> Error {
+        let msg = format!(
+            "{what} at {offset}: image {} ends at {file_len} bytes, before the disk's end ({} bytes): \
+             was it truncated by another program?",
+            self.path.display(),
+            self.len()
+        );
+        if !self.truncation_logged.swap(true, Ordering::Relaxed) {
+            tracing::error!("{msg}");
+        }
+        Error::with_source(ErrorKind::Io, msg, io::Error::from_raw_os_error(libc::EIO))
+    }
+
+    /// Fails if the file now ends before `end`: asked only where the
+    /// kernel said there is no data up to the end of the file, which a
+    /// truncated image would otherwise pass off as a hole.
+    fn check_length(&self, what: &str, offset: u64, end: u64) -> Result<()> {
+        let file_len = self.file_len()?;
+        if file_len < end {
+            return Err(self.truncated(what, offset, file_len));
+        }
+        Ok(())
     }
 
     fn writable(&self) -> Result<()> {
@@ -257,7 +369,7 @@ impl RawFile {
 
 impl BlockDev for RawFile {
     fn size(&self) -> u64 {
-        self.size
+        self.len()
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -269,23 +381,14 @@ impl BlockDev for RawFile {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(self.size, offset, buf.len() as u64)?;
+        check_range(self.len(), offset, buf.len() as u64)?;
         match self.file.read_exact_at(buf, offset) {
             Ok(()) => Ok(()),
-            // The file shrank under us: what is gone reads as zeroes, as a
-            // sparse tail would.
+            // The file shrank under us. Zeroes would be wrong data, served
+            // as if it were right.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                let mut done = 0;
-                while done < buf.len() {
-                    match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                        Ok(0) => break,
-                        Ok(n) => done += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(Error::io("read", e)),
-                    }
-                }
-                buf[done..].fill(0);
-                Ok(())
+                let file_len = self.file_len()?;
+                Err(self.truncated("read", offset, file_len))
             }
             Err(e) => Err(Error::io("read", e)),
         }
@@ -300,7 +403,7 @@ impl BlockDev for RawFile {
     }
 
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
-        if check_range(self.size, offset, buf.len() as u64).is_err() {
+        if check_range(self.len(), offset, buf.len() as u64).is_err() {
             return None;
         }
         if self.in_memory {
@@ -341,7 +444,7 @@ impl BlockDev for RawFile {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.writable()?;
-        check_range(self.size, offset, buf.len() as u64)?;
+        check_range(self.len(), offset, buf.len() as u64)?;
         if fua {
             let iov = libc::iovec {
                 iov_base: buf.as_ptr() as *mut libc::c_void,
@@ -373,7 +476,7 @@ impl BlockDev for RawFile {
 
     fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
         self.writable()?;
-        check_range(self.size, offset, length)?;
+        check_range(self.len(), offset, length)?;
         if length == 0 {
             return Ok(());
         }
@@ -404,7 +507,7 @@ impl BlockDev for RawFile {
 
     fn trim(&self, offset: u64, length: u64) -> Result<()> {
         self.writable()?;
-        check_range(self.size, offset, length)?;
+        check_range(self.len(), offset, length)?;
         if length == 0 {
             return Ok(());
         }
@@ -424,7 +527,7 @@ impl BlockDev for RawFile {
     }
 
     fn cache(&self, offset: u64, length: u64) -> Result<()> {
-        check_range(self.size, offset, length)?;
+        check_range(self.len(), offset, length)?;
         // SAFETY: plain syscall on a descriptor we own. The hint's result
         // does not matter: a failed prefetch costs nothing but speed.
         unsafe {
@@ -439,7 +542,7 @@ impl BlockDev for RawFile {
     }
 
     fn next_data(&self, offset: u64, end: u64) -> Result<Option<u64>> {
-        check_range(self.size, offset, end.saturating_sub(offset))?;
+        check_range(self.len(), offset, end.saturating_sub(offset))?;
         if offset >= end {
             return Ok(None);
         }
@@ -448,14 +551,21 @@ impl BlockDev for RawFile {
         // the end of the file.
         match self.seek(offset, libc::SEEK_DATA) {
             Ok(Some(d)) if d < end => Ok(Some(d)),
-            Ok(_) => Ok(None),
+            Ok(Some(_)) => Ok(None),
+            // No data up to the end of the file: a hole only if the file
+            // still reaches the end of the range. Copy-before-write saves
+            // nothing for a hole, so a truncated image must not pass as one.
+            Ok(None) => {
+                self.check_length("find data", offset, end)?;
+                Ok(None)
+            }
             // No SEEK_DATA here: assume data.
             Err(_) => Ok(Some(offset)),
         }
     }
 
     fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
-        check_range(self.size, offset, length)?;
+        check_range(self.len(), offset, length)?;
         let end = offset + length;
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = offset;
@@ -472,7 +582,12 @@ impl BlockDev for RawFile {
         let mut found: Option<(u64, u64)> = None;
         while pos < end {
             let data = match self.seek(pos, libc::SEEK_DATA) {
-                Ok(d) => d.unwrap_or(self.size).min(end),
+                Ok(Some(d)) => d.min(end),
+                // No data up to the end of the file (see next_data).
+                Ok(None) => {
+                    self.check_length("block status", offset, end)?;
+                    end
+                }
                 // No SEEK_DATA support: report everything as data.
                 Err(_) => {
                     push(&mut out, end - pos, Mapping::Data);
@@ -484,10 +599,17 @@ impl BlockDev for RawFile {
                 pos = data;
                 continue;
             }
-            let hole_at = self
+            let hole_at = match self
                 .seek(pos, libc::SEEK_HOLE)
                 .map_err(|e| Error::io("block status", e))?
-                .unwrap_or(self.size);
+            {
+                Some(h) => h,
+                // pos is past the end of the file: it shrank since SEEK_DATA.
+                None => {
+                    self.check_length("block status", offset, end)?;
+                    self.len()
+                }
+            };
             found = Some((pos, hole_at));
             let hole = hole_at.min(end).max(pos + 1);
             push(&mut out, hole - pos, Mapping::Data);
@@ -598,6 +720,156 @@ mod tests {
         f.read_at(&mut buf, 0).unwrap();
         assert!(buf[..66536].iter().all(|&b| b == 0));
         assert!(buf[66536..].iter().all(|&b| b == 9));
+    }
+
+    #[test]
+    fn a_truncated_image_fails_reads_and_never_looks_like_holes() {
+        let (d, f) = tmp(1 << 20);
+        f.write_at(&[7u8; 4096], 0, false).unwrap();
+        // Someone else truncates the image under us.
+        let other = OpenOptions::new()
+            .write(true)
+            .open(d.path().join("a.raw"))
+            .unwrap();
+        other.set_len(256 << 10).unwrap();
+        assert_eq!(f.file_len().unwrap(), 256 << 10);
+        let mut buf = vec![0u8; 8192];
+        f.read_at(&mut buf, 0).unwrap();
+        let e = f.read_at(&mut buf, (256 << 10) - 4096).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io);
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert!(
+            e.to_string().contains("ends at 262144 bytes") && e.to_string().contains("truncated"),
+            "{e}"
+        );
+        // Later reads still fail (the log is latched, not the error).
+        assert!(f.read_at(&mut buf, 512 << 10).is_err());
+        assert!(f.try_read_at(&mut buf, 512 << 10).is_none_or(|r| r.is_err()));
+        // What lies inside the file still answers; past its end fails.
+        assert_eq!(f.next_data(4096, 256 << 10).unwrap(), None);
+        assert_eq!(f.next_data(4096, 1 << 20).unwrap_err().kind(), ErrorKind::Io);
+        assert_eq!(f.next_data(300 << 10, 1 << 20).unwrap_err().kind(), ErrorKind::Io);
+        assert_eq!(f.block_status(0, 1 << 20).unwrap_err().kind(), ErrorKind::Io);
+        assert_eq!(f.block_status(400 << 10, 4096).unwrap_err().kind(), ErrorKind::Io);
+        let ext = f.block_status(0, 256 << 10).unwrap();
+        assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 256 << 10);
+        // The default next_data (through block status) fails as well.
+        struct ByStatus<'a>(&'a RawFile);
+        impl BlockDev for ByStatus<'_> {
+            fn size(&self) -> u64 {
+                self.0.size()
+            }
+            fn capabilities(&self) -> Capabilities {
+                self.0.capabilities()
+            }
+            fn read_at(&self, b: &mut [u8], o: u64) -> Result<()> {
+                self.0.read_at(b, o)
+            }
+            fn write_at(&self, b: &[u8], o: u64, fua: bool) -> Result<()> {
+                self.0.write_at(b, o, fua)
+            }
+            fn write_zeroes(&self, o: u64, l: u64, f: ZeroFlags) -> Result<()> {
+                self.0.write_zeroes(o, l, f)
+            }
+            fn trim(&self, o: u64, l: u64) -> Result<()> {
+                self.0.trim(o, l)
+            }
+            fn flush(&self) -> Result<()> {
+                self.0.flush()
+            }
+            fn cache(&self, o: u64, l: u64) -> Result<()> {
+                self.0.cache(o, l)
+            }
+            fn block_status(&self, o: u64, l: u64) -> Result<Vec<Extent>> {
+                self.0.block_status(o, l)
+            }
+        }
+        assert!(ByStatus(&f).next_data(4096, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn a_copy_from_a_truncated_source_is_not_silently_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = RawFile::create(&dir.path().join("src"), 1 << 20).unwrap();
+        let dst = RawFile::create(&dir.path().join("dst"), 1 << 20).unwrap();
+        src.write_at(&[3u8; 65536], 0, false).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("src"))
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        match dst.copy_from(&src, 0, 0, 65536) {
+            None => {
+                let mut buf = vec![0u8; 65536];
+                assert!(src.read_at(&mut buf, 0).is_err(), "the fallback must fail");
+            }
+            Some(r) => assert!(r.is_err(), "a short copy cannot succeed"),
+        }
+    }
+
+    #[test]
+    fn resize_changes_the_device_and_the_file() {
+        let (_d, f) = tmp(1 << 20);
+        f.write_at(&vec![5u8; 1 << 20], 0, false).unwrap();
+        // Remember a dense run that the shrink makes wrong.
+        assert_eq!(f.block_status(0, 1 << 20).unwrap().len(), 1);
+        f.resize(512 << 10).unwrap();
+        assert_eq!(f.size(), 512 << 10);
+        assert_eq!(f.file_len().unwrap(), 512 << 10);
+        assert_eq!(
+            f.block_status(0, 512 << 10)
+                .unwrap()
+                .iter()
+                .map(|e| e.length)
+                .sum::<u64>(),
+            512 << 10
+        );
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            f.read_at(&mut buf, 512 << 10).unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
+        f.resize(2 << 20).unwrap();
+        let ext = f.block_status(0, 2 << 20).unwrap();
+        assert_eq!(ext.last().unwrap().mapping, Mapping::Hole, "{ext:?}");
+        f.read_at(&mut buf, (2 << 20) - 1).unwrap();
+        assert_eq!(buf[0], 0);
+        let ro = RawFile::open(f.path(), true).unwrap();
+        assert_eq!(ro.resize(1 << 20).unwrap_err().kind(), ErrorKind::ReadOnly);
+    }
+
+    #[test]
+    fn a_second_open_cannot_lock_an_image_in_use() {
+        let (_d, a) = tmp(1 << 20);
+        let b = RawFile::open(a.path(), false).unwrap();
+        a.lock(LockMode::ReadWrite).unwrap();
+        if a.locked.lock().unwrap().is_none() {
+            eprintln!("no OFD locks on this file system; skipping");
+            return;
+        }
+        let e = b.lock(LockMode::ReadWrite).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Locked);
+        assert!(e.to_string().contains("in use by another program"), "{e}");
+        assert!(e.to_string().contains(a.path().to_str().unwrap()), "{e}");
+        // Nor read-only: a reader refuses to share "write", which a holds.
+        let e = b.lock(LockMode::ReadOnly).unwrap_err();
+        assert!(e.to_string().contains("\"write\""), "{e}");
+        // The failed attempts left nothing behind: after unlock, b gets it.
+        a.unlock();
+        b.lock(LockMode::ReadWrite).unwrap();
+        assert_eq!(a.lock(LockMode::ReadWrite).unwrap_err().kind(), ErrorKind::Locked);
+        // Closing releases the locks too.
+        drop(b);
+        a.lock(LockMode::ReadWrite).unwrap();
+        // Read-only users share with each other, and lock again after a
+        // downgrade.
+        a.lock(LockMode::ReadOnly).unwrap();
+        let c = RawFile::open(a.path(), true).unwrap();
+        c.lock(LockMode::ReadOnly).unwrap();
+        assert_eq!(a.lock(LockMode::ReadWrite).unwrap_err().kind(), ErrorKind::Locked);
+        c.unlock();
+        a.lock(LockMode::ReadWrite).unwrap();
     }
 
     #[test]

@@ -407,7 +407,18 @@ fn check_status(s: &Shadow, off: u64, len: u64) {
         );
         for e in ext {
             assert!(e.length > 0, "empty extent");
-            if e.mapping != Mapping::Data {
+            // Unavailable exactly where the view may no longer serve.
+            let (first, last) = (pos / s.cluster, (pos + e.length - 1) / s.cluster);
+            for c in first..=last {
+                assert_eq!(
+                    e.mapping == Mapping::Unavailable,
+                    !s.readable(c),
+                    "view block status says {:?} for {pos}+{}, which holds cluster {c}",
+                    e.mapping,
+                    e.length
+                );
+            }
+            if matches!(e.mapping, Mapping::Hole | Mapping::Zero) {
                 let bytes = &s.bytes[pos as usize..(pos + e.length) as usize];
                 if let Some(i) = bytes.iter().position(|&b| b != 0) {
                     panic!(
@@ -699,6 +710,8 @@ fn concurrent_run(store_kind: StoreKind, cluster: u64, seed: u64) {
                         let ext = snap.block_status(off, len).unwrap();
                         let mut pos = off;
                         for e in ext {
+                            // Nothing is discarded or out of scope here.
+                            assert_ne!(e.mapping, Mapping::Unavailable, "at {pos}+{}", e.length);
                             if e.mapping != Mapping::Data {
                                 let bytes = &image[pos as usize..(pos + e.length) as usize];
                                 assert!(

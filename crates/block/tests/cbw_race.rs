@@ -1315,9 +1315,23 @@ fn discard_frees_the_saved_copy_and_later_writes_copy_nothing() {
         view.trim(2 * CL, CL).unwrap();
         assert_eq!(snap.stats().discarded_clusters, 2);
         assert_eq!(snap.stats().used_bytes, CL);
-        // Block status of discarded clusters is never a hole.
+        // Block status of discarded clusters is never a hole: they are
+        // unavailable, and only they.
         let ext = view.block_status(2 * CL, CL).unwrap();
-        assert!(ext.iter().all(|e| e.mapping == Mapping::Data), "{ext:?}");
+        assert_eq!(
+            ext,
+            vec![Extent {
+                length: CL,
+                mapping: Mapping::Unavailable
+            }]
+        );
+        let ext = view.block_status(CL, 5 * CL).unwrap();
+        let unavailable: Vec<u64> = runs(&ext, CL, CL)
+            .into_iter()
+            .filter(|&(_, m)| m == Mapping::Unavailable)
+            .map(|(c, _)| c)
+            .collect();
+        assert_eq!(unavailable, vec![2, 5], "{ext:?}");
     }
 }
 
@@ -1632,6 +1646,41 @@ fn scope_limits_copies_and_reads_to_the_clusters_of_the_bitmap() {
     assert_kind(read(&view, 0, SIZE), ErrorKind::AccessDenied, "whole read");
     let ext = view.block_status(13 * CL, CL).unwrap();
     assert!(!ext.is_empty() && ext.iter().map(|e| e.length).sum::<u64>() <= CL);
+    // Block status calls exactly the clusters outside the scope unavailable.
+    let ext = view.block_status(0, SIZE).unwrap();
+    assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), SIZE);
+    for (c, m) in runs(&ext, 0, CL) {
+        assert_eq!(
+            m == Mapping::Unavailable,
+            !inside.contains(&c),
+            "cluster {c}: {m:?} in {ext:?}"
+        );
+    }
+}
+
+/// The mapping of each cluster that block status `ext` from `offset`
+/// covers; a cluster that is unavailable in part must be so as a whole.
+fn runs(ext: &[Extent], offset: u64, cl: u64) -> Vec<(u64, Mapping)> {
+    let mut spans = Vec::new();
+    let mut pos = offset;
+    for e in ext {
+        spans.push((pos, pos + e.length, e.mapping));
+        pos += e.length;
+    }
+    (offset / cl..pos.div_ceil(cl))
+        .map(|c| {
+            let (lo, hi) = (c * cl, (c + 1) * cl);
+            let here: Vec<Mapping> = spans
+                .iter()
+                .filter(|s| s.0 < hi && s.1 > lo)
+                .map(|s| s.2)
+                .collect();
+            if here.contains(&Mapping::Unavailable) {
+                assert_eq!(here.len(), 1, "cluster {c} partly unavailable: {ext:?}");
+            }
+            (c, here[0])
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
