@@ -33,6 +33,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/disks"),
     ("GET", "/v1/disks/{name}"),
     ("DELETE", "/v1/disks/{name}"),
+    ("POST", "/v1/disks/{name}/resize"),
     ("POST", "/v1/snapshots"),
     ("GET", "/v1/snapshots"),
     ("GET", "/v1/snapshots/{id}"),
@@ -118,42 +119,68 @@ async fn handle(d: &Arc<Daemon>, req: Request<Incoming>, stop: watch::Receiver<b
         Ok(b) => b.to_bytes(),
         Err(_) => return error(Error::invalid("request body is too large or unreadable")),
     };
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Names travel percent-encoded (`vm1%40snap` is `vm1@snap`): decode
+    // each segment after splitting, so an encoded '/' stays inside its name.
+    let segs: Vec<String> = match path.trim_matches('/').split('/').map(percent_decode).collect() {
+        Ok(s) => s,
+        Err(e) => return error(e),
+    };
+    let query = match parse_query(&query) {
+        Ok(q) => q,
+        Err(e) => return error(e),
+    };
+    let flag = |k: &str| query.iter().any(|(qk, v)| qk == k && (v == "true" || v == "1"));
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let result = match (&method, segs.as_slice()) {
         (&Method::GET, ["v1", "status"]) => Ok(ok(StatusCode::OK, status(d))),
         (&Method::GET, ["v1", "disks"]) => {
             let list: Vec<Value> = d.registry.disks().iter().map(|x| d.disk_json(x)).collect();
             Ok(ok(StatusCode::OK, Value::Array(list)))
         }
-        (&Method::POST, ["v1", "disks"]) => add_disk(d, &body),
+        (&Method::POST, ["v1", "disks"]) => add_disk(d, body).await,
         (&Method::GET, ["v1", "disks", name]) => {
             d.registry.disk(name).map(|x| ok(StatusCode::OK, d.disk_json(&x)))
         }
         (&Method::DELETE, ["v1", "disks", name]) => {
-            let force = query.split('&').any(|kv| kv == "force=true" || kv == "force=1");
-            d.registry.remove_disk(name, force).map(|_| {
-                d.events.emit("disk_removed", json!({ "name": name }));
-                empty(StatusCode::NO_CONTENT)
-            })
+            let (name, force) = (name.to_string(), flag("force"));
+            blocking(d, move |d| d.registry.remove_disk(&name, force).map(|_| name))
+                .await
+                .map(|name| {
+                    d.events.emit("disk_removed", json!({ "name": name }));
+                    empty(StatusCode::NO_CONTENT)
+                })
         }
+        (&Method::POST, ["v1", "disks", name, "resize"]) => resize_disk(d, name, &body).await,
         (&Method::POST, ["v1", "snapshots"]) => create_snapshots(d, body).await,
         (&Method::GET, ["v1", "snapshots"]) => {
-            let disk = query.split('&').find_map(|kv| kv.strip_prefix("disk="));
-            let list: Vec<Value> = d
-                .registry
-                .snapshots(disk)
-                .iter()
-                .map(|e| d.snapshot_json(e))
-                .collect();
-            Ok(ok(StatusCode::OK, Value::Array(list)))
+            let disk = query.iter().find(|(k, _)| k == "disk").map(|(_, v)| v.as_str());
+            // Asking for a disk that does not exist is an error, as everywhere.
+            match disk.map(|x| d.registry.disk(x)).transpose() {
+                Err(e) => Err(e),
+                Ok(_) => {
+                    let list: Vec<Value> = d
+                        .registry
+                        .snapshots(disk)
+                        .iter()
+                        .map(|e| d.snapshot_json(e))
+                        .collect();
+                    Ok(ok(StatusCode::OK, Value::Array(list)))
+                }
+            }
         }
         (&Method::GET, ["v1", "snapshots", id]) => d
             .registry
             .snapshot(id)
             .map(|e| ok(StatusCode::OK, d.snapshot_json(&e))),
-        (&Method::DELETE, ["v1", "snapshots", id]) => split_id(id)
-            .and_then(|(disk, name)| d.registry.delete_snapshot(disk, name))
-            .map(|_| empty(StatusCode::NO_CONTENT)),
+        (&Method::DELETE, ["v1", "snapshots", id]) => {
+            let (id, force) = (id.to_string(), flag("force"));
+            blocking(d, move |d| {
+                let (disk, name) = split_id(&id)?;
+                d.registry.delete_snapshot(disk, name, force)
+            })
+            .await
+            .map(|_| empty(StatusCode::NO_CONTENT))
+        }
         (&Method::GET, ["v1", "disks", disk, "bitmaps"]) => {
             d.registry.bitmaps_json(disk).map(|v| ok(StatusCode::OK, v))
         }
@@ -162,6 +189,9 @@ async fn handle(d: &Arc<Daemon>, req: Request<Incoming>, stop: watch::Receiver<b
                 Ok(v) => v,
                 Err(e) => return error(Error::invalid(format!("bad request body: {e}"))),
             };
+            if !v.is_object() {
+                return error(Error::invalid("request body must be a JSON object"));
+            }
             v["action"] = json!("bitmap-add");
             v["disk"] = json!(disk);
             let name = v["name"].as_str().unwrap_or_default().to_string();
@@ -230,6 +260,54 @@ async fn handle(d: &Arc<Daemon>, req: Request<Incoming>, stop: watch::Receiver<b
     result.unwrap_or_else(error)
 }
 
+/// Decodes `%XX` escapes of one path segment or query value.
+fn percent_decode(s: &str) -> Result<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| Error::invalid(format!("bad percent-encoding in '{s}'")))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| Error::invalid(format!("'{s}' does not decode to UTF-8")))
+}
+
+/// `a=1&b=x%40y` as decoded pairs (`+` is a space, as in forms).
+fn parse_query(q: &str) -> Result<Vec<(String, String)>> {
+    q.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            Ok((
+                percent_decode(&k.replace('+', " "))?,
+                percent_decode(&v.replace('+', " "))?,
+            ))
+        })
+        .collect()
+}
+
+/// Runs a registry change off the runtime: changes wait for each other
+/// and for the instant of a transaction, which waits for writes in flight.
+async fn blocking<T: Send + 'static>(
+    d: &Arc<Daemon>,
+    f: impl FnOnce(&Daemon) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let d2 = d.clone();
+    tokio::task::spawn_blocking(move || f(&d2))
+        .await
+        .map_err(|e| Error::new(crate::error::Kind::Internal, format!("control task failed: {e}")))?
+}
+
 fn template_matches(template: &str, segs: &[&str]) -> bool {
     let t: Vec<&str> = template.trim_matches('/').split('/').collect();
     t.len() == segs.len() && t.iter().zip(segs).all(|(a, b)| a.starts_with('{') || a == b)
@@ -258,12 +336,38 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T> {
     serde_json::from_slice(body).map_err(|e| Error::invalid(format!("bad request body: {e}")))
 }
 
-fn add_disk(d: &Daemon, body: &[u8]) -> Result<Response<ApiBody>> {
-    let req: AddDisk = parse(body)?;
-    let disk = d.registry.add_disk(&req.name, &req.path)?;
+async fn add_disk(d: &Arc<Daemon>, body: Bytes) -> Result<Response<ApiBody>> {
+    let req: AddDisk = parse(&body)?;
+    let disk = blocking(d, move |d| d.registry.add_disk(&req.name, &req.path)).await?;
     let v = d.disk_json(&disk);
     d.events.emit("disk_added", v.clone());
     Ok(ok(StatusCode::CREATED, v))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resize {
+    size: Value,
+    #[serde(default)]
+    shrink: bool,
+}
+
+async fn resize_disk(d: &Arc<Daemon>, name: &str, body: &[u8]) -> Result<Response<ApiBody>> {
+    let req: Resize = parse(body)?;
+    let size = match &req.size {
+        Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| Error::invalid("size must be a whole number of bytes"))?,
+        Value::String(s) => crate::units::parse_size(s)?,
+        _ => {
+            return Err(Error::invalid(
+                "size must be a number of bytes or a size like \"10G\"",
+            ))
+        }
+    };
+    let name = name.to_string();
+    let disk = blocking(d, move |d| d.registry.resize_disk(&name, size, req.shrink)).await?;
+    Ok(ok(StatusCode::OK, d.disk_json(&disk)))
 }
 
 /// Parses and applies actions as one transaction, off the runtime (taking
@@ -392,6 +496,22 @@ mod tests {
         documented.sort();
         served.sort();
         assert_eq!(documented, served, "docs/openapi.json and api::ROUTES differ");
+    }
+
+    #[test]
+    fn percent_encoded_names_decode_and_bad_escapes_are_refused() {
+        assert_eq!(percent_decode("vm1%40live2").unwrap(), "vm1@live2");
+        assert_eq!(percent_decode("v%6d").unwrap(), "vm");
+        assert!(percent_decode("%zz").is_err());
+        assert!(percent_decode("%4").is_err());
+        assert!(percent_decode("%ff").is_err());
+        assert_eq!(
+            parse_query("disk=vm%31&force=true").unwrap(),
+            vec![
+                ("disk".to_string(), "vm1".to_string()),
+                ("force".to_string(), "true".to_string())
+            ]
+        );
     }
 
     #[test]

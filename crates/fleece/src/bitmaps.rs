@@ -143,6 +143,19 @@ impl Action {
         })
     }
 
+    /// What the action is about, for error messages.
+    fn describe(&self) -> String {
+        match self {
+            Action::BitmapAdd(a) => format!("bitmap-add {} on {}", a.name, a.disk),
+            Action::BitmapRemove(r) => format!("bitmap-remove {} on {}", r.name, r.disk),
+            Action::BitmapClear(r) => format!("bitmap-clear {} on {}", r.name, r.disk),
+            Action::BitmapEnable(r) => format!("bitmap-enable {} on {}", r.name, r.disk),
+            Action::BitmapDisable(r) => format!("bitmap-disable {} on {}", r.name, r.disk),
+            Action::BitmapMerge(m) => format!("bitmap-merge into {} on {}", m.target, m.disk),
+            Action::SnapshotCreate(s) => format!("snapshot-create {} of {}", s.name, s.disks.join(", ")),
+        }
+    }
+
     fn disks(&self) -> Vec<String> {
         match self {
             Action::BitmapAdd(a) => vec![a.disk.clone()],
@@ -174,6 +187,8 @@ enum Ready {
 struct Planned {
     added: Vec<(String, String, Arc<NamedBitmap>)>,
     removed: Vec<(String, String)>,
+    /// Snapshots `(disk, name)` made by earlier actions, with the action's number.
+    snapshots: Vec<(String, String, usize)>,
 }
 
 impl Planned {
@@ -230,22 +245,38 @@ impl Registry {
     /// Applies actions at one instant: everything is checked and prepared
     /// first (files created, stores made), then every involved disk is
     /// frozen and all changes are made together. Returns the snapshots made,
-    /// per snapshot action.
+    /// per snapshot action. Errors of a transaction of several actions say
+    /// which action failed (`action 2 (bitmap-clear b0 on vm1): ...`).
     pub fn transaction(&self, actions: Vec<Action>) -> Result<Vec<Vec<Arc<SnapshotEntry>>>> {
         if actions.is_empty() {
             return Err(Error::invalid("a transaction needs at least one action"));
         }
+        let many = actions.len() > 1;
+        let named = |i: usize, e: Error| {
+            if many {
+                Error::new(
+                    e.kind,
+                    format!("action {} ({}): {}", i + 1, actions[i].describe(), e.message),
+                )
+            } else {
+                e
+            }
+        };
+        // Checks, preparation and the instant under one hold: what was
+        // checked free (a snapshot or bitmap name) stays free until applied.
+        let _ops = self.ops();
         let mut plan = Planned::default();
         let mut ready = Vec::new();
-        for a in &actions {
-            match self.prepare(a, &mut plan) {
-                Ok(r) => ready.push(r),
+        for (i, a) in actions.iter().enumerate() {
+            match self.prepare(i, a, &mut plan) {
+                Ok(r) => ready.push((i, r)),
                 Err(e) => {
-                    // Nothing is applied: drop the files made for new bitmaps.
+                    // Nothing is applied: drop the files made for new bitmaps
+                    // (stores go with `ready`).
                     for (_, _, b) in &plan.added {
                         let _ = b.remove_file();
                     }
-                    return Err(e);
+                    return Err(named(i, e));
                 }
             }
         }
@@ -254,11 +285,15 @@ impl Registry {
         names.dedup();
         let disks = names.iter().map(|n| self.disk(n)).collect::<Result<Vec<_>>>()?;
 
-        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        // The instant. The registry lock is not held while disks freeze
+        // (which waits for writes in flight): NBD clients keep connecting.
         let guards: Vec<_> = disks.iter().map(|d| d.live.freeze()).collect();
         let mut made = Vec::new();
         let mut failure = None;
-        for r in ready.into_iter().flatten() {
+        for (i, r) in ready
+            .into_iter()
+            .flat_map(|(i, rs)| rs.into_iter().map(move |r| (i, r)))
+        {
             let res = match r {
                 Ready::Add(d, b) => {
                     d.live.add_bitmap(b);
@@ -281,19 +316,22 @@ impl Registry {
                 Ready::Snapshot(p, rotate) => {
                     let scope = p.req.bitmap.clone();
                     let disks = p.disks.clone();
-                    made.push(self.commit_snapshot(&mut inner, *p));
-                    // Checkpoint pattern: the scoping bitmap stops and the
-                    // rotated one starts, both at this instant.
+                    made.push(self.commit_snapshot(*p));
+                    // Checkpoint pattern, only when asked for with rotate:
+                    // the rotated bitmap starts afresh and the scoping one
+                    // stops, both at this instant. A snapshot scoped to a
+                    // bitmap without rotate leaves the bitmap alone (its
+                    // scope is a copy).
                     let mut r = Ok(());
                     if let Some((d, name)) = rotate {
                         if let Some(b) = d.live.bitmap(&name) {
                             r = b.clear().and_then(|_| b.set_enabled(true));
                         }
-                    }
-                    if let Some(s) = scope {
-                        for d in &disks {
-                            if let Some(b) = d.live.bitmap(&s) {
-                                r = r.and_then(|_| b.set_enabled(false));
+                        if let Some(s) = scope {
+                            for d in &disks {
+                                if let Some(b) = d.live.bitmap(&s) {
+                                    r = r.and_then(|_| b.set_enabled(false));
+                                }
                             }
                         }
                     }
@@ -301,11 +339,10 @@ impl Registry {
                 }
             };
             if let Err(e) = res {
-                failure.get_or_insert(e);
+                failure.get_or_insert(named(i, e));
             }
         }
         drop(guards);
-        drop(inner);
         for e in made.iter().flatten() {
             self.events
                 .emit("snapshot_created", json!({ "snapshot": e.export.name }));
@@ -319,7 +356,7 @@ impl Registry {
         }
     }
 
-    fn prepare(&self, a: &Action, plan: &mut Planned) -> Result<Vec<Ready>> {
+    fn prepare(&self, index: usize, a: &Action, plan: &mut Planned) -> Result<Vec<Ready>> {
         Ok(vec![match a {
             Action::BitmapAdd(a) => {
                 check_name("bitmap", &a.name)?;
@@ -362,6 +399,13 @@ impl Registry {
                     return Err(Error::invalid("bitmap merge needs at least one source"));
                 }
                 for s in &sources {
+                    if !s.is_consistent() {
+                        return Err(Error::invalid(format!(
+                            "cannot merge '{}': it is inconsistent ({}), so its bits may miss writes",
+                            s.name(),
+                            s.inconsistent_reason().unwrap_or_default()
+                        )));
+                    }
                     if s.bits().granularity() != t.bits().granularity() {
                         return Err(Error::invalid(format!(
                             "cannot merge '{}' (granularity {}) into '{}' (granularity {})",
@@ -375,6 +419,26 @@ impl Registry {
                 Ready::Merge(t, sources)
             }
             Action::SnapshotCreate(req) => {
+                for d in &req.disks {
+                    if let Some((_, _, first)) = plan
+                        .snapshots
+                        .iter()
+                        .find(|(pd, pn, _)| pd == d && *pn == req.name)
+                    {
+                        return Err(Error::new(
+                            Kind::Exists,
+                            format!(
+                                "snapshot '{d}@{}' is created twice in this transaction (actions {} and {})",
+                                req.name,
+                                first + 1,
+                                index + 1
+                            ),
+                        ));
+                    }
+                }
+                for d in &req.disks {
+                    plan.snapshots.push((d.clone(), req.name.clone(), index));
+                }
                 let p = self.prepare_snapshot(req)?;
                 if let Some(b) = &req.bitmap {
                     for d in &p.disks {
@@ -430,8 +494,11 @@ pub fn bitmap_json(b: &NamedBitmap) -> Value {
         "dirty_bytes": b.bits().dirty_bytes(),
         "recording": b.is_enabled(),
         "persistent": b.is_persistent(),
-        // Crash-safe marking never leaves a bitmap inconsistent.
-        "exact": true,
+        // False once the bitmap may have missed a write (its sidecar could
+        // not be made durable, or the disk changed size while fleece was not
+        // serving it): the next backup from it must be a full one.
+        "exact": b.is_consistent(),
+        "inconsistent_reason": b.inconsistent_reason(),
         "path": b.path(),
     })
 }

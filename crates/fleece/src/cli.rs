@@ -172,10 +172,14 @@ pub enum SnapshotCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Delete a snapshot and free its store.
+    /// Delete a snapshot and free its store. Refused while clients are
+    /// connected to its view (a backup may be reading it) unless --force.
     Delete {
         /// DISK@NAME
         id: String,
+        /// Close the view's connections instead of refusing.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -200,7 +204,7 @@ pub struct ServeArgs {
     /// Directory for sockets, the demo disk and snapshot stores.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// I/O threads shared by all connections.
+    /// I/O threads shared by all connections, 1 to 1024 [default: 16].
     #[arg(long, value_name = "N")]
     pub io_threads: Option<usize>,
 }
@@ -232,6 +236,19 @@ pub enum DiskCommand {
         name: String,
         /// Path of an existing raw image.
         path: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Grow or shrink a disk (its image and its export). Refused while the
+    /// disk has snapshots; clients connected before keep the old size.
+    Resize {
+        /// Disk name.
+        name: String,
+        /// New size, e.g. 20G (a multiple of 512 bytes).
+        size: String,
+        /// Allow a smaller size, which discards the data past it.
+        #[arg(long)]
+        shrink: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -348,12 +365,38 @@ fn disk(action: DiskCommand) -> Result<()> {
             );
             Ok(())
         }
+        DiskCommand::Resize {
+            name,
+            size,
+            shrink,
+            client: c,
+        } => {
+            let bytes = parse_size(&size)?;
+            let v = client::request(
+                &c.control,
+                "POST",
+                &format!("/v1/disks/{}/resize", enc(&name)),
+                Some(&json!({ "size": bytes, "shrink": shrink })),
+            )?;
+            if c.json {
+                return print_json(&v);
+            }
+            println!(
+                "disk {name} is now {}",
+                human(v["size"].as_u64().unwrap_or(bytes))
+            );
+            Ok(())
+        }
         DiskCommand::Remove {
             name,
             force,
             client: c,
         } => {
-            let path = format!("/v1/disks/{name}{}", if force { "?force=true" } else { "" });
+            let path = format!(
+                "/v1/disks/{}{}",
+                enc(&name),
+                if force { "?force=true" } else { "" }
+            );
             client::request(&c.control, "DELETE", &path, None)?;
             if c.json {
                 return print_json(&json!({ "removed": name }));
@@ -380,13 +423,13 @@ fn bitmap(action: BitmapCommand) -> Result<()> {
             (
                 client,
                 "POST",
-                format!("/v1/disks/{disk}/bitmaps"),
+                format!("/v1/disks/{}/bitmaps", enc(&disk)),
                 Some(body),
                 format!("added bitmap {name} to {disk}"),
             )
         }
         BitmapCommand::Remove(a) => {
-            let p = format!("/v1/disks/{}/bitmaps/{}", a.disk, a.name);
+            let p = format!("/v1/disks/{}/bitmaps/{}", enc(&a.disk), enc(&a.name));
             (a.client, "DELETE", p, None, format!("removed bitmap {}", a.name))
         }
         BitmapCommand::Clear(a) => op(a, "clear", "cleared"),
@@ -398,12 +441,17 @@ fn bitmap(action: BitmapCommand) -> Result<()> {
             sources,
             client,
         } => {
-            let p = format!("/v1/disks/{disk}/bitmaps/{target}/merge");
+            let p = format!("/v1/disks/{}/bitmaps/{}/merge", enc(&disk), enc(&target));
             let done = format!("merged {} into {target}", sources.join(", "));
             (client, "POST", p, Some(json!({ "sources": sources })), done)
         }
         BitmapCommand::List { disk, client: c } => {
-            let v = client::request(&c.control, "GET", &format!("/v1/disks/{disk}/bitmaps"), None)?;
+            let v = client::request(
+                &c.control,
+                "GET",
+                &format!("/v1/disks/{}/bitmaps", enc(&disk)),
+                None,
+            )?;
             if c.json {
                 return print_json(&v);
             }
@@ -440,7 +488,7 @@ fn bitmap(action: BitmapCommand) -> Result<()> {
 type Call = (ClientArgs, &'static str, String, Option<Value>, String);
 
 fn op(a: BitmapArgs, verb: &str, done: &str) -> Call {
-    let p = format!("/v1/disks/{}/bitmaps/{}/{verb}", a.disk, a.name);
+    let p = format!("/v1/disks/{}/bitmaps/{}/{verb}", enc(&a.disk), enc(&a.name));
     (a.client, "POST", p, None, format!("{done} bitmap {}", a.name))
 }
 
@@ -459,7 +507,13 @@ fn snapshot(action: SnapshotCommand) -> Result<()> {
             cbw_timeout,
             client: c,
         } => {
-            // Validate sizes here so a typo never reaches the daemon.
+            // Validate here so a typo never reaches the daemon. JSON has no
+            // NaN or infinity (they would arrive as null: no timeout).
+            if let Some(t) = cbw_timeout.filter(|t| !t.is_finite()) {
+                return Err(Error::invalid(format!(
+                    "--cbw-timeout {t} is not a number of seconds (0 for no timeout)"
+                )));
+            }
             let cluster_size = cluster_size.as_deref().map(parse_size).transpose()?;
             let store_limit = store_limit.as_deref().map(parse_size).transpose()?;
             let store = store.map(|s| match s.strip_prefix("file:") {
@@ -487,7 +541,7 @@ fn snapshot(action: SnapshotCommand) -> Result<()> {
         }
         SnapshotCommand::List { disk, client: c } => {
             let path = match &disk {
-                Some(d) => format!("/v1/snapshots?disk={d}"),
+                Some(d) => format!("/v1/snapshots?disk={}", enc(d)),
                 None => "/v1/snapshots".to_string(),
             };
             let v = client::request(&c.control, "GET", &path, None)?;
@@ -519,11 +573,12 @@ fn snapshot(action: SnapshotCommand) -> Result<()> {
             Ok(())
         }
         SnapshotCommand::Show { id, client: c } => {
-            let v = client::request(&c.control, "GET", &format!("/v1/snapshots/{id}"), None)?;
+            let v = client::request(&c.control, "GET", &format!("/v1/snapshots/{}", enc(&id)), None)?;
             if c.json {
                 return print_json(&v);
             }
             println!("snapshot        {}", s(&v["export"]));
+            println!("created         {}", utc(v["created"].as_u64().unwrap_or(0)));
             println!("state           {}", s(&v["state"]));
             if !v["error"].is_null() {
                 println!("error           {}", s(&v["error"]));
@@ -541,6 +596,9 @@ fn snapshot(action: SnapshotCommand) -> Result<()> {
                 format!(" ({})", s(&st["path"]))
             };
             println!("store           {}{}", s(&st["kind"]), path);
+            if let Some(m) = st["memory_limit_bytes"].as_u64() {
+                println!("store memory    up to {} (the rest spills to a file)", human(m));
+            }
             let limit = st["limit_bytes"].as_u64();
             let used = st["used_bytes"].as_u64().unwrap_or(0);
             match limit {
@@ -557,13 +615,22 @@ fn snapshot(action: SnapshotCommand) -> Result<()> {
                 v["copied_clusters"], v["hole_clusters"]
             );
             println!("discarded       {} clusters", v["discarded_clusters"]);
+            match v["bitmap"].as_str() {
+                Some(b) => println!("bitmap          {b} (incremental: only its dirty clusters can be read)"),
+                None => println!("bitmap          - (full: every cluster can be read)"),
+            }
             println!("on cbw error    {}", s(&v["on_cbw_error"]));
             println!("read once       {}", v["read_once"]);
             println!("connections     {}", v["connections"]);
             Ok(())
         }
-        SnapshotCommand::Delete { id, client: c } => {
-            client::request(&c.control, "DELETE", &format!("/v1/snapshots/{id}"), None)?;
+        SnapshotCommand::Delete { id, force, client: c } => {
+            let path = format!(
+                "/v1/snapshots/{}{}",
+                enc(&id),
+                if force { "?force=true" } else { "" }
+            );
+            client::request(&c.control, "DELETE", &path, None)?;
             if c.json {
                 return print_json(&json!({ "deleted": id }));
             }
@@ -574,24 +641,121 @@ fn snapshot(action: SnapshotCommand) -> Result<()> {
 }
 
 fn events(c: &ClientArgs) -> Result<()> {
-    let reader = client::stream(&c.control, "/v1/events")?;
+    use std::os::unix::io::AsRawFd;
+    let mut reader = client::stream(&c.control, "/v1/events")?;
+    // On stderr, so that stdout stays the events alone.
+    eprintln!(
+        "fleece: connected to {}; waiting for events (Ctrl-C to stop)",
+        c.control.display()
+    );
     let mut kind = String::new();
     let stdout = std::io::stdout();
-    for line in reader.lines() {
-        let line = line.map_err(|e| Error::new(crate::error::Kind::Unavailable, e.to_string()))?;
+    let sock = reader.get_ref().as_raw_fd();
+    let mut line = String::new();
+    loop {
+        // Wait for the next event, but notice a reader of our output that
+        // went away (`fleece events | head -1`) without one: no write would
+        // ever fail otherwise.
+        if reader.buffer().is_empty() && !wait_readable(sock) {
+            return Ok(());
+        }
+        line.clear();
+        let n = reader
+            .read_line(&mut line)
+            .map_err(|e| Error::new(crate::error::Kind::Unavailable, e.to_string()))?;
+        if n == 0 {
+            return Err(Error::new(
+                crate::error::Kind::Unavailable,
+                "the daemon closed the event stream (it is shutting down)",
+            ));
+        }
+        let line = line.trim_end_matches(['\r', '\n']);
         let mut out = stdout.lock();
         if let Some(k) = line.strip_prefix("event: ") {
             kind = k.to_string();
         } else if let Some(d) = line.strip_prefix("data: ") {
-            let _ = if c.json {
+            let written = if c.json {
                 writeln!(out, "{{\"event\":\"{kind}\",\"data\":{d}}}")
             } else {
                 writeln!(out, "{kind:<18} {d}")
-            };
-            let _ = out.flush();
+            }
+            .and_then(|_| out.flush());
+            if written.is_err() {
+                return Ok(());
+            }
         }
     }
-    Ok(())
+}
+
+/// Waits until `sock` has input; false if standard output was closed by
+/// its reader first.
+fn wait_readable(sock: i32) -> bool {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: sock,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            // No events asked: only an error or hang-up is reported, which
+            // for the write end of a pipe means the reader is gone.
+            libc::pollfd {
+                fd: libc::STDOUT_FILENO,
+                events: 0,
+                revents: 0,
+            },
+        ];
+        // SAFETY: the array outlives the call and its length is passed.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return true; // let the read report it
+        }
+        if fds[1].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+            return false;
+        }
+        if fds[0].revents != 0 {
+            return true;
+        }
+    }
+}
+
+/// Percent-encodes one path segment or query value: names may hold
+/// characters that mean something in a URL.
+fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~@".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
+fn utc(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn s(v: &Value) -> String {

@@ -36,12 +36,76 @@ pub struct DiskConfig {
 }
 
 impl FileConfig {
-    /// Reads and parses a TOML file.
+    /// Reads and parses a TOML file. Relative paths in it (state dir,
+    /// control socket, `unix:` listeners, disk images) are taken relative to
+    /// the file's own directory, so a config works from any working
+    /// directory.
     pub fn load(path: &Path) -> Result<FileConfig> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::invalid(format!("cannot read config {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| Error::invalid(format!("config {}: {e}", path.display())))
+        let mut c: FileConfig =
+            toml::from_str(&text).map_err(|e| Error::invalid(format!("config {}: {e}", path.display())))?;
+        let base = std::path::absolute(path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_default();
+        c.resolve(&base);
+        Ok(c)
     }
+
+    fn resolve(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(p) = self.state_dir.as_mut() {
+            abs(p);
+        }
+        if let Some(p) = self.control.as_mut() {
+            abs(p);
+        }
+        for d in &mut self.disk {
+            abs(&mut d.path);
+        }
+        for l in &mut self.nbd {
+            if let Some(p) = l.strip_prefix("unix:") {
+                let mut p = PathBuf::from(p);
+                abs(&mut p);
+                *l = format!("unix:{}", p.display());
+            }
+        }
+    }
+}
+
+/// Most I/O threads one daemon may run.
+pub const MAX_IO_THREADS: usize = 1024;
+
+/// Checks `--io-threads` / `io_threads`.
+pub fn check_io_threads(n: usize) -> Result<usize> {
+    if (1..=MAX_IO_THREADS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(Error::invalid(format!(
+            "io-threads {n} is out of range: use 1 to {MAX_IO_THREADS} (default 16)"
+        )))
+    }
+}
+
+/// The disks to serve: those of the config file, then those of `--disk`
+/// flags; a name given twice is an error.
+pub fn merge_disks(file: Vec<DiskConfig>, flags: Vec<DiskConfig>) -> Result<Vec<DiskConfig>> {
+    let mut out: Vec<DiskConfig> = Vec::new();
+    for d in file.into_iter().chain(flags) {
+        if out.iter().any(|o| o.name == d.name) {
+            return Err(Error::invalid(format!(
+                "disk '{}' is given twice (in the config file and/or by --disk)",
+                d.name
+            )));
+        }
+        out.push(d);
+    }
+    Ok(out)
 }
 
 /// Parses `NAME=PATH`.
@@ -82,6 +146,43 @@ mod tests {
     #[test]
     fn unknown_config_keys_are_rejected() {
         assert!(toml::from_str::<FileConfig>("disks = 3").is_err());
+    }
+
+    #[test]
+    fn relative_paths_in_a_config_file_are_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fleece.toml");
+        std::fs::write(
+            &p,
+            "state_dir = \"state\"\nnbd = [\"unix:nbd.sock\", \"tcp:127.0.0.1:0\"]\n\
+             [[disk]]\nname = \"a\"\npath = \"images/a.raw\"\n[[disk]]\nname = \"b\"\npath = \"/abs/b.raw\"\n",
+        )
+        .unwrap();
+        let c = FileConfig::load(&p).unwrap();
+        let base = std::path::absolute(dir.path()).unwrap();
+        assert_eq!(c.state_dir.unwrap(), base.join("state"));
+        assert_eq!(c.disk[0].path, base.join("images/a.raw"));
+        assert_eq!(c.disk[1].path, PathBuf::from("/abs/b.raw"));
+        assert_eq!(c.nbd[0], format!("unix:{}", base.join("nbd.sock").display()));
+        assert_eq!(c.nbd[1], "tcp:127.0.0.1:0");
+    }
+
+    #[test]
+    fn flag_disks_add_to_config_disks_and_a_name_may_not_repeat() {
+        let d = |n: &str| DiskConfig {
+            name: n.into(),
+            path: PathBuf::from(format!("/{n}")),
+        };
+        let m = merge_disks(vec![d("a")], vec![d("b")]).unwrap();
+        assert_eq!(m.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert!(merge_disks(vec![d("a")], vec![d("a")]).is_err());
+    }
+
+    #[test]
+    fn io_threads_must_be_sane() {
+        assert!(check_io_threads(0).is_err());
+        assert!(check_io_threads(100_000).is_err());
+        assert_eq!(check_io_threads(16).unwrap(), 16);
     }
 
     #[test]

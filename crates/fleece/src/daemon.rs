@@ -14,6 +14,7 @@ use crate::error::{Error, Kind, Result};
 use crate::events::Events;
 use crate::nbd::{ListenAddr, Listener, Pool};
 use crate::registry::Registry;
+use crate::state::StateDir;
 use crate::units::human;
 
 /// Size of the demo disk created when nothing is configured.
@@ -39,10 +40,27 @@ pub struct ServeOptions {
 
 /// Runs the daemon until a signal arrives.
 pub fn serve(opts: ServeOptions) -> Result<()> {
+    // Everything a user gave is checked before anything is touched.
     let file = match &opts.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
+    let threads = config::check_io_threads(opts.io_threads.or(file.io_threads).unwrap_or(16))?;
+    let flag_disks = opts
+        .disks
+        .iter()
+        .map(|s| config::parse_disk_arg(s))
+        .collect::<Result<Vec<_>>>()?;
+    let mut disks = config::merge_disks(file.disk, flag_disks)?;
+    for d in &disks {
+        crate::registry::check_name("disk", &d.name)?;
+    }
+    let mut nbd = opts.nbd;
+    if nbd.is_empty() {
+        nbd = file.nbd;
+    }
+    let mut listen = config::parse_listen(&nbd)?;
+
     let state_dir = opts
         .state_dir
         .or(file.state_dir)
@@ -50,29 +68,19 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| Error::invalid(format!("cannot create state dir {}: {e}", state_dir.display())))?;
     let state_dir = state_dir.canonicalize().unwrap_or(state_dir);
+    // Before anything in the directory is read or removed: a second daemon
+    // must not delete the stores of a running one.
+    let state = Arc::new(StateDir::lock(&state_dir)?);
     let control = opts
         .control
         .or(file.control)
         .unwrap_or_else(|| state_dir.join("control.sock"));
-    let mut nbd = opts.nbd;
-    if nbd.is_empty() {
-        nbd = file.nbd;
-    }
-    let mut listen = config::parse_listen(&nbd)?;
     if listen.is_empty() {
         listen.push(ListenAddr::Unix(state_dir.join("nbd.sock")));
     }
-    let mut disks: Vec<DiskConfig> = opts
-        .disks
-        .iter()
-        .map(|s| config::parse_disk_arg(s))
-        .collect::<Result<_>>()?;
-    if disks.is_empty() {
-        disks = file.disk;
-    }
-    remove_stale_stores(&state_dir.join("snapshots"));
+    state.remove_stale_stores();
     let events = Events::default();
-    let registry = Arc::new(Registry::new(state_dir.clone(), events.clone()));
+    let registry = Arc::new(Registry::new(state.clone(), events.clone()));
     if disks.is_empty() {
         let path = state_dir.join("demo.raw");
         if !path.exists() {
@@ -89,13 +97,20 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             .map_err(|e| Error::new(e.kind, format!("disk '{}': {}", d.name, e.message)))?;
     }
 
-    let threads = opts.io_threads.or(file.io_threads).unwrap_or(16);
-    let pool = Pool::new(threads);
+    let pool = Pool::new(threads)?;
     let mut listeners = Vec::new();
     for addr in &listen {
         listeners.push(Listener::start(addr, registry.clone(), pool.clone())?);
     }
     let listen: Vec<ListenAddr> = listeners.iter().map(|l| l.addr.clone()).collect();
+    let (watch_stop, watch_rx) = std::sync::mpsc::channel::<()>();
+    let watcher = {
+        let registry = registry.clone();
+        std::thread::Builder::new()
+            .name("image-watch".into())
+            .spawn(move || watch_image_sizes(&registry, &watch_rx))
+            .map_err(|e| Error::new(Kind::Internal, format!("cannot start thread: {e}")))?
+    };
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -128,6 +143,8 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     })?;
     drop(rt);
 
+    drop(watch_stop);
+    let _ = watcher.join();
     for l in &mut listeners {
         l.stop();
     }
@@ -143,23 +160,47 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     Ok(())
 }
 
-/// Snapshots do not survive a restart; stores a killed daemon left behind
-/// would only hold disk space.
-fn remove_stale_stores(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".store") || name.ends_with(".spill") {
-            match std::fs::remove_file(e.path()) {
-                Ok(()) => {
-                    tracing::info!(file = %e.path().display(), "removed the store of a snapshot lost in a restart")
-                }
-                Err(err) => {
-                    tracing::warn!(file = %e.path().display(), error = %err, "cannot remove stale store")
-                }
+/// How often served images are checked for a size change.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Notices images that another program truncated or extended while they
+/// are served, and says so once per change: a disk keeps the size it was
+/// opened with (reads past a truncated end fail with EIO), and
+/// `fleece disk resize` is the way to change it.
+fn watch_image_sizes(registry: &Registry, stop: &std::sync::mpsc::Receiver<()>) {
+    let mut reported: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(WATCH_INTERVAL) {
+        let disks = registry.disks();
+        reported.retain(|name, _| disks.iter().any(|d| &d.name == name));
+        for d in disks {
+            let served = fleece_block::BlockDev::size(&*d.file);
+            let Ok(now) = d.file.file_len() else { continue };
+            let last = reported.get(&d.name).copied().unwrap_or(served);
+            if now == last {
+                continue;
             }
+            if now < served {
+                tracing::error!(
+                    disk = %d.name,
+                    image = %d.path.display(),
+                    file_size = now,
+                    disk_size = served,
+                    "image file size changed underneath: it was truncated by another program; \
+                     reads past its end fail with EIO"
+                );
+            } else if now > served {
+                tracing::warn!(
+                    disk = %d.name,
+                    image = %d.path.display(),
+                    file_size = now,
+                    disk_size = served,
+                    "image file size changed underneath: another program extended it; the disk keeps \
+                     its size (use `fleece disk resize` to change it)"
+                );
+            } else {
+                tracing::info!(disk = %d.name, image = %d.path.display(), "image file size is back to the disk's size");
+            }
+            reported.insert(d.name.clone(), now);
         }
     }
 }
@@ -176,29 +217,32 @@ fn bind_control(path: &Path) -> Result<tokio::net::UnixListener> {
         .map_err(|e| Error::invalid(format!("cannot listen on control socket {}: {e}", path.display())))
 }
 
+/// Prints where to connect. Write errors are ignored: a daemon whose
+/// stdout was closed (`fleece serve | head`) keeps serving.
 fn banner(d: &Daemon) {
+    use std::io::Write;
     let disks = d.registry.disks();
-    println!(
-        "fleece {} is serving {} disk{}:",
+    let mut text = format!(
+        "fleece {} is serving {} disk{}:\n",
         env!("CARGO_PKG_VERSION"),
         disks.len(),
         if disks.len() == 1 { "" } else { "s" }
     );
     for disk in &disks {
         let size = fleece_block::BlockDev::size(&*disk.file);
-        println!("  {:<12} {:>9}  {}", disk.name, human(size), d.uri(&disk.name));
+        text += &format!("  {:<12} {:>9}  {}\n", disk.name, human(size), d.uri(&disk.name));
         for l in d.listen.iter().skip(1) {
-            println!("  {:<12} {:>9}  {}", "", "", l.uri(&disk.name));
+            text += &format!("  {:<12} {:>9}  {}\n", "", "", l.uri(&disk.name));
         }
     }
-    println!("control socket: {}", d.control.display());
+    text += &format!("control socket: {}\n", d.control.display());
     if let Some(first) = disks.first() {
         let uri = d.uri(&first.name);
-        println!("try:");
-        println!("  qemu-io -f raw -c 'write -P 0xab 0 64k' -c 'read -P 0xab 0 64k' '{uri}'");
-        println!("  nbdinfo --map '{uri}'");
-        println!("  fleece status --control {}", d.control.display());
+        text += "try:\n";
+        text += &format!("  qemu-io -f raw -c 'write -P 0xab 0 64k' -c 'read -P 0xab 0 64k' '{uri}'\n");
+        text += &format!("  nbdinfo --map '{uri}'\n");
+        text += &format!("  fleece status --control {}\n", d.control.display());
     }
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
 }

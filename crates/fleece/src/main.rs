@@ -12,6 +12,7 @@ mod events;
 mod nbd;
 mod registry;
 mod snapshots;
+mod state;
 mod units;
 
 use clap::Parser;
@@ -21,6 +22,16 @@ use tracing_subscriber::EnvFilter;
 
 fn main() {
     let cli = cli::Cli::parse();
+    if !matches!(cli.command, cli::Command::Serve(_)) {
+        // A client command whose stdout is closed (`fleece disk list | head
+        // -1`) ends quietly, as other Unix tools do: Rust ignores SIGPIPE,
+        // which would turn the write into a panic. The daemon keeps ignoring
+        // it (a client hanging up must not kill it).
+        // SAFETY: restoring a default signal disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let filter = match cli.log_level.as_deref().filter(|l| !l.trim().is_empty()) {
         None => EnvFilter::new("info"),
         Some(l) => match EnvFilter::try_new(l) {

@@ -1,11 +1,13 @@
 //! Disks and the NBD exports that serve them.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
-use fleece_block::{BlockDev, LiveDisk, RawFile};
+use fleece_block::{BlockDev, LiveDisk, LockMode, RawFile};
 use fleece_nbd::consts::*;
 use fleece_nbd::{Catalog, ExportInfo};
 use serde_json::{json, Value};
@@ -14,6 +16,7 @@ use crate::error::{Error, Kind, Result};
 use crate::events::Events;
 use crate::nbd::Stream;
 use crate::snapshots::SnapshotEntry;
+use crate::state::StateDir;
 
 /// Largest payload of one request (reads and writes), advertised in
 /// `NBD_INFO_BLOCK_SIZE`. Larger requests are refused or disconnected.
@@ -47,20 +50,44 @@ pub enum MetaSource {
 pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 impl Export {
-    /// Dirty/clean runs of bitmap `name` over the range, as (length, dirty).
-    pub fn bitmap_extents(&self, name: &str, offset: u64, len: u64) -> Option<Vec<(u64, bool)>> {
+    /// Dirty/clean runs of bitmap `name` over the range, as (length,
+    /// dirty), or why they cannot be given.
+    pub fn bitmap_extents(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> std::result::Result<Vec<(u64, bool)>, String> {
         match &self.meta {
-            MetaSource::Live(live) => live.bitmap(name).map(|b| b.bits().extents(offset, len)),
-            MetaSource::Snapshot(snap, Some(b)) if b == name => {
-                snap.options().scope.as_ref().map(|s| s.extents(offset, len))
-            }
-            MetaSource::Snapshot(..) => None,
+            MetaSource::Live(live) => match live.bitmap(name) {
+                None => Err(format!("dirty bitmap '{name}' no longer exists")),
+                // Its clean bits may be wrong: a client must not skip them.
+                Some(b) if !b.is_consistent() => Err(format!(
+                    "dirty bitmap '{name}' is inconsistent ({}): take a full backup",
+                    b.inconsistent_reason().unwrap_or_default()
+                )),
+                Some(b) => Ok(b.bits().extents(offset, len)),
+            },
+            MetaSource::Snapshot(snap, Some(b)) if b == name => snap
+                .options()
+                .scope
+                .as_ref()
+                .map(|s| s.extents(offset, len))
+                .ok_or_else(|| format!("dirty bitmap '{name}' is not part of this snapshot")),
+            MetaSource::Snapshot(..) => Err(format!("dirty bitmap '{name}' is not part of this snapshot")),
         }
     }
 
+    /// The bitmaps offered as metadata contexts: inconsistent ones are not,
+    /// as QEMU does not export them either.
     fn bitmap_names(&self) -> Vec<String> {
         match &self.meta {
-            MetaSource::Live(live) => live.bitmaps().iter().map(|b| b.name().to_string()).collect(),
+            MetaSource::Live(live) => live
+                .bitmaps()
+                .iter()
+                .filter(|b| b.is_consistent())
+                .map(|b| b.name().to_string())
+                .collect(),
             MetaSource::Snapshot(_, b) => b.iter().cloned().collect(),
         }
     }
@@ -109,6 +136,8 @@ pub struct Disk {
     pub name: String,
     /// Image path as given.
     pub path: PathBuf,
+    /// Device and inode of the image: one file is served under one name.
+    pub id: (u64, u64),
     /// The open image.
     pub file: Arc<RawFile>,
     /// Copy-before-write layer in front of the image; what clients write.
@@ -137,12 +166,26 @@ pub(crate) struct Inner {
 pub struct Registry {
     pub(crate) inner: RwLock<Inner>,
     conns: Mutex<HashMap<u64, Conn>>,
+    /// Signalled whenever a connection goes away.
+    conns_changed: Condvar,
+    /// Held by every change of disks, snapshots and bitmaps (disk add,
+    /// remove and resize, transactions, snapshot deletes): a name is checked
+    /// and taken under it, so two requests cannot both take one, and nothing
+    /// is attached to a disk before its name is settled. Never taken on the
+    /// data path or by NBD handshakes.
+    ops: Mutex<()>,
     next_conn: AtomicU64,
-    /// Where default snapshot stores go.
-    pub(crate) state_dir: PathBuf,
+    /// The state directory (default stores, store records).
+    pub(crate) state: Arc<StateDir>,
     /// Where snapshot events go.
     pub(crate) events: Events,
 }
+
+/// How long a removal waits for the connections it closes to finish their
+/// in-flight requests, before it shuts their sockets completely.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long a removal waits for closed connections in all.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Disk and snapshot names: short, and safe in URIs and file names.
 pub fn check_name(what: &str, name: &str) -> Result<()> {
@@ -163,29 +206,59 @@ pub fn check_name(what: &str, name: &str) -> Result<()> {
 
 impl Registry {
     /// An empty registry.
-    pub fn new(state_dir: PathBuf, events: Events) -> Self {
+    pub fn new(state: Arc<StateDir>, events: Events) -> Self {
         Registry {
             inner: RwLock::default(),
             conns: Mutex::default(),
+            conns_changed: Condvar::new(),
+            ops: Mutex::new(()),
             next_conn: AtomicU64::new(0),
-            state_dir,
+            state,
             events,
         }
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// Serializes changes; see [`Registry::ops`](Self).
+    pub(crate) fn ops(&self) -> MutexGuard<'_, ()> {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Opens the image at `path` and exports it as `name`.
     pub fn add_disk(&self, name: &str, path: &Path) -> Result<Arc<Disk>> {
         check_name("disk", name)?;
-        if self
-            .inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .disks
-            .contains_key(name)
-        {
+        let _ops = self.ops();
+        if self.disk(name).is_ok() {
             return Err(Error::new(Kind::Exists, format!("disk '{name}' already exists")));
         }
         let file = RawFile::open(path, false).map_err(|e| Error::invalid(e.to_string()))?;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| Error::invalid(format!("cannot stat {}: {e}", path.display())))?;
+        let id = (meta.dev(), meta.ino());
+        // Two names for one file would let writes through one name skip the
+        // other's snapshots and bitmaps.
+        if let Some(other) = self.disks().into_iter().find(|d| d.id == id) {
+            return Err(Error::new(
+                Kind::Exists,
+                format!(
+                    "{} is already served as disk '{}' ({}): one image may be served under one name only",
+                    path.display(),
+                    other.name,
+                    other.path.display()
+                ),
+            ));
+        }
+        file.lock(LockMode::ReadWrite).map_err(|e| {
+            let kind = match e.kind() {
+                fleece_block::ErrorKind::Locked => Kind::Busy,
+                _ => Kind::InvalidArgument,
+            };
+            Error::new(kind, e.to_string())
+        })?;
         let file = Arc::new(file);
         let live = Arc::new(LiveDisk::new(file.clone()));
         for b in crate::bitmaps::load_sidecars(path, fleece_block::BlockDev::size(&*file))? {
@@ -202,14 +275,12 @@ impl Registry {
         let disk = Arc::new(Disk {
             name: name.to_string(),
             path: path.to_path_buf(),
+            id,
             file,
             live,
             export: export.clone(),
         });
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        if inner.disks.contains_key(name) {
-            return Err(Error::new(Kind::Exists, format!("disk '{name}' already exists")));
-        }
         inner.disks.insert(name.to_string(), disk.clone());
         inner.exports.insert(name.to_string(), export);
         if inner.default.is_none() {
@@ -219,43 +290,112 @@ impl Registry {
     }
 
     /// Stops exporting a disk. Without `force` it refuses while clients are
-    /// connected; with it, their connections are closed after in-flight
-    /// requests.
+    /// connected or snapshots exist; with it, snapshots are deleted and
+    /// connections closed after their in-flight requests. Returns once every
+    /// connection to the disk and its snapshots is gone and the image is
+    /// unlocked, so other programs may open it at once.
     pub fn remove_disk(&self, name: &str, force: bool) -> Result<Arc<Disk>> {
+        let _ops = self.ops();
         let disk = self.disk(name)?;
-        let conns = disk.export.connections.load(Ordering::SeqCst);
-        if conns > 0 && !force {
-            return Err(Error::new(
-                Kind::Busy,
-                format!("disk '{name}' has {conns} open connection(s); use --force to close them"),
-            ));
-        }
-        let snaps = self.snapshot_names(name);
-        if !snaps.is_empty() && !force {
-            return Err(Error::new(
-                Kind::Busy,
-                format!(
-                    "disk '{name}' has snapshots ({}); delete them or use --force",
-                    snaps.join(", ")
-                ),
-            ));
-        }
-        for s in snaps {
-            self.delete_snapshot(name, &s)?;
-        }
-        {
+        let (exports, entries) = {
             let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+            let exports: Vec<String> = inner
+                .exports
+                .values()
+                .filter(|e| e.disk == name)
+                .map(|e| e.name.clone())
+                .collect();
+            let active = self.active_connections(&exports);
+            if active > 0 && !force {
+                return Err(Error::new(
+                    Kind::Busy,
+                    format!("disk '{name}' has {active} open connection(s); use --force to close them"),
+                ));
+            }
+            let snaps: Vec<String> = inner
+                .snapshots
+                .keys()
+                .filter(|(d, _)| d == name)
+                .map(|(_, n)| n.clone())
+                .collect();
+            if !snaps.is_empty() && !force {
+                return Err(Error::new(
+                    Kind::Busy,
+                    format!(
+                        "disk '{name}' has snapshots ({}); delete them or use --force",
+                        snaps.join(", ")
+                    ),
+                ));
+            }
+            let entries: Vec<Arc<SnapshotEntry>> = snaps
+                .iter()
+                .filter_map(|s| inner.snapshots.remove(&(name.to_string(), s.clone())))
+                .collect();
             inner.disks.remove(name);
             inner.exports.retain(|_, e| e.disk != name);
             if inner.default.as_deref() == Some(name) {
                 inner.default = inner.disks.keys().next().cloned();
             }
+            (exports, entries)
+        };
+        for e in &entries {
+            disk.live.detach(&e.snap);
         }
-        self.close_connections_to(name);
+        self.close_and_wait(&exports);
+        for e in &entries {
+            self.events.emit(
+                "snapshot_deleted",
+                serde_json::json!({ "snapshot": e.export.name }),
+            );
+        }
         if let Err(e) = fleece_block::BlockDev::flush(&*disk.file) {
             tracing::warn!(disk = name, error = %e, "flush on removal failed");
         }
+        disk.file.unlock();
         Ok(disk)
+    }
+
+    /// Connections to these exports whose clients have not hung up. A
+    /// client that closed its socket (its process may already have exited)
+    /// is on its way out and does not count: the caller waits for it.
+    pub(crate) fn active_connections(&self, exports: &[String]) -> usize {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|c| exports.contains(&c.export) && !c.stream.peer_closed())
+            .count()
+    }
+
+    /// Closes the connections to these exports after their in-flight
+    /// requests and waits until they are gone (bounded: a client that never
+    /// reads its replies is cut off after [`CLOSE_GRACE`]).
+    pub(crate) fn close_and_wait(&self, exports: &[String]) {
+        let start = Instant::now();
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        for c in conns.values().filter(|c| exports.contains(&c.export)) {
+            c.stream.shutdown_read();
+        }
+        let mut cut = false;
+        while conns.values().any(|c| exports.contains(&c.export)) {
+            let waited = start.elapsed();
+            if waited >= CLOSE_TIMEOUT {
+                tracing::warn!(exports = ?exports, "connections did not close in time; going on without them");
+                return;
+            }
+            if !cut && waited >= CLOSE_GRACE {
+                for c in conns.values().filter(|c| exports.contains(&c.export)) {
+                    c.stream.shutdown_both();
+                }
+                cut = true;
+            }
+            let step = if cut { CLOSE_TIMEOUT } else { CLOSE_GRACE } - waited;
+            conns = self
+                .conns_changed
+                .wait_timeout(conns, step)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// A disk by name.
@@ -291,32 +431,93 @@ impl Registry {
         inner.exports.get(name).cloned()
     }
 
-    /// Remembers an open connection so that shutdown and forced removal can
-    /// reach it; returns its id.
-    pub fn register_conn(&self, export: &str, stream: Stream) -> u64 {
+    /// Looks up the export a client negotiated and counts the connection,
+    /// in one step under the registry lock, so that a removal either sees
+    /// the connection or the client finds the export gone (`None`).
+    pub fn attach(&self, export: &str, stream: Stream) -> Option<(Arc<Export>, u64)> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let name = if export.is_empty() {
+            inner.default.as_deref()?
+        } else {
+            export
+        };
+        let e = inner.exports.get(name)?.clone();
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(
             id,
             Conn {
-                export: export.to_string(),
+                export: e.name.clone(),
                 stream,
             },
         );
-        id
+        e.connections.fetch_add(1, Ordering::SeqCst);
+        Some((e, id))
     }
 
     /// Forgets a closed connection.
-    pub fn unregister_conn(&self, id: u64) {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    pub fn detach(&self, id: u64, export: &Export) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.remove(&id);
+        export.connections.fetch_sub(1, Ordering::SeqCst);
+        self.conns_changed.notify_all();
     }
 
-    /// Closes the connections to one export after their in-flight requests.
-    pub fn close_connections_to(&self, export: &str) {
-        for c in self.conns.lock().unwrap_or_else(|p| p.into_inner()).values() {
-            if c.export == export {
-                c.stream.shutdown_read();
+    /// Changes a disk's size: the image file and the export (new
+    /// connections see the new size; open ones keep what they negotiated,
+    /// as NBD has no way to tell them). Refused while snapshots exist: a
+    /// snapshot is of one size. Shrinking cuts data off, so it needs
+    /// `shrink`. Bitmaps follow: a grown range counts as changed.
+    pub fn resize_disk(&self, name: &str, size: u64, shrink: bool) -> Result<Arc<Disk>> {
+        let _ops = self.ops();
+        let disk = self.disk(name)?;
+        let snaps = self.snapshot_names(name);
+        if !snaps.is_empty() {
+            return Err(Error::new(
+                Kind::Busy,
+                format!(
+                    "disk '{name}' has snapshots ({}): delete them before resizing",
+                    snaps.join(", ")
+                ),
+            ));
+        }
+        if size == 0 || !size.is_multiple_of(512) {
+            return Err(Error::invalid(format!(
+                "size {size} must be a positive multiple of 512 bytes"
+            )));
+        }
+        let old = fleece_block::BlockDev::size(&*disk.file);
+        if size == old {
+            return Ok(disk);
+        }
+        if size < old && !shrink {
+            return Err(Error::invalid(format!(
+                "shrinking disk '{name}' from {} to {} discards the data past {}: add --shrink (API: \"shrink\": true) if that is meant",
+                crate::units::human(old),
+                crate::units::human(size),
+                crate::units::human(size)
+            )));
+        }
+        {
+            // No write may run while the size changes under it.
+            let _frozen = disk.live.freeze();
+            disk.file.resize(size).map_err(|e| {
+                Error::new(
+                    Kind::Internal,
+                    format!("cannot resize {}: {e}", disk.path.display()),
+                )
+            })?;
+            for b in disk.live.bitmaps().iter() {
+                if let Err(e) = b.resize(size) {
+                    b.mark_inconsistent(&format!("it could not follow a resize of its disk: {e}"));
+                }
             }
         }
+        tracing::info!(disk = name, old, size, "disk resized");
+        self.events.emit(
+            "disk_resized",
+            json!({ "name": name, "old_size": old, "size": size }),
+        );
+        Ok(disk)
     }
 
     /// Number of open connections in transmission.

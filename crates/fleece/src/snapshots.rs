@@ -13,7 +13,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Kind, Result};
-use crate::registry::{check_name, Export, Inner, MetaSource, Registry};
+use crate::registry::{check_name, Export, MetaSource, Registry};
+use crate::state::StoreRecord;
 use crate::units::{human, parse_size};
 
 /// Default copy unit.
@@ -33,6 +34,8 @@ pub struct SnapshotEntry {
     pub created: u64,
     /// Bitmap it was scoped to, if any.
     pub bitmap: Option<String>,
+    /// Most bytes a RAM store keeps in memory (after capping to the disk).
+    pub memory_limit: Option<u64>,
 }
 
 /// A checked snapshot request with its stores made.
@@ -41,6 +44,60 @@ pub(crate) struct PreparedSnapshot {
     pub(crate) disks: Vec<Arc<crate::registry::Disk>>,
     stores: Vec<Box<dyn Store>>,
     opts: SnapshotOptions,
+    memory_limit: Option<u64>,
+}
+
+/// Longest copy timeout that can be meant: a guest write waits that long.
+const MAX_CBW_TIMEOUT_SECS: f64 = 3600.0;
+
+/// A store and its record in the state directory. Fields drop in order:
+/// the store (which removes its file) before the record of it.
+struct Recorded {
+    store: Box<dyn Store>,
+    _record: StoreRecord,
+}
+
+impl Store for Recorded {
+    fn granularity(&self) -> u64 {
+        self.store.granularity()
+    }
+    fn save(&self, index: u64, cluster: u64, data: &[u8]) -> fleece_block::Result<()> {
+        self.store.save(index, cluster, data)
+    }
+    fn load(&self, index: u64, cluster: u64, offset: u64, buf: &mut [u8]) -> fleece_block::Result<()> {
+        self.store.load(index, cluster, offset, buf)
+    }
+    fn forget(&self, index: u64, cluster: u64) {
+        self.store.forget(index, cluster)
+    }
+    fn describe(&self) -> (&'static str, Option<PathBuf>) {
+        self.store.describe()
+    }
+    fn save_from_file(
+        &self,
+        index: u64,
+        cluster: u64,
+        src: &fleece_block::RawFile,
+        offset: u64,
+        len: u64,
+    ) -> Option<fleece_block::Result<()>> {
+        self.store.save_from_file(index, cluster, src, offset, len)
+    }
+    fn is_in_memory(&self) -> bool {
+        self.store.is_in_memory()
+    }
+}
+
+/// Bytes of memory this host has.
+fn host_memory() -> Option<u64> {
+    // SAFETY: sysconf reads system constants; no memory is passed.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages > 0 && page > 0).then(|| pages as u64 * page as u64)
 }
 
 /// Body of `POST /v1/snapshots`.
@@ -150,6 +207,8 @@ impl Registry {
 
     /// Checks a snapshot request and makes its stores; nothing is visible
     /// until [`commit_snapshot`](Self::commit_snapshot) runs at the instant.
+    /// Call with [`Registry::ops`] held: the names checked free here stay
+    /// free until the commit.
     pub(crate) fn prepare_snapshot(&self, req: &CreateSnapshot) -> Result<PreparedSnapshot> {
         check_name("snapshot", &req.name)?;
         if req.disks.is_empty() {
@@ -188,10 +247,12 @@ impl Registry {
         };
         let timeout = match req.cbw_timeout_secs {
             None => None,
-            Some(t) if t.is_finite() && t >= 0.0 => (t > 0.0).then(|| Duration::from_secs_f64(t)),
+            Some(t) if t.is_finite() && (0.0..=MAX_CBW_TIMEOUT_SECS).contains(&t) => {
+                (t > 0.0).then(|| Duration::from_secs_f64(t))
+            }
             Some(t) => {
                 return Err(Error::invalid(format!(
-                    "cbw timeout {t} must be 0 or more seconds"
+                    "cbw timeout {t} must be from 0 (no timeout) to {MAX_CBW_TIMEOUT_SECS} seconds: a guest write waits that long"
                 )))
             }
         };
@@ -210,8 +271,49 @@ impl Registry {
                 ));
             }
         }
+        if let Some(b) = &req.bitmap {
+            for d in &disks {
+                if let Some(bm) = d.live.bitmap(b) {
+                    if !bm.is_consistent() {
+                        return Err(Error::invalid(format!(
+                            "dirty bitmap '{b}' of disk '{}' is inconsistent ({}): it may have missed writes, so \
+                             an incremental backup from it could miss data; take a full backup instead \
+                             (snapshot without --bitmap, with --rotate to start a new bitmap)",
+                            d.name,
+                            bm.inconsistent_reason().unwrap_or_default()
+                        )));
+                    }
+                }
+            }
+        }
+        // A RAM budget past the disk's size can never be used: cap it. One
+        // past the host's memory cannot be meant.
+        let mut memory_limit = None;
+        if let StoreSpec::Ram(budget) = spec {
+            if budget == 0 {
+                return Err(Error::invalid(
+                    "a RAM store needs a size above 0 (ram:SIZE, e.g. ram:1G); for no memory use a file store",
+                ));
+            }
+            let largest = disks
+                .iter()
+                .map(|d| fleece_block::BlockDev::size(&*d.file))
+                .max()
+                .unwrap_or(0);
+            let capped = budget.min(largest);
+            if let Some(mem) = host_memory() {
+                if capped > mem {
+                    return Err(Error::invalid(format!(
+                        "ram:{} is more than this host's memory ({}); use a smaller size (the rest spills to a file) or a file store",
+                        human(budget),
+                        human(mem)
+                    )));
+                }
+            }
+            memory_limit = Some(capped);
+        }
         // Stores are made before the instant: file creation must not stall writers.
-        let dir = self.state_dir.join("snapshots");
+        let dir = self.state_dir().join("snapshots");
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::invalid(format!("cannot create {}: {e}", dir.display())))?;
         let mut stores: Vec<Box<dyn Store>> = Vec::new();
@@ -222,13 +324,22 @@ impl Registry {
                     let path = p
                         .clone()
                         .unwrap_or_else(|| dir.join(format!("{}@{}.store", d.name, req.name)));
-                    Box::new(FileStore::create(&path, size).map_err(|e| Error::invalid(e.to_string()))?)
+                    let mut record = self.state.record_store(&path, size)?;
+                    let store = FileStore::create(&path, size).map_err(|e| Error::invalid(e.to_string()))?;
+                    record.created();
+                    Box::new(Recorded {
+                        store: Box::new(store),
+                        _record: record,
+                    })
                 }
-                StoreSpec::Ram(budget) => Box::new(RamStore::new(
-                    *budget,
-                    dir.join(format!("{}@{}.spill", d.name, req.name)),
-                    size,
-                )),
+                StoreSpec::Ram(_) => {
+                    let spill = dir.join(format!("{}@{}.spill", d.name, req.name));
+                    let record = self.state.record_store(&spill, size)?;
+                    Box::new(Recorded {
+                        store: Box::new(RamStore::new(memory_limit.unwrap_or(0).min(size), spill, size)),
+                        _record: record,
+                    })
+                }
             };
             stores.push(store);
         }
@@ -239,18 +350,20 @@ impl Registry {
             read_once: req.read_once,
             store_limit: limit,
             scope: None,
+            label: String::new(),
         };
         Ok(PreparedSnapshot {
             req: req.clone(),
             disks,
             stores,
             opts,
+            memory_limit,
         })
     }
 
     /// Makes the snapshots of a prepared request. Call with every disk of
-    /// the request frozen and the registry locked: this is the instant.
-    pub(crate) fn commit_snapshot(&self, inner: &mut Inner, p: PreparedSnapshot) -> Vec<Arc<SnapshotEntry>> {
+    /// the request frozen: this is the instant.
+    pub(crate) fn commit_snapshot(&self, p: PreparedSnapshot) -> Vec<Arc<SnapshotEntry>> {
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -259,6 +372,8 @@ impl Registry {
         let mut out = Vec::new();
         for (d, store) in p.disks.iter().zip(p.stores) {
             let mut opts = p.opts.clone();
+            let id = format!("{}@{}", d.name, req.name);
+            opts.label = id.clone();
             // The bitmap as of the instant scopes the snapshot.
             opts.scope = req
                 .bitmap
@@ -266,7 +381,6 @@ impl Registry {
                 .and_then(|b| d.live.bitmap(b))
                 .map(|b| b.bits().clone());
             let snap = d.live.snapshot(store, opts);
-            let id = format!("{}@{}", d.name, req.name);
             let events = self.events.clone();
             let sid = id.clone();
             snap.set_listener(move |ev| match ev {
@@ -293,7 +407,11 @@ impl Registry {
                 export: export.clone(),
                 created,
                 bitmap: req.bitmap.clone(),
+                memory_limit: p
+                    .memory_limit
+                    .map(|m| m.min(fleece_block::BlockDev::size(&*d.file))),
             });
+            let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
             inner.exports.insert(id, export);
             inner
                 .snapshots
@@ -305,22 +423,39 @@ impl Registry {
 
     /// Deletes a snapshot: its export goes away, its clients are
     /// disconnected after their in-flight requests, and its store is freed
-    /// once the last of them is gone.
-    pub fn delete_snapshot(&self, disk: &str, name: &str) -> Result<()> {
+    /// once the last of them is gone. Without `force` it refuses while
+    /// clients are connected to the view (a backup may be reading it).
+    pub fn delete_snapshot(&self, disk: &str, name: &str, force: bool) -> Result<()> {
+        let _ops = self.ops();
         let id = format!("{disk}@{name}");
         let entry = {
             let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-            let e = inner
+            if !inner
+                .snapshots
+                .contains_key(&(disk.to_string(), name.to_string()))
+            {
+                return Err(Error::not_found(format!("snapshot '{id}' does not exist")));
+            }
+            let active = self.active_connections(std::slice::from_ref(&id));
+            if active > 0 && !force {
+                return Err(Error::new(
+                    Kind::Busy,
+                    format!(
+                        "snapshot '{id}' has {active} open connection(s), maybe a backup reading it; \
+                         wait for it to finish, or use --force to close them"
+                    ),
+                ));
+            }
+            inner.exports.remove(&id);
+            inner
                 .snapshots
                 .remove(&(disk.to_string(), name.to_string()))
-                .ok_or_else(|| Error::not_found(format!("snapshot '{id}' does not exist")))?;
-            inner.exports.remove(&id);
-            e
+                .ok_or_else(|| Error::not_found(format!("snapshot '{id}' does not exist")))?
         };
         if let Ok(d) = self.disk(disk) {
             d.live.detach(&entry.snap);
         }
-        self.close_connections_to(&id);
+        self.close_and_wait(std::slice::from_ref(&id));
         self.events.emit("snapshot_deleted", json!({ "snapshot": id }));
         Ok(())
     }
@@ -343,6 +478,7 @@ impl Registry {
                 "path": path,
                 "used_bytes": stats.used_bytes,
                 "limit_bytes": opts.store_limit,
+                "memory_limit_bytes": e.memory_limit,
             },
             "state": if stats.broken.is_some() { "broken" } else { "active" },
             "error": stats.broken,

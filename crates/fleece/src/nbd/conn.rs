@@ -35,10 +35,6 @@ pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, pool: Arc<Pool>
         }
     };
     let (neg, leftover) = negotiated;
-    let Some(export) = registry.export(&neg.export.name) else {
-        // Removed between negotiation and now.
-        return;
-    };
     if let Err(e) = stream.set_read_timeout(None) {
         tracing::debug!(error = %e, "cannot clear handshake timeout");
         return;
@@ -46,8 +42,10 @@ pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, pool: Arc<Pool>
     let (Ok(reader), Ok(handle)) = (stream.try_clone(), stream.try_clone()) else {
         return;
     };
-    let id = registry.register_conn(&export.name, handle);
-    export.connections.fetch_add(1, Ordering::SeqCst);
+    let Some((export, id)) = registry.attach(&neg.export.name, handle) else {
+        // Removed between negotiation and now.
+        return;
+    };
     tracing::debug!(export = %export.name, mode = ?neg.mode, "client connected");
     let conn = Arc::new(Conn {
         replies: Replies::new(neg.mode),
@@ -65,8 +63,7 @@ pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, pool: Arc<Pool>
     if let Ok(w) = conn.writer.lock() {
         w.shutdown_both();
     }
-    export.connections.fetch_sub(1, Ordering::SeqCst);
-    registry.unregister_conn(id);
+    registry.detach(id, &export);
 }
 
 type Handshaken = (Negotiated, Vec<u8>);
@@ -487,7 +484,7 @@ fn errno(kind: ErrorKind) -> u32 {
         ErrorKind::NoSpace | ErrorKind::StoreFull => ENOSPC,
         ErrorKind::NotSupported => ENOTSUP,
         ErrorKind::ReadOnly | ErrorKind::AccessDenied => EPERM,
-        ErrorKind::Broken | ErrorKind::TimedOut | ErrorKind::Io => EIO,
+        ErrorKind::Broken | ErrorKind::TimedOut | ErrorKind::Io | ErrorKind::Locked => EIO,
     }
 }
 
@@ -680,21 +677,16 @@ fn block_status(conn: &Conn, req: &Request, out: &mut Vec<u8>) {
     for (i, (id, name)) in conn.contexts.iter().enumerate() {
         let mut wire: Vec<Extent> = if let Some(bitmap) = name.strip_prefix(DIRTY_BITMAP_PREFIX) {
             match conn.export.bitmap_extents(bitmap, req.offset, len) {
-                Some(runs) => runs
+                Ok(runs) => runs
                     .into_iter()
                     .map(|(length, dirty)| Extent {
                         length,
                         flags: dirty as u64,
                     })
                     .collect(),
-                None => {
+                Err(why) => {
                     out.truncate(start);
-                    r.error(
-                        out,
-                        req,
-                        EINVAL,
-                        &format!("dirty bitmap '{bitmap}' no longer exists"),
-                    );
+                    r.error(out, req, EINVAL, &why);
                     return;
                 }
             }
@@ -708,6 +700,11 @@ fn block_status(conn: &Conn, req: &Request, out: &mut Vec<u8>) {
                             Mapping::Data => 0,
                             Mapping::Zero => STATE_ZERO as u64,
                             Mapping::Hole => (STATE_HOLE | STATE_ZERO) as u64,
+                            // Not part of a snapshot view (discarded, or
+                            // outside its bitmap): the spec's "hole" without
+                            // "zero" is a trimmed range of unknown contents,
+                            // which is what it is; reads of it fail.
+                            Mapping::Unavailable => STATE_HOLE as u64,
                         },
                     })
                     .collect(),

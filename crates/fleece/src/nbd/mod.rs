@@ -15,6 +15,7 @@ pub use pool::Pool;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 
 /// A client connection over TCP or a Unix socket.
@@ -43,11 +44,30 @@ impl Stream {
         };
     }
 
-    fn shutdown_both(&self) {
+    /// Stops the connection both ways: also a write blocked on a client
+    /// that does not read its replies returns.
+    pub fn shutdown_both(&self) {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
         };
+    }
+
+    /// True once the client has hung up (or this side was shut down): the
+    /// connection is closing, whether or not its thread has noticed yet.
+    pub fn peer_closed(&self) -> bool {
+        let fd = match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        };
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on the stack, its count passed; no waiting.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 
     fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {

@@ -5,6 +5,8 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use crate::error::{Error, Kind, Result};
+
 type Job = Box<dyn FnOnce() + Send>;
 
 /// Runs jobs on `n` threads in submission order of pickup.
@@ -15,31 +17,39 @@ pub struct Pool {
 
 impl Pool {
     /// Starts `n` worker threads.
-    pub fn new(n: usize) -> Arc<Pool> {
+    pub fn new(n: usize) -> Result<Arc<Pool>> {
         let (tx, rx) = channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
-        let threads = (0..n.max(1))
-            .map(|i| {
-                let rx: Arc<Mutex<Receiver<Job>>> = rx.clone();
-                thread::Builder::new()
-                    .name(format!("io-{i}"))
-                    .spawn(move || loop {
-                        let job = match rx.lock() {
-                            Ok(r) => r.recv(),
-                            Err(_) => return,
-                        };
-                        match job {
-                            Ok(job) => job(),
-                            Err(_) => return,
-                        }
-                    })
-                    .expect("cannot start I/O thread")
-            })
-            .collect();
-        Arc::new(Pool {
+        let pool = Arc::new(Pool {
             tx: Mutex::new(Some(tx)),
-            threads: Mutex::new(threads),
-        })
+            threads: Mutex::new(Vec::new()),
+        });
+        for i in 0..n.max(1) {
+            let rx: Arc<Mutex<Receiver<Job>>> = rx.clone();
+            let spawned = thread::Builder::new()
+                .name(format!("io-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock() {
+                        Ok(r) => r.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                });
+            match spawned {
+                Ok(t) => pool.threads.lock().unwrap_or_else(|p| p.into_inner()).push(t),
+                Err(e) => {
+                    pool.stop();
+                    return Err(Error::new(
+                        Kind::Internal,
+                        format!("cannot start I/O thread {i} of {n}: {e}"),
+                    ));
+                }
+            }
+        }
+        Ok(pool)
     }
 
     /// Queues a job; runs it inline if the pool is shutting down, so no
