@@ -321,7 +321,7 @@ fn status(d: &Daemon) -> Value {
         "control": d.control,
         "nbd": d.listen.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
         "disks": d.registry.disks().len(),
-        "connections": d.registry.connection_count(),
+        "connections": d.registry.active_connection_count(),
     })
 }
 

@@ -163,16 +163,38 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
 /// How often served images are checked for a size change.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Notices images that another program truncated or extended while they
-/// are served, and says so once per change: a disk keeps the size it was
-/// opened with (reads past a truncated end fail with EIO), and
-/// `fleece disk resize` is the way to change it.
+/// Notices images that another program truncated, extended, deleted or
+/// replaced while they are served, and says so once per change: a disk
+/// keeps the file and size it was opened with (reads past a truncated end
+/// fail with EIO), and `fleece disk resize` is the way to change its size.
 fn watch_image_sizes(registry: &Registry, stop: &std::sync::mpsc::Receiver<()>) {
     let mut reported: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut gone: std::collections::HashSet<String> = std::collections::HashSet::new();
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(WATCH_INTERVAL) {
         let disks = registry.disks();
         reported.retain(|name, _| disks.iter().any(|d| &d.name == name));
+        gone.retain(|name| disks.iter().any(|d| &d.name == name));
         for d in disks {
+            // Deleted or replaced (renamed over): writes go on to the file
+            // fleece opened, which is no longer the one at the path.
+            let now_id = std::fs::metadata(&d.path).map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.dev(), m.ino())
+            });
+            let replaced = now_id.as_ref().map_or(true, |id| *id != d.id);
+            if replaced != gone.contains(&d.name) {
+                if replaced {
+                    tracing::error!(
+                        disk = %d.name,
+                        image = %d.path.display(),
+                        "image file was deleted or replaced underneath: fleece keeps serving the file it opened, \
+                         which is no longer at that path"
+                    );
+                    gone.insert(d.name.clone());
+                } else {
+                    gone.remove(&d.name);
+                }
+            }
             let served = fleece_block::BlockDev::size(&*d.file);
             let Ok(now) = d.file.file_len() else { continue };
             let last = reported.get(&d.name).copied().unwrap_or(served);

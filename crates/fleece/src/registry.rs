@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -32,8 +32,6 @@ pub struct Export {
     pub dev: Arc<dyn BlockDev>,
     /// Writes are refused.
     pub read_only: bool,
-    /// Open connections, for status and removal.
-    pub connections: AtomicUsize,
     /// Where `qemu:dirty-bitmap:` contexts come from.
     pub meta: MetaSource,
 }
@@ -235,6 +233,15 @@ impl Registry {
         if self.disk(name).is_ok() {
             return Err(Error::new(Kind::Exists, format!("disk '{name}' already exists")));
         }
+        if path
+            .file_name()
+            .is_some_and(|f| f.to_string_lossy().contains(".fleece-bitmap-"))
+        {
+            return Err(Error::invalid(format!(
+                "{} is a fleece bitmap file, not a disk image",
+                path.display()
+            )));
+        }
         let file = RawFile::open(path, false).map_err(|e| Error::invalid(e.to_string()))?;
         let meta = std::fs::metadata(path)
             .map_err(|e| Error::invalid(format!("cannot stat {}: {e}", path.display())))?;
@@ -269,7 +276,6 @@ impl Registry {
             disk: name.to_string(),
             dev: live.clone(),
             read_only: false,
-            connections: AtomicUsize::new(0),
             meta: MetaSource::Live(live.clone()),
         });
         let disk = Arc::new(Disk {
@@ -450,15 +456,13 @@ impl Registry {
                 stream,
             },
         );
-        e.connections.fetch_add(1, Ordering::SeqCst);
         Some((e, id))
     }
 
     /// Forgets a closed connection.
-    pub fn detach(&self, id: u64, export: &Export) {
+    pub fn detach(&self, id: u64) {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.remove(&id);
-        export.connections.fetch_sub(1, Ordering::SeqCst);
         self.conns_changed.notify_all();
     }
 
@@ -497,6 +501,19 @@ impl Registry {
                 crate::units::human(size)
             )));
         }
+        if size < old {
+            // NBD cannot tell a connected client that its disk shrank: its
+            // next write past the new end would fail under it.
+            let active = self.active_connections(std::slice::from_ref(&disk.export.name));
+            if active > 0 {
+                return Err(Error::new(
+                    Kind::Busy,
+                    format!(
+                        "disk '{name}' has {active} open connection(s); disconnect them before shrinking it"
+                    ),
+                ));
+            }
+        }
         {
             // No write may run while the size changes under it.
             let _frozen = disk.live.freeze();
@@ -525,6 +542,17 @@ impl Registry {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Connections whose clients have not hung up, over all exports (what
+    /// status shows: a client that has just exited no longer counts).
+    pub fn active_connection_count(&self) -> usize {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|c| !c.stream.peer_closed())
+            .count()
+    }
+
     /// Asks every connection to stop reading requests; each finishes what is
     /// in flight and closes.
     pub fn close_all_connections(&self) {
@@ -550,7 +578,7 @@ impl Registry {
             "size": fleece_block::BlockDev::size(&*d.file),
             "export": d.export.name,
             "uri": nbd_uri(&d.export.name),
-            "connections": d.export.connections.load(Ordering::SeqCst),
+            "connections": self.active_connections(std::slice::from_ref(&d.export.name)),
             "snapshots": self.snapshot_names(&d.name),
         })
     }

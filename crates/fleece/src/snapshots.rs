@@ -2,7 +2,6 @@
 //! delete, and their exports `DISK@NAME`.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -397,7 +396,6 @@ impl Registry {
                 disk: d.name.clone(),
                 dev: Arc::new(SnapshotView(snap.clone())),
                 read_only: true,
-                connections: AtomicUsize::new(0),
                 meta: MetaSource::Snapshot(snap.clone(), req.bitmap.clone()),
             });
             let entry = Arc::new(SnapshotEntry {
@@ -492,7 +490,7 @@ impl Registry {
             "cbw_timeout_secs": opts.cbw_timeout.map(|t| t.as_secs_f64()),
             "read_once": opts.read_once,
             "bitmap": e.bitmap,
-            "connections": e.export.connections.load(std::sync::atomic::Ordering::SeqCst),
+            "connections": self.active_connections(std::slice::from_ref(&e.export.name)),
         })
     }
 }

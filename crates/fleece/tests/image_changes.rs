@@ -156,3 +156,55 @@ fn a_persistent_bitmap_survives_a_resize_and_records_the_grown_range() {
     check(&d);
     qemu_io(&d.uri("vm"), &["read -P 0x5b 768M 64k"]);
 }
+
+#[test]
+fn shrinking_a_disk_with_a_connected_client_is_busy_but_growing_is_not() {
+    let d = Daemon::start(&[("vm", 512 * MIB)]);
+    // A client that stays connected (qemu-nbd -L lists, so use libnbd).
+    let mut client = KillOnDrop(
+        std::process::Command::new(python())
+            .args([
+                "-c",
+                "import sys, nbd\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\nprint('up', flush=True)\nsys.stdin.read()\n",
+                &d.uri("vm"),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = TimedLines::new(client.0.stdout.take().unwrap());
+    assert_eq!(lines.line(Duration::from_secs(10)).as_deref(), Some("up"));
+    let (status, body) = d.api(
+        "POST",
+        "/v1/disks/vm/resize",
+        Some(&json!({"size": "256M", "shrink": true})),
+    );
+    assert_api_error(status, &body, 409, "busy");
+    assert_eq!(file_len(&d.image("vm")), 512 * MIB);
+    d.cli_ok(&["disk", "resize", "vm", "1G"]);
+    assert_eq!(file_len(&d.image("vm")), GIB);
+    drop(client);
+    // Once the client has gone, shrinking works.
+    d.cli_ok(&["disk", "resize", "vm", "512M", "--shrink"]);
+    assert_eq!(nbd_size(&d.uri("vm")), 512 * MIB);
+}
+
+#[test]
+fn an_image_replaced_underneath_is_logged_and_fleece_keeps_its_file() {
+    let d = Daemon::start(&[("vm", 16 * MIB)]);
+    qemu_io(&d.uri("vm"), &["write -P 0x5a 0 64k"]);
+    let img = d.image("vm");
+    let other = d.path("other.raw");
+    std::fs::File::create(&other).unwrap().set_len(16 * MIB).unwrap();
+    std::fs::rename(&other, &img).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || d
+            .log()
+            .contains("deleted or replaced")),
+        "no log line about the replaced image:\n{}",
+        d.log()
+    );
+    // The export still serves the file it opened.
+    qemu_io(&d.uri("vm"), &["read -P 0x5a 0 64k"]);
+}

@@ -63,7 +63,7 @@ pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, pool: Arc<Pool>
     if let Ok(w) = conn.writer.lock() {
         w.shutdown_both();
     }
-    registry.detach(id, &export);
+    registry.detach(id);
 }
 
 type Handshaken = (Negotiated, Vec<u8>);
