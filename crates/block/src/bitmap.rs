@@ -176,9 +176,10 @@ impl DirtyBitmap {
     }
 
     /// Changes the size of the disk it covers. Bits at or beyond the new
-    /// end are cleared; when growing, the grown range is marked dirty: it
-    /// did not exist before, so whatever it holds now is a change.
-    pub fn resize(&self, new_size: u64) {
+    /// end are cleared; when growing with `mark_grown`, the grown range is
+    /// marked dirty: it did not exist before, so whatever it holds now is a
+    /// change (without it, the caller says otherwise that it changed).
+    pub fn resize(&self, new_size: u64, mark_grown: bool) {
         let mut pages = self.write();
         let old_size = self.size();
         let new_bits = new_size.div_ceil(self.granularity);
@@ -193,7 +194,7 @@ impl DirtyBitmap {
             let from = word + usize::from(bit != 0);
             page[from..].iter_mut().for_each(|w| *w = 0);
         }
-        if new_size > old_size {
+        if new_size > old_size && mark_grown {
             let first = old_size / self.granularity;
             let last = (new_size - 1) / self.granularity;
             for (word, mask) in word_masks(first, last) {
@@ -367,7 +368,7 @@ mod tests {
         b.set(60 * g, 1);
         b.set(70 * g, 1);
         b.set(99 * g, 1);
-        b.resize(65 * g + 1);
+        b.resize(65 * g + 1, true);
         assert_eq!(b.size(), 65 * g + 1);
         assert_eq!(b.bits(), 66);
         assert!(b.any(60 * g, 1) && b.any(0, 1));
@@ -375,7 +376,7 @@ mod tests {
         assert_eq!(b.word(1) >> 2, 0);
         assert_eq!(b.dirty_bytes(), 2 * g);
         // Growing: the granule holding the old end and all after it are dirty.
-        b.resize(200 * g);
+        b.resize(200 * g, true);
         assert_eq!(
             b.extents(0, 200 * g),
             vec![
@@ -389,9 +390,9 @@ mod tests {
         // Shrinking to a page boundary and to nothing.
         let big = DirtyBitmap::new(1 << 40, 512);
         big.set(0, 1 << 30);
-        big.resize(512 * PAGE_BITS);
+        big.resize(512 * PAGE_BITS, true);
         assert_eq!(big.dirty_bytes(), 512 * PAGE_BITS);
-        big.resize(0);
+        big.resize(0, true);
         assert_eq!(big.dirty_bytes(), 0);
         assert!(big.pages.read().unwrap().is_empty());
     }

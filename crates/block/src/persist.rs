@@ -43,6 +43,9 @@ const FLAG_INCONSISTENT: u32 = 2;
 const KNOWN_FLAGS: u32 = FLAG_ENABLED | FLAG_INCONSISTENT;
 /// Longest name a header holds.
 const MAX_NAME: usize = 1024;
+/// Most granules a resize marks as changed (16 MiB of bits); a disk that
+/// grows by more makes its bitmaps inconsistent instead.
+const MAX_GROWN_BITS: u64 = 1 << 27;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -301,6 +304,18 @@ impl NamedBitmap {
     /// rewritten for `size`, and the bitmap is returned inconsistent: it may
     /// have missed the writes of whoever resized the image.
     pub fn open(path: &Path, size: u64) -> Result<Self> {
+        NamedBitmap::open_checked(path, size, None)
+    }
+
+    /// [`open`](Self::open), refusing (before anything in the file is
+    /// changed) a file whose header names another bitmap than `name`: a
+    /// renamed or copied sidecar must not come back as a second bitmap of
+    /// that name.
+    pub fn open_named(path: &Path, size: u64, name: &str) -> Result<Self> {
+        NamedBitmap::open_checked(path, size, Some(name))
+    }
+
+    fn open_checked(path: &Path, size: u64, expected: Option<&str>) -> Result<Self> {
         let bad = |why: &str| {
             Error::new(
                 ErrorKind::Invalid,
@@ -349,6 +364,11 @@ impl NamedBitmap {
             return Err(bad("corrupt header"));
         }
         let name = std::str::from_utf8(&h[34..34 + name_len]).map_err(|_| bad("name is not UTF-8"))?;
+        if let Some(want) = expected.filter(|w| *w != name) {
+            return Err(bad(&format!(
+                "it holds bitmap '{name}', not '{want}' as its file name says (a renamed or copied file?)"
+            )));
+        }
 
         let bits = DirtyBitmap::new(size, granularity);
         let staged = DirtyBitmap::new(size, granularity);
@@ -625,34 +645,49 @@ impl NamedBitmap {
         s.staged.clear();
         let epoch = s.sync.epoch();
         let words = self.bits.bits().div_ceil(64);
-        // The length too, in case an earlier resize of the file failed.
+        // The bits go (durably) before the header says "consistent": a
+        // header that claims it over bits that may not be cleared, or after
+        // a sync that failed, would be trusted after a restart.
         s.size_for(words)
             .map_err(|e| io_err("cannot size bitmap file", &s.path, e))?;
         self.zero_words(s, words)
             .map_err(|e| io_err("cannot clear bitmap", &s.path, e))?;
-        {
-            let _h = lock(&s.header);
-            self.write_header(s, self.is_enabled(), false)
-                .map_err(|e| io_err("cannot write bitmap header", &s.path, e))?;
-        }
         self.sync_since(s, epoch)
             .map_err(|e| io_err("cannot sync bitmap", &s.path, e))?;
-        let mut why = lock(&self.why);
-        // A sync that failed after ours leaves it inconsistent.
-        if s.sync.epoch() != epoch {
-            return Err(Error::new(
-                ErrorKind::Io,
-                format!(
-                    "a sync of bitmap file {} failed while it was being cleared",
-                    s.path.display()
-                ),
-            ));
+        let header = {
+            let _h = lock(&s.header);
+            self.write_header(s, self.is_enabled(), false)
+                .and_then(|_| s.sync(epoch))
+        };
+        if let Err(e) = header {
+            // The header may now say "consistent" on disk: say otherwise
+            // again, whatever the bitmap was before.
+            self.force_inconsistent(&format!("its sidecar file could not be synced: {e}"));
+            return Err(io_err("cannot write bitmap header", &s.path, e));
         }
+        let mut why = lock(&self.why);
         s.clean_epoch.store(epoch, Ordering::Release);
         *why = None;
         self.flag_pending.store(false, Ordering::Release);
         self.consistent.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Like [`mark_inconsistent`](Self::mark_inconsistent), but writes the
+    /// flag to the header even if the bitmap was inconsistent already (a
+    /// failed header write may have lost it).
+    fn force_inconsistent(&self, why: &str) {
+        {
+            let mut w = lock(&self.why);
+            if w.is_none() {
+                *w = Some(why.to_string());
+            }
+            self.consistent.store(false, Ordering::Release);
+        }
+        if self.persist_inconsistent().is_err() {
+            // Tried again when the bitmap is closed.
+            self.flag_pending.store(true, Ordering::Release);
+        }
     }
 
     /// Makes the bit array read as zeroes: punching it out is one call and
@@ -729,32 +764,56 @@ impl NamedBitmap {
     /// memory, becomes inconsistent, and the error is returned. Call with
     /// the disk frozen, after resizing the image.
     pub fn resize(&self, new_size: u64) -> Result<()> {
+        let old_size = self.bits.size();
+        let g = self.bits.granularity();
+        // Marking a huge grown range would take memory for every granule
+        // (and write every word): past a bound the bitmap says instead that
+        // the next backup must be a full one.
+        let grown = new_size.saturating_sub(old_size).div_ceil(g);
+        let mark_grown = grown <= MAX_GROWN_BITS;
+        let too_much = || {
+            format!(
+                "its disk grew from {old_size} to {new_size} bytes, more than it can mark as changed \
+                 ({MAX_GROWN_BITS} granules)"
+            )
+        };
         let Some(s) = &self.sidecar else {
-            self.bits.resize(new_size);
+            self.bits.resize(new_size, mark_grown);
+            if !mark_grown {
+                self.mark_inconsistent(&too_much());
+            }
             return Ok(());
         };
         let _ops = s.ops_exclusive();
-        let old_size = self.bits.size();
-        let g = self.bits.granularity();
-        s.staged.resize(new_size);
+        s.staged.resize(new_size, mark_grown);
         let words = s.staged.bits().div_ceil(64);
         // From the word holding the old end (it gains the grown bits, or
-        // loses those past a smaller end) to the new end.
+        // loses those past a smaller end) to the new end; unmarked grown
+        // words are holes of the resized file already.
         let from = (old_size.min(new_size) / g / 64).min(words);
+        let to = if mark_grown { words } else { (from + 1).min(words) };
         let epoch = s.sync.epoch();
         let r = s
             .size_for(words)
-            .and_then(|_| self.write_words(s, from, words))
+            .and_then(|_| self.write_words(s, from, to))
             .and_then(|_| s.sync(epoch))
             .and_then(|_| {
                 let _h = lock(&s.header);
-                self.write_header_sized(s, self.is_enabled(), !self.is_consistent(), new_size)
+                self.write_header_sized(
+                    s,
+                    self.is_enabled(),
+                    !self.is_consistent() || !mark_grown,
+                    new_size,
+                )
             })
             .and_then(|_| s.sync(epoch));
         // Memory follows the disk whatever happened to the file.
-        self.bits.resize(new_size);
+        self.bits.resize(new_size, mark_grown);
+        if !mark_grown {
+            self.mark_inconsistent(&too_much());
+        }
         r.map_err(|e| {
-            self.mark_inconsistent(&format!(
+            self.force_inconsistent(&format!(
                 "its sidecar file could not be resized from {old_size} to {new_size} bytes: {e}"
             ));
             io_err("cannot resize bitmap file", &s.path, e)
@@ -777,9 +836,16 @@ impl NamedBitmap {
         Ok(())
     }
 
-    /// Deletes the sidecar file.
+    /// Deletes the sidecar file, if the file at its path is still this
+    /// bitmap's (never another bitmap's file that took its name).
     pub fn remove_file(&self) -> Result<()> {
         if let Some(s) = &self.sidecar {
+            use std::os::unix::fs::MetadataExt;
+            let ours = s.file.metadata().ok().map(|m| (m.dev(), m.ino()));
+            let there = std::fs::metadata(&s.path).ok().map(|m| (m.dev(), m.ino()));
+            if ours.is_none() || ours != there {
+                return Ok(());
+            }
             std::fs::remove_file(&s.path).map_err(|e| io_err("cannot remove bitmap file", &s.path, e))?;
             sync_dir(&s.path);
         }
@@ -936,6 +1002,54 @@ mod tests {
         assert!(b.covers(G * 5, 1));
         drop(b);
         assert!(NamedBitmap::open(&p, 1 << 30).unwrap().bits().any(G * 5, 1));
+    }
+
+    #[test]
+    fn a_clear_that_cannot_sync_leaves_an_inconsistent_bitmap_inconsistent_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, b) = new_bitmap(&dir, 1 << 30);
+        b.mark_inconsistent("a test said so");
+        faults(&b).sync.store(libc::EIO, Ordering::Relaxed);
+        assert!(b.clear().is_err());
+        assert!(!b.is_consistent());
+        faults(&b).sync.store(0, Ordering::Relaxed);
+        drop(b);
+        let b = NamedBitmap::open(&p, 1 << 30).unwrap();
+        assert!(
+            !b.is_consistent(),
+            "a failed clear must not make the header say exact"
+        );
+    }
+
+    #[test]
+    fn a_huge_grow_makes_the_bitmap_inconsistent_instead_of_marking_every_granule() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, b) = new_bitmap(&dir, 1 << 30);
+        b.mark(0, 1).unwrap();
+        // 512 TiB more at 64 KiB granules is 2^33 granules: far past the bound.
+        b.resize(1 << 49).unwrap();
+        assert!(!b.is_consistent());
+        assert!(b.inconsistent_reason().unwrap().contains("grew"));
+        assert!(b.bits().any(0, 1));
+        assert!(!b.bits().any(1 << 40, 1), "nothing marked in the grown range");
+        drop(b);
+        let b = NamedBitmap::open(&p, 1 << 49).unwrap();
+        assert!(!b.is_consistent());
+        // A small grow is marked, and keeps it consistent.
+        b.clear().unwrap();
+        b.resize((1 << 49) + 10 * G).unwrap();
+        assert!(b.is_consistent());
+        assert!(b.bits().any((1 << 49) + 5 * G, 1));
+    }
+
+    #[test]
+    fn remove_file_leaves_a_file_that_took_the_name_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, b) = new_bitmap(&dir, 1 << 30);
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, b"someone else's").unwrap();
+        b.remove_file().unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"someone else's");
     }
 
     #[test]

@@ -34,9 +34,14 @@ pub struct RawFile {
     /// `SEEK_HOLE` walks the page cache to the next hole, which in a dense
     /// tmpfs image is the end of the file, on every call.
     dense: Mutex<DenseRun>,
-    /// Set once the file was found shorter than the device, so that a
-    /// flood of failing reads logs it once.
+    /// Set once the file was found shorter than the device: a flood of
+    /// failing reads logs it once, and writes past the file's end check
+    /// it (see [`extends_a_truncated_file`](Self::extends_a_truncated_file)).
     truncation_logged: AtomicBool,
+    /// Set once an `fdatasync` failed. The kernel may have dropped the
+    /// pages it could not write, and a later sync that succeeds would not
+    /// bring them back, so every later flush fails too (QEMU does the same).
+    sync_failed: AtomicBool,
     /// The image locks held, if any.
     locked: Mutex<Option<LockMode>>,
     /// Set once we warned that the file system has no OFD locks.
@@ -85,6 +90,21 @@ impl RawFile {
         RawFile::sized(file, path.to_path_buf(), size)
     }
 
+    /// Creates a sparse file of `size` bytes that must not exist yet (a
+    /// file already there is never truncated); if it cannot be sized, it
+    /// is removed again.
+    pub fn create_new(path: &Path, size: u64) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
+        RawFile::sized(file, path.to_path_buf(), size).inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        })
+    }
+
     /// Creates a sparse file of `size` bytes without a name in directory
     /// `dir` (`O_TMPFILE`): it takes space there, and vanishes when closed,
     /// even if the process dies. `label` names it in messages.
@@ -117,6 +137,7 @@ impl RawFile {
             in_memory: false,
             dense: Mutex::default(),
             truncation_logged: AtomicBool::new(false),
+            sync_failed: AtomicBool::new(false),
             locked: Mutex::new(None),
             lock_warned: AtomicBool::new(false),
         }
@@ -204,34 +225,64 @@ impl RawFile {
     }
 
     /// The file's current length, which another program may have changed
-    /// under us (the device's size is [`BlockDev::size`]).
+    /// under us (the device's size is [`BlockDev::size`]). A length short
+    /// of the device's is remembered, so that writes past the file's end
+    /// are refused from then on.
     pub fn file_len(&self) -> Result<u64> {
-        self.file
+        let len = self
+            .file
             .metadata()
             .map(|m| m.len())
-            .map_err(|e| Error::io(format!("cannot stat {}", self.path.display()), e))
+            .map_err(|e| Error::io(format!("cannot stat {}", self.path.display()), e))?;
+        if len < self.len() {
+            self.truncation_logged.store(true, Ordering::Relaxed);
+        }
+        Ok(len)
     }
 
     /// Changes the size of the file and of the device. The caller makes
-    /// sure no I/O is in flight (it freezes the disk).
+    /// sure no I/O is in flight (it freezes the disk). A size the file
+    /// system refuses is an [`ErrorKind::Invalid`] error and changes
+    /// nothing; once the file has its new length the device has it too,
+    /// even if the sync after it fails (an I/O error, which every later
+    /// flush reports as well).
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.writable()?;
-        self.file
-            .set_len(new_size)
-            .map_err(|e| Error::io(format!("cannot resize {}", self.path.display()), e))?;
-        self.file.sync_data().map_err(|e| {
-            Error::io(
-                format!("cannot sync {} after resizing it", self.path.display()),
-                e,
-            )
-        })?;
+        if let Err(e) = self.file.set_len(new_size) {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("cannot resize {} to {new_size} bytes: {e}", self.path.display()),
+            ));
+        }
         self.size.store(new_size, Ordering::Release);
-        let mut dense = self.dense.lock().unwrap_or_else(|p| p.into_inner());
-        *dense = DenseRun {
-            gen: dense.gen + 1,
-            ..DenseRun::default()
-        };
+        {
+            let mut dense = self.dense.lock().unwrap_or_else(|p| p.into_inner());
+            *dense = DenseRun {
+                gen: dense.gen + 1,
+                ..DenseRun::default()
+            };
+        }
         self.truncation_logged.store(false, Ordering::Relaxed);
+        self.datasync()
+    }
+
+    /// True (after logging it) if a write at `offset` would extend a file
+    /// that another program truncated: the gap between its end and the
+    /// write would read as zeroes, silently, where the disk had data. Costs
+    /// an `fstat` only once a truncation was seen.
+    fn extends_a_truncated_file(&self, offset: u64) -> Result<()> {
+        if !self.truncation_logged.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let len = self.file_len()?;
+        if len >= self.len() {
+            // Put back (or resized) by someone: writes are fine again.
+            self.truncation_logged.store(false, Ordering::Relaxed);
+            return Ok(());
+        }
+        if offset > len {
+            return Err(self.truncated("write", offset, len));
+        }
         Ok(())
     }
 
@@ -346,7 +397,28 @@ impl RawFile {
     }
 
     fn datasync(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| Error::io("flush", e))
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(Error::with_source(
+                ErrorKind::Io,
+                format!(
+                    "flush of {}: an earlier flush failed, so writes made before it may be lost; \
+                     check the image and restart serving it",
+                    self.path.display()
+                ),
+                io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        self.file.sync_data().map_err(|e| {
+            if !self.sync_failed.swap(true, Ordering::AcqRel) {
+                tracing::error!(
+                    image = %self.path.display(),
+                    error = %e,
+                    "flush failed: writes since the last good flush may be lost; every later flush of \
+                     this image fails too"
+                );
+            }
+            Error::io(format!("flush of {}", self.path.display()), e)
+        })
     }
 
     /// `lseek` with SEEK_DATA / SEEK_HOLE; `None` when there is no such
@@ -445,6 +517,7 @@ impl BlockDev for RawFile {
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.writable()?;
         check_range(self.len(), offset, buf.len() as u64)?;
+        self.extends_a_truncated_file(offset)?;
         if fua {
             let iov = libc::iovec {
                 iov_base: buf.as_ptr() as *mut libc::c_void,
@@ -460,10 +533,11 @@ impl BlockDev for RawFile {
                     libc::RWF_DSYNC,
                 )
             };
-            if r >= 0 && r as usize == buf.len() {
+            if r >= 0 && r as usize == buf.len() && !self.sync_failed.load(Ordering::Acquire) {
                 return Ok(());
             }
-            // Short write or no RWF_DSYNC here: finish the plain way.
+            // Short write, no RWF_DSYNC here, or a failed sync to report:
+            // finish the plain way.
         }
         self.file
             .write_all_at(buf, offset)
@@ -497,6 +571,7 @@ impl BlockDev for RawFile {
                     "this file system cannot zero a range faster than writing it",
                 ));
             }
+            self.extends_a_truncated_file(offset)?;
             self.write_zero_buffers(offset, length)?;
         }
         if flags.fua {
@@ -881,5 +956,49 @@ mod tests {
             ErrorKind::OutOfRange
         );
         assert_eq!(f.trim(u64::MAX, 2).unwrap_err().kind(), ErrorKind::OutOfRange);
+    }
+
+    #[test]
+    fn a_write_past_the_end_of_a_truncated_file_fails_instead_of_leaving_a_gap_of_zeroes() {
+        let (d, f) = tmp(1 << 20);
+        f.write_at(&[7u8; 4096], 0, false).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.path().join("a.raw"))
+            .unwrap()
+            .set_len(64 << 10)
+            .unwrap();
+        assert_eq!(f.file_len().unwrap(), 64 << 10);
+        let e = f.write_at(&[1u8; 4096], 512 << 10, false).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io);
+        assert_eq!(f.file_len().unwrap(), 64 << 10, "the file did not grow");
+        // Within what is left, writes go on.
+        f.write_at(&[2u8; 4096], 4096, false).unwrap();
+        // Put back to its size by someone: writes anywhere work again.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.path().join("a.raw"))
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        f.write_at(&[3u8; 4096], 512 << 10, false).unwrap();
+    }
+
+    #[test]
+    fn create_new_never_truncates_a_file_that_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x");
+        std::fs::write(&p, b"keep").unwrap();
+        assert!(RawFile::create_new(&p, 1 << 20).is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn a_resize_the_file_system_refuses_is_invalid_and_changes_nothing() {
+        let (_d, f) = tmp(1 << 20);
+        let e = f.resize(u64::MAX).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+        assert_eq!(f.size(), 1 << 20);
+        assert_eq!(f.file_len().unwrap(), 1 << 20);
     }
 }

@@ -84,13 +84,18 @@ impl FileStore {
                 format!("store stripe {stripe} is not a power of two of at least 4096"),
             ));
         }
-        if path.exists() {
-            return Err(Error::new(
-                ErrorKind::Invalid,
-                format!("store file {} already exists; pick another path", path.display()),
-            ));
-        }
-        let file = RawFile::create(path, size)?;
+        // create_new: a file already there (a user's, or another store's)
+        // is never truncated, even if it appears after a check.
+        let file = RawFile::create_new(path, size).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                Error::new(
+                    ErrorKind::Invalid,
+                    format!("store file {} already exists; pick another path", path.display()),
+                )
+            } else {
+                e
+            }
+        })?;
         let granularity = std::fs::metadata(path)
             .map(|m| m.blksize())
             .unwrap_or(4096)

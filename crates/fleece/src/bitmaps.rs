@@ -44,10 +44,32 @@ pub fn load_sidecars(image: &Path, size: u64) -> Result<Vec<NamedBitmap>> {
         .collect();
     paths.sort();
     for p in paths {
-        let b = NamedBitmap::open(&p, size).map_err(|e| Error::invalid(e.to_string()))?;
+        // The file name says which bitmap it is; a copy or a renamed file
+        // (`...-b2.bak`) is not a second `b2`, and is left alone.
+        let fname = p
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let name = &fname[prefix.len()..];
+        if check_name("bitmap", name).is_err() || out.iter().any(|b: &NamedBitmap| b.name() == name) {
+            tracing::warn!(file = %p.display(), "ignoring a file that is not a bitmap of this disk by its name");
+            continue;
+        }
+        let b = match NamedBitmap::open_named(&p, size, name) {
+            Ok(b) => b,
+            Err(e)
+                if e.kind() == fleece_block::ErrorKind::Invalid
+                    && e.to_string().contains("file name says") =>
+            {
+                tracing::warn!(file = %p.display(), error = %e, "ignoring a bitmap file under another bitmap's name");
+                continue;
+            }
+            Err(e) => return Err(Error::invalid(e.to_string())),
+        };
         tracing::info!(
             bitmap = b.name(),
             dirty = b.bits().dirty_bytes(),
+            exact = b.is_consistent(),
             "loaded dirty bitmap"
         );
         out.push(b);
@@ -171,6 +193,30 @@ impl Action {
     }
 }
 
+/// The error if an action that reads a bitmap's bits (a snapshot's scope,
+/// merge sources) would read an inexact one.
+fn inexact_at_instant(rs: &[Ready]) -> Option<Error> {
+    let inexact = |b: &NamedBitmap| {
+        (!b.is_consistent()).then(|| {
+            Error::invalid(format!(
+                "dirty bitmap '{}' became inconsistent ({}): it may have missed writes; nothing was applied",
+                b.name(),
+                b.inconsistent_reason().unwrap_or_default()
+            ))
+        })
+    };
+    rs.iter().find_map(|r| match r {
+        Ready::Snapshot(p, _) => p.req.bitmap.as_ref().and_then(|name| {
+            p.disks
+                .iter()
+                .filter_map(|d| d.live.bitmap(name))
+                .find_map(|b| inexact(&b))
+        }),
+        Ready::Merge(_, sources) => sources.iter().find_map(|b| inexact(b)),
+        _ => None,
+    })
+}
+
 /// An action checked and ready to apply at the instant.
 enum Ready {
     Add(Arc<Disk>, Arc<NamedBitmap>),
@@ -226,10 +272,18 @@ fn new_bitmap(
 ) -> Result<NamedBitmap> {
     let size = fleece_block::BlockDev::size(&*d.file);
     let path = sidecar_path(&d.path, name);
-    if persistent && path.exists() {
-        // A leftover from a bitmap removed while the daemon was down.
-        std::fs::remove_file(&path)
-            .map_err(|e| Error::invalid(format!("cannot replace {}: {e}", path.display())))?;
+    // Nothing is deleted while a transaction is only being checked: a file
+    // there may be a bitmap that an earlier action removes (at the instant,
+    // or never if the transaction fails), or someone's copy.
+    if persistent && std::fs::symlink_metadata(&path).is_ok() {
+        return Err(Error::new(
+            Kind::Exists,
+            format!(
+                "a file already exists at {}: remove it, or pick another bitmap name \
+                 (to empty a bitmap, clear it instead of removing and adding it)",
+                path.display()
+            ),
+        ));
     }
     NamedBitmap::create(
         name,
@@ -288,12 +342,32 @@ impl Registry {
         // The instant. The registry lock is not held while disks freeze
         // (which waits for writes in flight): NBD clients keep connecting.
         let guards: Vec<_> = disks.iter().map(|d| d.live.freeze()).collect();
+        // A bitmap checked exact above may have lost a mark since (a failed
+        // sync), and writes to clean granules would then have gone
+        // unrecorded until the freeze: check again, now that none can run.
+        if let Some((i, e)) = ready
+            .iter()
+            .find_map(|(i, rs)| inexact_at_instant(rs).map(|e| (*i, e)))
+        {
+            drop(guards);
+            for (_, _, b) in &plan.added {
+                let _ = b.remove_file();
+            }
+            return Err(named(i, e));
+        }
         let mut made = Vec::new();
         let mut failure = None;
         for (i, r) in ready
             .into_iter()
             .flat_map(|(i, rs)| rs.into_iter().map(move |r| (i, r)))
         {
+            if failure.is_some() {
+                // Not applied after a failure: a bitmap made for it goes.
+                if let Ready::Add(_, b) = r {
+                    let _ = b.remove_file();
+                }
+                continue;
+            }
             let res = match r {
                 Ready::Add(d, b) => {
                     d.live.add_bitmap(b);
@@ -339,7 +413,7 @@ impl Registry {
                 }
             };
             if let Err(e) = res {
-                failure.get_or_insert(named(i, e));
+                failure = Some(named(i, e));
             }
         }
         drop(guards);
@@ -348,9 +422,13 @@ impl Registry {
                 .emit("snapshot_created", json!({ "snapshot": e.export.name }));
         }
         match failure {
+            // Only I/O errors on bitmap files get here: every check passed.
             Some(e) => Err(Error::new(
                 e.kind,
-                format!("transaction partly applied: {}", e.message),
+                format!(
+                    "transaction partly applied (the actions before this one were, the rest were not): {}",
+                    e.message
+                ),
             )),
             None => Ok(made),
         }

@@ -62,9 +62,18 @@ pub fn stream(control: &Path, path: &str) -> Result<BufReader<UnixStream>> {
     Ok(reader)
 }
 
+/// Largest request body the daemon reads (`api::MAX_BODY`).
+const MAX_BODY: usize = 1 << 20;
+
 fn send(control: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<BufReader<UnixStream>> {
-    let mut s = UnixStream::connect(control).map_err(|e| unavailable(control, &e.to_string()))?;
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    if payload.len() > MAX_BODY {
+        return Err(Error::invalid(format!(
+            "the request is {} bytes; the daemon takes at most {MAX_BODY}",
+            payload.len()
+        )));
+    }
+    let mut s = UnixStream::connect(control).map_err(|e| unavailable(control, &e.to_string()))?;
     let head = format!(
         "{method} {path} HTTP/1.0\r\nHost: fleece\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         payload.len()

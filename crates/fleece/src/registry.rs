@@ -182,6 +182,9 @@ pub struct Registry {
 /// How long a removal waits for the connections it closes to finish their
 /// in-flight requests, before it shuts their sockets completely.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Largest size `disk resize` accepts (64 PiB): more cannot be meant, and
+/// some file systems would take it.
+const MAX_DISK_SIZE: u64 = 1 << 56;
 /// How long a removal waits for closed connections in all.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -347,7 +350,7 @@ impl Registry {
         for e in &entries {
             disk.live.detach(&e.snap);
         }
-        self.close_and_wait(&exports);
+        let closed = self.close_and_wait(&exports);
         for e in &entries {
             self.events.emit(
                 "snapshot_deleted",
@@ -356,6 +359,19 @@ impl Registry {
         }
         if let Err(e) = fleece_block::BlockDev::flush(&*disk.file) {
             tracing::warn!(disk = name, error = %e, "flush on removal failed");
+        }
+        if !closed {
+            // A connection stuck in I/O may still write: the image stays
+            // locked until it is gone (its descriptor closes with the last
+            // reference), so no other program writes it meanwhile.
+            return Err(Error::new(
+                Kind::Busy,
+                format!(
+                    "disk '{name}' is no longer exported, but some of its connections did not finish within \
+                     {} s; its image stays locked until they do",
+                    CLOSE_TIMEOUT.as_secs()
+                ),
+            ));
         }
         disk.file.unlock();
         Ok(disk)
@@ -375,8 +391,9 @@ impl Registry {
 
     /// Closes the connections to these exports after their in-flight
     /// requests and waits until they are gone (bounded: a client that never
-    /// reads its replies is cut off after [`CLOSE_GRACE`]).
-    pub(crate) fn close_and_wait(&self, exports: &[String]) {
+    /// reads its replies is cut off after [`CLOSE_GRACE`]). False if some
+    /// were still there after [`CLOSE_TIMEOUT`].
+    pub(crate) fn close_and_wait(&self, exports: &[String]) -> bool {
         let start = Instant::now();
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         for c in conns.values().filter(|c| exports.contains(&c.export)) {
@@ -387,7 +404,7 @@ impl Registry {
             let waited = start.elapsed();
             if waited >= CLOSE_TIMEOUT {
                 tracing::warn!(exports = ?exports, "connections did not close in time; going on without them");
-                return;
+                return false;
             }
             if !cut && waited >= CLOSE_GRACE {
                 for c in conns.values().filter(|c| exports.contains(&c.export)) {
@@ -402,6 +419,7 @@ impl Registry {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+        true
     }
 
     /// A disk by name.
@@ -440,7 +458,10 @@ impl Registry {
     /// Looks up the export a client negotiated and counts the connection,
     /// in one step under the registry lock, so that a removal either sees
     /// the connection or the client finds the export gone (`None`).
-    pub fn attach(&self, export: &str, stream: Stream) -> Option<(Arc<Export>, u64)> {
+    /// `size` is what the client was told in the handshake: a client told
+    /// more than the export now has (it shrank meanwhile) is turned away,
+    /// as its writes past the new end would fail under it.
+    pub fn attach(&self, export: &str, size: u64, stream: Stream) -> Option<(Arc<Export>, u64)> {
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
         let name = if export.is_empty() {
             inner.default.as_deref()?
@@ -448,6 +469,9 @@ impl Registry {
             export
         };
         let e = inner.exports.get(name)?.clone();
+        if size > e.dev.size() {
+            return None;
+        }
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(
             id,
@@ -484,9 +508,10 @@ impl Registry {
                 ),
             ));
         }
-        if size == 0 || !size.is_multiple_of(512) {
+        if size == 0 || !size.is_multiple_of(512) || size > MAX_DISK_SIZE {
             return Err(Error::invalid(format!(
-                "size {size} must be a positive multiple of 512 bytes"
+                "size {size} must be a positive multiple of 512 bytes, at most {}",
+                crate::units::human(MAX_DISK_SIZE)
             )));
         }
         let old = fleece_block::BlockDev::size(&*disk.file);
@@ -514,20 +539,27 @@ impl Registry {
                 ));
             }
         }
-        {
+        let res = {
             // No write may run while the size changes under it.
             let _frozen = disk.live.freeze();
-            disk.file.resize(size).map_err(|e| {
-                Error::new(
-                    Kind::Internal,
-                    format!("cannot resize {}: {e}", disk.path.display()),
-                )
-            })?;
-            for b in disk.live.bitmaps().iter() {
-                if let Err(e) = b.resize(size) {
-                    b.mark_inconsistent(&format!("it could not follow a resize of its disk: {e}"));
+            let res = disk.file.resize(size);
+            // Once the file has its new length (even if the sync after it
+            // failed), the bitmaps follow.
+            if fleece_block::BlockDev::size(&*disk.file) == size {
+                for b in disk.live.bitmaps().iter() {
+                    if let Err(e) = b.resize(size) {
+                        b.mark_inconsistent(&format!("it could not follow a resize of its disk: {e}"));
+                    }
                 }
             }
+            res
+        };
+        if let Err(e) = res {
+            let kind = match e.kind() {
+                fleece_block::ErrorKind::Invalid => Kind::InvalidArgument,
+                _ => Kind::Internal,
+            };
+            return Err(Error::new(kind, e.to_string()));
         }
         tracing::info!(disk = name, old, size, "disk resized");
         self.events.emit(

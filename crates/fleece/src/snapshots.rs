@@ -453,8 +453,11 @@ impl Registry {
         if let Ok(d) = self.disk(disk) {
             d.live.detach(&entry.snap);
         }
-        self.close_and_wait(std::slice::from_ref(&id));
+        let closed = self.close_and_wait(std::slice::from_ref(&id));
         self.events.emit("snapshot_deleted", json!({ "snapshot": id }));
+        if !closed {
+            tracing::warn!(snapshot = %id, "deleted, but some of its connections are still closing; its store goes with the last of them");
+        }
         Ok(())
     }
 

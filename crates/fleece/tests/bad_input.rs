@@ -330,3 +330,18 @@ fn the_log_line_about_a_broken_snapshot_names_it() {
         );
     }
 }
+
+#[test]
+fn a_request_too_large_for_the_daemon_is_refused_by_the_cli_with_the_reason() {
+    let d = Daemon::start(&[("vm", 16 * MIB)]);
+    let actions: Vec<serde_json::Value> = (0..40_000)
+        .map(|i| serde_json::json!({"action": "bitmap-add", "disk": "vm", "name": format!("b{i}")}))
+        .collect();
+    let file = d.path("big.json");
+    std::fs::write(&file, serde_json::json!({ "actions": actions }).to_string()).unwrap();
+    let out = d.cli(&["transaction", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("at most"), "{err}");
+    assert!(!err.contains("cannot reach"), "{err}");
+}

@@ -320,3 +320,39 @@ fn pull_incremental_applies_only_the_dirty_extents_to_the_previous_backup() {
     assert!(out.contains("copied"), "{out}");
     assert_same_file(&expected, &full);
 }
+
+#[test]
+fn removing_and_adding_one_bitmap_in_a_transaction_is_refused_and_deletes_nothing() {
+    let mut d = Daemon::start(&[("vm", 16 * MIB)]);
+    d.cli_ok(&["bitmap", "add", "vm", "b0"]);
+    qemu_io(&d.uri("vm"), &["write 0 4k"]);
+    let sidecar = format!("{}.fleece-bitmap-b0", d.image("vm").display());
+    let body = serde_json::json!({"actions": [
+        {"action": "bitmap-remove", "disk": "vm", "name": "b0"},
+        {"action": "bitmap-add", "disk": "vm", "name": "b0"},
+    ]});
+    let (status, v) = d.api("POST", "/v1/transactions", Some(&body));
+    assert_api_error(status, &v, 409, "exists");
+    assert!(
+        std::path::Path::new(&sidecar).exists(),
+        "the check deleted b0's file"
+    );
+    d.restart_after_kill9();
+    let list = d.json(&["bitmap", "list", "vm"]);
+    assert_eq!(list[0]["name"], "b0", "{list}");
+    assert_eq!(list[0]["dirty_bytes"], 65536, "{list}");
+}
+
+#[test]
+fn a_copied_sidecar_file_does_not_come_back_as_a_second_bitmap() {
+    let mut d = Daemon::start(&[("vm", 16 * MIB)]);
+    d.cli_ok(&["bitmap", "add", "vm", "b2"]);
+    let sidecar = format!("{}.fleece-bitmap-b2", d.image("vm").display());
+    std::fs::copy(&sidecar, format!("{sidecar}.bak")).unwrap();
+    d.restart_after_kill9();
+    let list = d.json(&["bitmap", "list", "vm"]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    d.cli_ok(&["bitmap", "remove", "vm", "b2"]);
+    d.restart_after_kill9();
+    assert_eq!(d.json(&["bitmap", "list", "vm"]), serde_json::json!([]));
+}

@@ -59,9 +59,14 @@ fn a_truncated_image_fails_io_past_its_end_and_the_view_never_reads_zeroes() {
 #[test]
 fn with_break_snapshot_a_truncated_image_breaks_the_snapshot_and_writes_go_on() {
     let mut d = truncated_under_a_snapshot(&["--on-cbw-error", "break-snapshot"]);
-    qemu_io(&d.uri("vm"), &["write -P 0x66 200M 4k"]);
+    // The copy fails, which breaks the snapshot; the write itself then
+    // fails too, as it lies past the truncated file's end (it would leave
+    // a gap that reads as zeroes).
+    qemu_io_fails(&d.uri("vm"), "write -P 0x66 200M 4k");
     let s = d.json(&["snapshot", "show", "vm@s1"]);
     assert_eq!(s["state"], "broken", "{s}");
+    // Writes go on where the image still is: the broken snapshot copies nothing.
+    qemu_io(&d.uri("vm"), &["write -P 0x67 1M 64k", "read -P 0x67 1M 64k"]);
     qemu_io_fails(&d.uri("vm@s1"), "read 200M 4k");
     qemu_io_fails(&d.uri("vm@s1"), "read 0 4k");
     d.assert_alive();
@@ -207,4 +212,36 @@ fn an_image_replaced_underneath_is_logged_and_fleece_keeps_its_file() {
     );
     // The export still serves the file it opened.
     qemu_io(&d.uri("vm"), &["read -P 0x5a 0 64k"]);
+}
+
+#[test]
+fn once_a_truncation_is_seen_a_write_past_the_end_cannot_hide_it_behind_zeroes() {
+    // No snapshot: nothing copies, so only the file's end protects the data.
+    let d = Daemon::start(&[("vm", 512 * MIB)]);
+    qemu_io(&d.uri("vm"), &["write -P 0x5a 200M 1M"]);
+    set_len(&d.image("vm"), 100 * MIB);
+    assert!(
+        wait_for(Duration::from_secs(10), || d.log().contains("truncated")),
+        "the watcher did not notice:\n{}",
+        d.log()
+    );
+    // A write past the end would extend the file and make [100M, 300M)
+    // read as zeroes, silently: it fails instead, and reads keep failing.
+    qemu_io_fails(&d.uri("vm"), "write -P 0x66 300M 4k");
+    assert_eq!(file_len(&d.image("vm")), 100 * MIB);
+    qemu_io_fails(&d.uri("vm"), "read 200M 4k");
+    // Writes at the end of what is left still work, and may extend it.
+    qemu_io(&d.uri("vm"), &["write -P 0x67 100M 4k", "read -P 0x67 100M 4k"]);
+}
+
+#[test]
+fn a_resize_past_what_can_be_meant_is_invalid_input() {
+    let mut d = Daemon::start(&[("vm", 16 * MIB)]);
+    d.cli_err(&["disk", "resize", "vm", "131072T"], &["at most"]);
+    let (status, body) = d.api("POST", "/v1/disks/vm/resize", Some(&json!({"size": 1u64 << 62})));
+    assert_api_error(status, &body, 400, "invalid_argument");
+    let (status, body) = d.api("POST", "/v1/disks/vm/resize", Some(&json!({"size": 1000})));
+    assert_api_error(status, &body, 400, "invalid_argument");
+    assert_eq!(file_len(&d.image("vm")), 16 * MIB);
+    d.assert_alive();
 }

@@ -42,8 +42,8 @@ pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, pool: Arc<Pool>
     let (Ok(reader), Ok(handle)) = (stream.try_clone(), stream.try_clone()) else {
         return;
     };
-    let Some((export, id)) = registry.attach(&neg.export.name, handle) else {
-        // Removed between negotiation and now.
+    let Some((export, id)) = registry.attach(&neg.export.name, neg.export.size, handle) else {
+        // Removed (or shrunk) between negotiation and now.
         return;
     };
     tracing::debug!(export = %export.name, mode = ?neg.mode, "client connected");
