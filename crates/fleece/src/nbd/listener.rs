@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
 
-use super::{conn, Pool, Stream};
+use super::{connection, Pool, Stream};
 use crate::error::{Error, Result};
 use crate::registry::Registry;
 
@@ -143,10 +143,7 @@ impl Listener {
 /// rarely blocks half way through one (the default is about 200 KiB, less
 /// than one 256 KiB nbdcopy read). Capped by net.core.wmem_max.
 fn set_send_buffer(s: &Stream) {
-    let fd = match s {
-        Stream::Unix(u) => u.as_raw_fd(),
-        Stream::Tcp(t) => t.as_raw_fd(),
-    };
+    let fd = s.as_raw_fd();
     let size: libc::c_int = SEND_BUFFER;
     // SAFETY: setsockopt reads one c_int from a local that outlives the call.
     unsafe {
@@ -201,7 +198,7 @@ fn accept_loop(sock: Sock, stop_r: RawFd, registry: Arc<Registry>, pool: Arc<Poo
                 let (reg, pool) = (registry.clone(), pool.clone());
                 let spawned = thread::Builder::new()
                     .name("nbd-conn".into())
-                    .spawn(move || conn::serve(s, reg, pool));
+                    .spawn(move || connection::serve(s, reg, pool));
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start a connection thread");
                 }

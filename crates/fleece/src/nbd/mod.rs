@@ -1,12 +1,15 @@
 //! NBD server: listeners, connections and the worker pool.
 //!
-//! The data path runs on plain threads, not on the async runtime: each
-//! connection has a reader thread that parses requests and hands them to a
-//! shared pool of I/O workers, which run them against the block layer and
-//! write each reply whole under the connection's writer lock. Replies thus
-//! go out in completion order, and a slow request never holds up others.
+//! The data path runs on plain threads, not on the async runtime. Each
+//! connection has one thread that owns its socket (`connection`): it reads
+//! requests (`frame`), runs those that cannot block (`command`), hands the
+//! others to a shared pool of I/O workers, and writes every reply; workers
+//! never touch a socket. Replies go out in completion order, and a slow
+//! request or a client that does not read its replies holds up nobody else.
 
-mod conn;
+mod command;
+mod connection;
+mod frame;
 mod listener;
 mod pool;
 
@@ -56,10 +59,7 @@ impl Stream {
     /// True once the client has hung up (or this side was shut down): the
     /// connection is closing, whether or not its thread has noticed yet.
     pub fn peer_closed(&self) -> bool {
-        let fd = match self {
-            Stream::Unix(s) => s.as_raw_fd(),
-            Stream::Tcp(s) => s.as_raw_fd(),
-        };
+        let fd = self.as_raw_fd();
         let mut p = libc::pollfd {
             fd,
             events: libc::POLLRDHUP,
@@ -74,6 +74,22 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_read_timeout(t),
             Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_nonblocking(on),
+            Stream::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
         }
     }
 }
