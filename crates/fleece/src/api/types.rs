@@ -127,6 +127,16 @@ pub enum SnapshotState {
     Broken,
 }
 
+impl SnapshotState {
+    /// The wire name, for tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotState::Active => "active",
+            SnapshotState::Broken => "broken",
+        }
+    }
+}
+
 /// A dirty bitmap (`GET /v1/disks/{name}/bitmaps`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Bitmap {
