@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fleece_block::NamedBitmap;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 use crate::error::{Error, Kind, Result};
 use crate::registry::{check_name, Disk, Registry};
 use crate::snapshots::{CreateSnapshot, PreparedSnapshot, SnapshotEntry};
-use crate::units::parse_size;
+use crate::units::Size;
 
 /// Default bitmap granularity.
 pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
@@ -77,8 +77,15 @@ pub fn load_sidecars(image: &Path, size: u64) -> Result<Vec<NamedBitmap>> {
     Ok(out)
 }
 
-/// One operation of a transaction, as sent in JSON with an `action` field.
-#[derive(Debug, Clone)]
+/// One operation of a transaction, as sent in JSON with an `action` field
+/// (`{"action": "bitmap-add", "disk": ..., ...}`); re-exported as
+/// `api::types::Action` for the CLI and the control API.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(
+    tag = "action",
+    rename_all = "kebab-case",
+    expecting = "an action object {\"action\": \"bitmap-add\", ...}"
+)]
 pub enum Action {
     /// Create a bitmap.
     BitmapAdd(BitmapAdd),
@@ -97,7 +104,7 @@ pub enum Action {
 }
 
 /// Arguments of `bitmap-add`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BitmapAdd {
     /// Disk.
@@ -105,16 +112,18 @@ pub struct BitmapAdd {
     /// Bitmap name.
     pub name: String,
     /// Bytes per bit (power of two, at least 512).
-    pub granularity: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub granularity: Option<Size>,
     /// Create it not recording.
     #[serde(default)]
     pub disabled: bool,
     /// Keep it in a sidecar file (default true).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub persistent: Option<bool>,
 }
 
 /// A bitmap by disk and name.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BitmapRef {
     /// Disk.
@@ -124,7 +133,7 @@ pub struct BitmapRef {
 }
 
 /// Arguments of `bitmap-merge`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BitmapMerge {
     /// Disk.
@@ -135,36 +144,7 @@ pub struct BitmapMerge {
     pub sources: Vec<String>,
 }
 
-#[derive(Deserialize)]
-struct Tagged {
-    action: String,
-    #[serde(flatten)]
-    rest: serde_json::Map<String, Value>,
-}
-
 impl Action {
-    /// Parses `{"action": "bitmap-add", ...}`.
-    pub fn from_json(v: Value) -> Result<Action> {
-        let t: Tagged = serde_json::from_value(v).map_err(|e| Error::invalid(format!("bad action: {e}")))?;
-        let rest = Value::Object(t.rest);
-        let bad = |e: serde_json::Error| Error::invalid(format!("bad {} action: {e}", t.action));
-        Ok(match t.action.as_str() {
-            "bitmap-add" => Action::BitmapAdd(serde_json::from_value(rest).map_err(bad)?),
-            "bitmap-remove" => Action::BitmapRemove(serde_json::from_value(rest).map_err(bad)?),
-            "bitmap-clear" => Action::BitmapClear(serde_json::from_value(rest).map_err(bad)?),
-            "bitmap-enable" => Action::BitmapEnable(serde_json::from_value(rest).map_err(bad)?),
-            "bitmap-disable" => Action::BitmapDisable(serde_json::from_value(rest).map_err(bad)?),
-            "bitmap-merge" => Action::BitmapMerge(serde_json::from_value(rest).map_err(bad)?),
-            "snapshot-create" => Action::SnapshotCreate(Box::new(serde_json::from_value(rest).map_err(bad)?)),
-            other => {
-                return Err(Error::invalid(format!(
-                    "unknown action '{other}': use bitmap-add, bitmap-remove, bitmap-clear, bitmap-enable, \
-                     bitmap-disable, bitmap-merge or snapshot-create"
-                )))
-            }
-        })
-    }
-
     /// What the action is about, for error messages.
     fn describe(&self) -> String {
         match self {
@@ -445,7 +425,7 @@ impl Registry {
                         format!("dirty bitmap '{}' already exists on disk '{}'", a.name, a.disk),
                     ));
                 }
-                let g = granularity(&a.granularity)?;
+                let g = granularity(a.granularity)?;
                 let b = Arc::new(new_bitmap(
                     &d,
                     &a.name,
@@ -554,46 +534,10 @@ impl Registry {
             }
         }])
     }
-
-    /// JSON of a disk's bitmaps.
-    pub fn bitmaps_json(&self, disk: &str) -> Result<Value> {
-        let d = self.disk(disk)?;
-        Ok(Value::Array(
-            d.live.bitmaps().iter().map(|b| bitmap_json(b)).collect(),
-        ))
-    }
 }
 
-/// JSON of one bitmap.
-pub fn bitmap_json(b: &NamedBitmap) -> Value {
-    json!({
-        "name": b.name(),
-        "granularity": b.bits().granularity(),
-        "dirty_bytes": b.bits().dirty_bytes(),
-        "recording": b.is_enabled(),
-        "persistent": b.is_persistent(),
-        // False once the bitmap may have missed a write (its sidecar could
-        // not be made durable, or the disk changed size while fleece was not
-        // serving it): the next backup from it must be a full one.
-        "exact": b.is_consistent(),
-        "inconsistent_reason": b.inconsistent_reason(),
-        "path": b.path(),
-    })
-}
-
-fn granularity(v: &Option<Value>) -> Result<u64> {
-    let g = match v {
-        None | Some(Value::Null) => DEFAULT_GRANULARITY,
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .ok_or_else(|| Error::invalid("granularity must be a positive number"))?,
-        Some(Value::String(s)) => parse_size(s)?,
-        Some(_) => {
-            return Err(Error::invalid(
-                "granularity must be a number or a size like \"64K\"",
-            ))
-        }
-    };
+fn granularity(g: Option<Size>) -> Result<u64> {
+    let g = g.map_or(DEFAULT_GRANULARITY, Size::bytes);
     if !g.is_power_of_two() || !(512..=(1 << 30)).contains(&g) {
         return Err(Error::invalid(format!(
             "granularity {g} must be a power of two from 512 bytes to 1 GiB"

@@ -4,7 +4,6 @@
 mod api;
 mod bitmaps;
 mod cli;
-mod client;
 mod config;
 mod daemon;
 mod error;
@@ -15,13 +14,12 @@ mod snapshots;
 mod state;
 mod units;
 
-use clap::Parser;
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
 fn main() {
-    let cli = cli::Cli::parse();
+    let cli = cli::Cli::parse_checked();
     if !matches!(cli.command, cli::Command::Serve(_)) {
         // A client command whose stdout is closed (`fleece disk list | head
         // -1`) ends quietly, as other Unix tools do: Rust ignores SIGPIPE,

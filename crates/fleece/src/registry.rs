@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use fleece_block::{BlockDev, LiveDisk, LockMode, RawFile};
 use fleece_nbd::consts::*;
 use fleece_nbd::{Catalog, ExportInfo};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::error::{Error, Kind, Result};
 use crate::events::Events;
@@ -600,19 +600,6 @@ impl Registry {
                 tracing::error!(disk = %d.name, error = %e, "flush failed");
             }
         }
-    }
-
-    /// JSON form of a disk for the control API.
-    pub fn disk_json(&self, d: &Disk, nbd_uri: &dyn Fn(&str) -> String) -> Value {
-        json!({
-            "name": d.name,
-            "path": d.path,
-            "size": fleece_block::BlockDev::size(&*d.file),
-            "export": d.export.name,
-            "uri": nbd_uri(&d.export.name),
-            "connections": self.active_connections(std::slice::from_ref(&d.export.name)),
-            "snapshots": self.snapshot_names(&d.name),
-        })
     }
 }
 

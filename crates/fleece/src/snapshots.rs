@@ -8,13 +8,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fleece_block::{
     FileStore, OnCbwError, RamStore, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView, Store,
 };
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 use crate::error::{Error, Kind, Result};
 use crate::registry::{check_name, Export, MetaSource, Registry};
 use crate::state::StoreRecord;
-use crate::units::{human, parse_size};
+use crate::units::{human, parse_size, Size};
 
 /// Default copy unit.
 const DEFAULT_CLUSTER: u64 = 64 << 10;
@@ -99,51 +99,48 @@ fn host_memory() -> Option<u64> {
     (pages > 0 && page > 0).then(|| pages as u64 * page as u64)
 }
 
-/// Body of `POST /v1/snapshots`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Body of `POST /v1/snapshots` and of a `snapshot-create` action (also
+/// what the CLI sends; re-exported as `api::types::CreateSnapshot`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a snapshot request object {\"disks\": [...], \"name\", ...}"
+)]
 pub struct CreateSnapshot {
     /// Disks that share the instant.
     pub disks: Vec<String>,
     /// Snapshot name.
     pub name: String,
-    /// Copy unit (bytes, or a size like "64K").
-    pub cluster_size: Option<Value>,
+    /// Copy unit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<Size>,
     /// `file:PATH` or `ram:SIZE`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
     /// Most bytes the store may hold.
-    pub store_limit: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_limit: Option<Size>,
     /// Dirty bitmap scoping the snapshot.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmap: Option<String>,
     /// Discard what each read returned.
     #[serde(default)]
     pub read_once: bool,
     /// `break-guest-write` (default) or `break-snapshot`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub on_cbw_error: Option<String>,
     /// Copy timeout in seconds (0 or absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cbw_timeout_secs: Option<f64>,
     /// Bitmap that starts recording at the instant (cleared if it exists);
     /// the scoping bitmap then stops recording.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rotate: Option<String>,
 }
 
 enum StoreSpec {
     File(Option<PathBuf>),
     Ram(u64),
-}
-
-fn size_value(v: &Option<Value>, what: &str) -> Result<Option<u64>> {
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| Error::invalid(format!("{what} must be a positive whole number of bytes"))),
-        Some(Value::String(s)) => parse_size(s).map(Some),
-        Some(_) => Err(Error::invalid(format!(
-            "{what} must be a number or a size string like \"64K\""
-        ))),
-    }
 }
 
 fn parse_store(s: &Option<String>) -> Result<StoreSpec> {
@@ -219,13 +216,13 @@ impl Registry {
         if names.len() != req.disks.len() {
             return Err(Error::invalid("a disk is listed twice"));
         }
-        let cluster = size_value(&req.cluster_size, "cluster_size")?.unwrap_or(DEFAULT_CLUSTER);
+        let cluster = req.cluster_size.map_or(DEFAULT_CLUSTER, Size::bytes);
         if cluster == 0 || cluster > 64 << 20 || !cluster.is_power_of_two() {
             return Err(Error::invalid(format!(
                 "cluster size {cluster} must be a power of two between 1 and 64 MiB"
             )));
         }
-        let limit = size_value(&req.store_limit, "store_limit")?;
+        let limit = req.store_limit.map(Size::bytes);
         if let Some(l) = limit.filter(|&l| l < cluster) {
             // Every copy would fail, and by default so would every write
             // to data on the live disk.
@@ -459,42 +456,6 @@ impl Registry {
             tracing::warn!(snapshot = %id, "deleted, but some of its connections are still closing; its store goes with the last of them");
         }
         Ok(())
-    }
-
-    /// JSON form for the control API.
-    pub fn snapshot_json(&self, e: &SnapshotEntry, uri: &dyn Fn(&str) -> String) -> Value {
-        let stats = e.snap.stats();
-        let (kind, path) = e.snap.store_description();
-        let opts = e.snap.options();
-        json!({
-            "disk": e.disk,
-            "name": e.name,
-            "export": e.export.name,
-            "uri": uri(&e.export.name),
-            "created": e.created,
-            "size": e.snap.size(),
-            "cluster_size": e.snap.cluster_size(),
-            "store": {
-                "kind": kind,
-                "path": path,
-                "used_bytes": stats.used_bytes,
-                "limit_bytes": opts.store_limit,
-                "memory_limit_bytes": e.memory_limit,
-            },
-            "state": if stats.broken.is_some() { "broken" } else { "active" },
-            "error": stats.broken,
-            "copied_clusters": stats.copied_clusters,
-            "hole_clusters": stats.hole_clusters,
-            "discarded_clusters": stats.discarded_clusters,
-            "on_cbw_error": match opts.on_cbw_error {
-                OnCbwError::BreakGuestWrite => "break-guest-write",
-                OnCbwError::BreakSnapshot => "break-snapshot",
-            },
-            "cbw_timeout_secs": opts.cbw_timeout.map(|t| t.as_secs_f64()),
-            "read_once": opts.read_once,
-            "bitmap": e.bitmap,
-            "connections": self.active_connections(std::slice::from_ref(&e.export.name)),
-        })
     }
 }
 

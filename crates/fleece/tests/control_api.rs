@@ -342,6 +342,43 @@ fn cli_without_a_daemon_fails_with_exit_code_1() {
 }
 
 #[test]
+fn control_and_json_go_before_or_after_the_subcommand() {
+    let d = Daemon::start(&[("a", MIB)]);
+    let ctl = d.control.to_str().unwrap();
+    for args in [
+        &["--control", ctl, "--json", "disk", "list"][..],
+        &["--json", "disk", "list", "--control", ctl],
+        &["disk", "--json", "list", "--control", ctl],
+    ] {
+        let out = Command::new(BIN)
+            .args(args)
+            .env_remove("FLEECE_CONTROL")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {}", text(&out.stdout)));
+        assert_eq!(v[0]["name"], "a", "{args:?}: {v}");
+    }
+    // The flag wins over the environment.
+    let out = Command::new(BIN)
+        .args(["--control", ctl, "status"])
+        .env("FLEECE_CONTROL", d.path("elsewhere.sock"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The daemon prints logs, not JSON: refused before anything starts.
+    let out = Command::new(BIN)
+        .args(["serve", "--json", "--state-dir"])
+        .arg(d.path("other-state"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--json"), "{}", text(&out.stderr));
+    assert!(!d.path("other-state").exists());
+}
+
+#[test]
 fn events_stream_reports_disk_added_and_removed() {
     let d = Daemon::start(&[("a", MIB)]);
     let mut s = UnixStream::connect(&d.control).unwrap();
