@@ -15,6 +15,8 @@ mod lock;
 mod persist;
 mod raw;
 mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use bitmap::DirtyBitmap;
 pub use buf::{AlignedBuf, BUF_ALIGN};

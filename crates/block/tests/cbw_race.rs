@@ -5,7 +5,8 @@
 //! The live disk is a [`HookDev`] (a `RawFile` whose reads, writes and block
 //! status can be trapped at a chosen offset until the test releases them),
 //! and the store is a [`HookStore`] (a real `RamStore` or `FileStore` whose
-//! saves and loads can be trapped, made to fail, and counted). The only use
+//! saves and loads can be trapped, made to fail, and counted); both come
+//! from `fleece_block::testing`. The only use
 //! of time is `recv_timeout(NOT_YET)` to assert that something is *still
 //! blocked*; every positive wait is on an event, with a generous deadline so
 //! a broken engine fails the test instead of hanging it.
@@ -14,13 +15,14 @@ use std::fmt::Debug;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use fleece_block::testing::{HookDev, HookStore};
 use fleece_block::{
-    BlockDev, Capabilities, DirtyBitmap, Error, ErrorKind, Extent, FileStore, LiveDisk, Mapping, OnCbwError,
-    RamStore, RawFile, Result, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView, Store, ZeroFlags,
+    BlockDev, DirtyBitmap, ErrorKind, Extent, FileStore, LiveDisk, Mapping, OnCbwError, RamStore, RawFile,
+    Result, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView, ZeroFlags,
 };
 
 /// Cluster size of every snapshot here.
@@ -37,298 +39,6 @@ const LONG: Duration = Duration::from_secs(5);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-// ---------------------------------------------------------------------------
-// Trap: a hook that holds matching calls until released.
-// ---------------------------------------------------------------------------
-
-type Pred = Box<dyn Fn(u64, u64) -> bool + Send>;
-
-#[derive(Default)]
-struct TrapState {
-    pred: Option<Pred>,
-    /// Matching calls still to catch.
-    left: usize,
-    /// Calls caught since armed.
-    caught: usize,
-    /// Calls held right now.
-    held: usize,
-    /// Held calls that may go (one each).
-    tokens: usize,
-    /// Everything goes.
-    open: bool,
-}
-
-/// Catches up to `n` calls matching a predicate on (offset, length) and holds
-/// each until [`release_one`](Trap::release_one) or [`release`](Trap::release).
-#[derive(Default)]
-struct Trap {
-    st: Mutex<TrapState>,
-    cv: Condvar,
-}
-
-impl Trap {
-    fn arm(&self, n: usize, pred: impl Fn(u64, u64) -> bool + Send + 'static) {
-        let mut s = lock(&self.st);
-        assert_eq!(s.held, 0, "re-arming a trap that still holds calls");
-        *s = TrapState {
-            pred: Some(Box::new(pred)),
-            left: n,
-            ..TrapState::default()
-        };
-    }
-
-    /// Called by the hooked operation before it does anything.
-    fn hit(&self, offset: u64, len: u64) {
-        let mut s = lock(&self.st);
-        if s.open || s.left == 0 || !s.pred.as_ref().is_some_and(|p| p(offset, len)) {
-            return;
-        }
-        s.left -= 1;
-        s.caught += 1;
-        s.held += 1;
-        self.cv.notify_all();
-        while !s.open && s.tokens == 0 {
-            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
-        if !s.open {
-            s.tokens -= 1;
-        }
-        s.held -= 1;
-        self.cv.notify_all();
-    }
-
-    /// Waits until `n` calls have been caught since armed.
-    fn wait_caught(&self, n: usize) {
-        let deadline = Instant::now() + LONG;
-        let mut s = lock(&self.st);
-        while s.caught < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "trap: only {} of {n} expected calls arrived",
-                s.caught
-            );
-            s = self.cv.wait_timeout(s, left).unwrap_or_else(|p| p.into_inner()).0;
-        }
-    }
-
-    fn held(&self) -> usize {
-        lock(&self.st).held
-    }
-
-    /// Lets one held call go and waits until it has left the trap.
-    fn release_one(&self) {
-        let deadline = Instant::now() + LONG;
-        let mut s = lock(&self.st);
-        let before = s.held;
-        assert!(before > 0, "release_one with nothing held");
-        s.tokens += 1;
-        self.cv.notify_all();
-        while s.held >= before {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "trap: released call did not leave");
-            s = self.cv.wait_timeout(s, left).unwrap_or_else(|p| p.into_inner()).0;
-        }
-    }
-
-    /// Lets everything go, now and later (until re-armed).
-    fn release(&self) {
-        let mut s = lock(&self.st);
-        s.open = true;
-        s.pred = None;
-        self.cv.notify_all();
-    }
-}
-
-// ---------------------------------------------------------------------------
-// HookDev: the live disk.
-// ---------------------------------------------------------------------------
-
-/// A raw file whose reads, changes (write, write-zeroes, trim) and block
-/// status first pass through a trap.
-struct HookDev {
-    file: RawFile,
-    read: Trap,
-    write: Trap,
-    status: Trap,
-    reads: AtomicU64,
-}
-
-impl BlockDev for HookDev {
-    fn size(&self) -> u64 {
-        self.file.size()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.file.capabilities()
-    }
-    /// Lets the engine copy file to file; copy reads are never trapped here.
-    fn as_raw_file(&self) -> Option<&RawFile> {
-        Some(&self.file)
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        self.read.hit(offset, buf.len() as u64);
-        self.file.read_at(buf, offset)
-    }
-    fn try_write_at(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
-        self.write.hit(offset, buf.len() as u64);
-        self.file.try_write_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
-        self.write.hit(offset, buf.len() as u64);
-        self.file.write_at(buf, offset, fua)
-    }
-    fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
-        self.write.hit(offset, length);
-        self.file.write_zeroes(offset, length, flags)
-    }
-    fn trim(&self, offset: u64, length: u64) -> Result<()> {
-        self.write.hit(offset, length);
-        self.file.trim(offset, length)
-    }
-    fn flush(&self) -> Result<()> {
-        self.file.flush()
-    }
-    fn cache(&self, offset: u64, length: u64) -> Result<()> {
-        self.file.cache(offset, length)
-    }
-    fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
-        self.status.hit(offset, length);
-        self.file.block_status(offset, length)
-    }
-}
-
-// ---------------------------------------------------------------------------
-// HookStore: a real store with traps, failure injection and counters.
-// ---------------------------------------------------------------------------
-
-struct HookStore {
-    inner: Box<dyn Store>,
-    save: Trap,
-    load: Trap,
-    /// Held after the store has freed the slot, inside `forget`.
-    forget: Trap,
-    fail: Mutex<Option<ErrorKind>>,
-    /// Cluster indices saved, in order.
-    saved: Mutex<Vec<u64>>,
-    saved_cv: Condvar,
-    forgets: Mutex<Vec<u64>>,
-    loads: AtomicU64,
-}
-
-impl HookStore {
-    fn new(inner: Box<dyn Store>) -> Arc<Self> {
-        Arc::new(HookStore {
-            inner,
-            save: Trap::default(),
-            load: Trap::default(),
-            forget: Trap::default(),
-            fail: Mutex::new(None),
-            saved: Mutex::new(Vec::new()),
-            saved_cv: Condvar::new(),
-            forgets: Mutex::new(Vec::new()),
-            loads: AtomicU64::new(0),
-        })
-    }
-
-    fn record(&self, index: u64, cluster: u64, len: u64) {
-        lock(&self.saved).extend(index..index + len.div_ceil(cluster));
-        self.saved_cv.notify_all();
-    }
-
-    fn boxed(self: &Arc<Self>) -> Box<dyn Store> {
-        Box::new(Shared(self.clone()))
-    }
-
-    fn set_fail(&self, kind: Option<ErrorKind>) {
-        *lock(&self.fail) = kind;
-    }
-
-    fn saved(&self) -> Vec<u64> {
-        lock(&self.saved).clone()
-    }
-
-    fn forgets(&self) -> Vec<u64> {
-        lock(&self.forgets).clone()
-    }
-
-    fn loads(&self) -> u64 {
-        self.loads.load(Ordering::SeqCst)
-    }
-
-    /// Waits until `n` clusters have been saved.
-    fn wait_saved(&self, n: usize) {
-        let deadline = Instant::now() + LONG;
-        let mut s = lock(&self.saved);
-        while s.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "store: only {} of {n} expected saves happened",
-                s.len()
-            );
-            s = self
-                .saved_cv
-                .wait_timeout(s, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-}
-
-struct Shared(Arc<HookStore>);
-
-impl Store for Shared {
-    fn granularity(&self) -> u64 {
-        self.0.inner.granularity()
-    }
-    fn save(&self, index: u64, cluster: u64, data: &[u8]) -> Result<()> {
-        let s = &self.0;
-        s.save.hit(index, data.len() as u64);
-        if let Some(kind) = *lock(&s.fail) {
-            return Err(Error::new(kind, "injected store failure"));
-        }
-        s.inner.save(index, cluster, data)?;
-        s.record(index, cluster, data.len() as u64);
-        Ok(())
-    }
-    /// The file-to-file path, where the inner store has one: the failure is
-    /// injected before it, the trap holds the copy after the data landed
-    /// (the cluster is still in flight until the engine settles it).
-    fn save_from_file(
-        &self,
-        index: u64,
-        cluster: u64,
-        src: &RawFile,
-        offset: u64,
-        len: u64,
-    ) -> Option<Result<()>> {
-        let s = &self.0;
-        if let Some(kind) = *lock(&s.fail) {
-            return Some(Err(Error::new(kind, "injected store failure")));
-        }
-        let res = s.inner.save_from_file(index, cluster, src, offset, len)?;
-        s.save.hit(index, len);
-        if res.is_ok() {
-            s.record(index, cluster, len);
-        }
-        Some(res)
-    }
-    fn load(&self, index: u64, cluster: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.0.loads.fetch_add(1, Ordering::SeqCst);
-        self.0.load.hit(index, buf.len() as u64);
-        self.0.inner.load(index, cluster, offset, buf)
-    }
-    fn forget(&self, index: u64, cluster: u64) {
-        lock(&self.0.forgets).push(index);
-        self.0.inner.forget(index, cluster);
-        self.0.forget.hit(index, cluster);
-    }
-    fn describe(&self) -> (&'static str, Option<PathBuf>) {
-        self.0.inner.describe()
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -365,13 +75,7 @@ impl Fx {
         let img0: Vec<u8> = (0..size).map(pattern).collect();
         let data_end = (DATA_CLUSTERS * CL).min(size);
         file.write_at(&img0[..data_end as usize], 0, false).unwrap();
-        let dev = Arc::new(HookDev {
-            file,
-            read: Trap::default(),
-            write: Trap::default(),
-            status: Trap::default(),
-            reads: AtomicU64::new(0),
-        });
+        let dev = Arc::new(HookDev::new(file));
         let base: Arc<dyn BlockDev> = dev.clone();
         Fx {
             dir,
@@ -420,7 +124,7 @@ impl Fx {
     /// The live disk's bytes, read past every hook.
     fn live_bytes(&self, offset: u64, len: u64) -> Vec<u8> {
         let mut b = vec![0u8; len as usize];
-        self.dev.file.read_at(&mut b, offset).unwrap();
+        self.dev.inner.read_at(&mut b, offset).unwrap();
         b
     }
 
@@ -1706,7 +1410,7 @@ fn freeze_waits_for_a_write_in_flight_which_lands_before_the_instant() {
     let freezer = spawn(move || {
         let g = live.freeze();
         let mut img = vec![0u8; dev.size() as usize];
-        dev.file.read_at(&mut img, 0).unwrap();
+        dev.inner.read_at(&mut img, 0).unwrap();
         let snap = live.snapshot(store1, opts());
         drop(g);
         (snap, img)
@@ -1927,5 +1631,5 @@ fn a_view_block_status_in_flight_blocks_only_changes_to_its_own_clusters() {
         blocked.join("; ")
     );
     assert_view_exact(&*view, &fx.img0, "after");
-    assert!(fx.dev.reads.load(Ordering::SeqCst) > 0);
+    assert!(fx.dev.reads() > 0);
 }
