@@ -12,8 +12,9 @@
 //! a broken engine fails the test instead of hanging it.
 
 use std::fmt::Debug;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
@@ -21,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use fleece_block::testing::{HookDev, HookStore};
 use fleece_block::{
-    BlockDev, DirtyBitmap, ErrorKind, Extent, FileStore, LiveDisk, Mapping, OnCbwError, RamStore, RawFile,
-    Result, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView, ZeroFlags,
+    BlockDev, Capabilities, DirtyBitmap, ErrorKind, Extent, FileStore, LiveDisk, Mapping, OnCbwError,
+    RamStore, RawFile, Result, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView, ZeroFlags,
 };
 
 /// Cluster size of every snapshot here.
@@ -1632,4 +1633,92 @@ fn a_view_block_status_in_flight_blocks_only_changes_to_its_own_clusters() {
     );
     assert_view_exact(&*view, &fx.img0, "after");
     assert!(fx.dev.reads() > 0);
+}
+
+// ---------------------------------------------------------------------------
+// l. Pins are released on every way out of a read.
+// ---------------------------------------------------------------------------
+
+/// A live disk whose reads and block status panic while `panic` is set, the
+/// way a buggy device would.
+struct Panicky {
+    inner: RawFile,
+    panic: AtomicBool,
+}
+
+impl Panicky {
+    fn check(&self) {
+        if self.panic.load(Ordering::SeqCst) {
+            panic!("injected device panic");
+        }
+    }
+}
+
+impl BlockDev for Panicky {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check();
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.inner.write_at(buf, offset, fua)
+    }
+    fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
+        self.inner.write_zeroes(offset, length, flags)
+    }
+    fn trim(&self, offset: u64, length: u64) -> Result<()> {
+        self.inner.trim(offset, length)
+    }
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+    fn cache(&self, offset: u64, length: u64) -> Result<()> {
+        self.inner.cache(offset, length)
+    }
+    fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        self.check();
+        self.inner.block_status(offset, length)
+    }
+}
+
+/// A view read (or block status) whose live disk panics mid-call pinned
+/// the clusters it was reading; the pins must go with the panic, or every
+/// later live write to those clusters would wait for ever.
+#[test]
+fn a_view_read_that_panics_does_not_leave_live_writes_to_its_clusters_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = RawFile::create(&dir.path().join("live.raw"), SIZE).unwrap();
+    let img0: Vec<u8> = (0..SIZE).map(pattern).collect();
+    file.write_at(&img0[..(DATA_CLUSTERS * CL) as usize], 0, false)
+        .unwrap();
+    let dev = Arc::new(Panicky {
+        inner: file,
+        panic: AtomicBool::new(false),
+    });
+    let live = Arc::new(LiveDisk::new(dev.clone()));
+    let store = RamStore::new(SIZE, dir.path().join("spill"), SIZE);
+    let guard = live.freeze();
+    let snap = live.snapshot(Box::new(store), opts());
+    drop(guard);
+    let view = SnapshotView(snap.clone());
+
+    dev.panic.store(true, Ordering::SeqCst);
+    let (c, d) = (3, 7);
+    let read = panic::catch_unwind(AssertUnwindSafe(|| read(&view, c * CL, 2 * CL)));
+    assert!(read.is_err(), "the device did not panic");
+    let status = panic::catch_unwind(AssertUnwindSafe(|| view.block_status(d * CL, CL)));
+    assert!(status.is_err(), "the device did not panic");
+    dev.panic.store(false, Ordering::SeqCst);
+
+    for (what, x) in [("read", c), ("read", c + 1), ("block status", d)] {
+        let w = spawn_write(&live, vec![0xEE; CL as usize], x * CL);
+        done(&w, &format!("live write to cluster {x} after a panicked {what}"))
+            .unwrap_or_else(|e| panic!("live write to cluster {x}: {e}"));
+    }
+    assert_view_exact(&view, &img0, "after panicked reads");
 }

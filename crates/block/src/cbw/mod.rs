@@ -23,6 +23,7 @@
 //! - `state`: the per-cluster state bytes and the `READERS` bit.
 //! - `wait`: the condition variables live writes wait on.
 //! - `snapshot`: the [`Snapshot`] type, its options, events and counters.
+//! - `pin`: the guard that pins clusters a view reads from the live disk.
 //! - `copy`: what a live write does first: copies, store accounting and
 //!   limit, timeouts, the failure policy.
 //! - `view`: view reads, discards and [`SnapshotView`].
@@ -31,6 +32,7 @@
 
 mod copy;
 mod live;
+mod pin;
 mod snapshot;
 mod state;
 mod status;

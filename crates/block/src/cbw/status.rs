@@ -2,8 +2,8 @@
 //! unavailable clusters) merged with one block status query of the live
 //! disk for the unsaved clusters.
 
+use super::pin::ReadPin;
 use super::snapshot::Snapshot;
-use super::state::READERS;
 use super::view::Source;
 use crate::dev::{check_range, Extent, Mapping};
 use crate::Result;
@@ -36,29 +36,21 @@ impl Snapshot {
         }
         // Pin the unsaved clusters like a read: a live trim must not turn
         // data that existed at the instant into a reported hole.
-        let pinned: Vec<(u64, u64)> = runs
+        let pins: Vec<ReadPin> = runs
             .iter()
             .filter(|r| r.2 == Source::Live)
-            .map(|r| (r.0, r.1))
+            .map(|r| ReadPin::new(self, &mut g, r.0, r.1))
             .collect();
-        for &(a, b) in &pinned {
-            for x in a..b {
-                *g.readers.entry(x).or_insert(0) += 1;
-                let s = self.states.get(x);
-                self.states.set(x, s | READERS);
-            }
-        }
         drop(g);
-        let base = if pinned.is_empty() {
-            Ok((end, Vec::new()))
-        } else {
-            let lo = (pinned[0].0 * self.cluster).max(offset);
-            let hi = (pinned[pinned.len() - 1].1 * self.cluster).min(end);
-            self.base.block_status(lo, hi - lo).map(|e| (lo, e))
+        let base = match (pins.first(), pins.last()) {
+            (Some(a), Some(b)) => {
+                let lo = (a.first() * self.cluster).max(offset);
+                let hi = (b.end() * self.cluster).min(end);
+                self.base.block_status(lo, hi - lo).map(|e| (lo, e))
+            }
+            _ => Ok((end, Vec::new())),
         };
-        for &(a, b) in &pinned {
-            self.release_readers(a, b);
-        }
+        drop(pins);
         // Breaking lets writes through without waiting for pins.
         self.check_readable()?;
         let (mut bpos, base) = base?;

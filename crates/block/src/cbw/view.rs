@@ -10,8 +10,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::pin::ReadPin;
 use super::snapshot::Snapshot;
-use super::state::{MASK, NOT_NEEDED, READERS, SAVED, ZEROED};
+use super::state::{MASK, NOT_NEEDED, SAVED, ZEROED};
 use crate::dev::{check_range, BlockDev, Capabilities, Extent, ZeroFlags};
 use crate::{Error, ErrorKind, Result};
 
@@ -51,21 +52,14 @@ impl Snapshot {
             while end <= last && self.source(end).ok() == Some(src) {
                 end += 1;
             }
-            let from_live = src == Source::Live;
-            if from_live {
-                for x in c..end {
-                    *g.readers.entry(x).or_insert(0) += 1;
-                    let s = self.states.get(x);
-                    self.states.set(x, s | READERS);
-                }
-            }
+            let pin = (src == Source::Live).then(|| ReadPin::new(self, &mut g, c, end));
             drop(g);
             let lo = (c * self.cluster).max(offset);
             let hi = (end * self.cluster).min(offset + buf.len() as u64);
             let part = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
-            let res = if from_live {
+            let res = if let Some(pin) = pin {
                 let r = self.base.read_at(part, lo);
-                self.release_readers(c, end);
+                drop(pin);
                 r
             } else if src == Source::Zero {
                 part.fill(0);
@@ -110,21 +104,6 @@ impl Snapshot {
                 "this part of the disk is outside the snapshot's bitmap",
             )),
             _ => Ok(Source::Live),
-        }
-    }
-
-    pub(super) fn release_readers(&self, c: u64, end: u64) {
-        let mut g = self.lock();
-        for x in c..end {
-            if let Some(n) = g.readers.get_mut(&x) {
-                *n -= 1;
-                if *n == 0 {
-                    g.readers.remove(&x);
-                    let s = self.states.get(x);
-                    self.states.set(x, s & !READERS);
-                    self.wake(&g, x, x + 1);
-                }
-            }
         }
     }
 
