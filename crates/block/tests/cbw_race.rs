@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use fleece_block::testing::{HookDev, HookStore};
 use fleece_block::{
     BlockDev, Capabilities, DirtyBitmap, ErrorKind, Extent, FileStore, LiveDisk, Mapping, OnCbwError,
-    RamStore, RawFile, Result, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView, ZeroFlags,
+    RamStore, RawFile, Result, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView, Subscription,
+    ZeroFlags,
 };
 
 /// Cluster size of every snapshot here.
@@ -552,11 +553,24 @@ fn a_saved_cluster_is_never_copied_again() {
 // d. Failure policies.
 // ---------------------------------------------------------------------------
 
-fn events(snap: &Snapshot) -> Arc<Mutex<Vec<SnapshotEvent>>> {
-    let ev = Arc::new(Mutex::new(Vec::new()));
-    let e = ev.clone();
-    snap.set_listener(move |x| lock(&e).push(x));
-    ev
+/// The events a snapshot reported, recorded while this lives.
+struct Events {
+    list: Arc<Mutex<Vec<SnapshotEvent>>>,
+    _sub: Subscription,
+}
+
+impl std::ops::Deref for Events {
+    type Target = Mutex<Vec<SnapshotEvent>>;
+    fn deref(&self) -> &Self::Target {
+        &self.list
+    }
+}
+
+fn events(snap: &Snapshot) -> Events {
+    let list = Arc::new(Mutex::new(Vec::new()));
+    let l = list.clone();
+    let sub = snap.subscribe(move |x| lock(&l).push(x.clone()));
+    Events { list, _sub: sub }
 }
 
 fn broken_events(ev: &Mutex<Vec<SnapshotEvent>>) -> usize {
@@ -1721,4 +1735,85 @@ fn a_view_read_that_panics_does_not_leave_live_writes_to_its_clusters_blocked() 
             .unwrap_or_else(|e| panic!("live write to cluster {x}: {e}"));
     }
     assert_view_exact(&view, &img0, "after panicked reads");
+}
+
+// ---------------------------------------------------------------------------
+// m. Events reach every subscriber, outside the snapshot's lock.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn every_subscriber_hears_saves_and_discards_until_it_unsubscribes() {
+    use SnapshotEvent::{Discarded, Saved};
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(&store, opts());
+    let view = SnapshotView(snap.clone());
+    let a = events(&snap);
+    let b = events(&snap);
+    let c = snap.subscribe(|_| {});
+
+    // Data clusters 2 and 3 in one copy, then a hole at the instant.
+    fx.live.write_at(&[1; 10], 3 * CL - 5, false).unwrap();
+    fx.live.write_at(&[1; 10], 13 * CL, false).unwrap();
+    // Discards report only clusters not discarded before.
+    view.trim(5 * CL, 2 * CL).unwrap();
+    view.trim(2 * CL, 4 * CL).unwrap();
+    let both = vec![
+        Saved { first: 2, count: 2 },
+        Saved { first: 13, count: 1 },
+        Discarded { first: 5, count: 2 },
+        Discarded { first: 2, count: 3 },
+    ];
+    assert_eq!(*lock(&a), both);
+    assert_eq!(*lock(&b), both);
+
+    drop(b);
+    c.unsubscribe();
+    fx.live.write_at(&[1; 10], 8 * CL, false).unwrap();
+    let mut after = both.clone();
+    after.push(Saved { first: 8, count: 1 });
+    assert_eq!(*lock(&a), after, "the remaining subscriber");
+}
+
+/// A subscriber may call back into the snapshot: events are delivered after
+/// its lock is released.
+#[test]
+fn subscribers_are_called_without_the_snapshots_lock() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(
+        &store,
+        SnapshotOptions {
+            on_cbw_error: OnCbwError::BreakSnapshot,
+            store_limit: Some(2 * CL),
+            ..opts()
+        },
+    );
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (weak, s) = (Arc::downgrade(&snap), seen.clone());
+    let _sub = snap.subscribe(move |ev| {
+        let stats = weak.upgrade().map(|snap| snap.stats());
+        lock(&s).push((ev.clone(), stats));
+    });
+    let w = spawn_write(&fx.live, vec![1; 10], 0);
+    done(&w, "write whose copy reports Saved").unwrap();
+    let w = spawn_write(&fx.live, vec![1; 10], CL);
+    done(&w, "write whose copy reports Saved and StoreUsage").unwrap();
+    let w = spawn_write(&fx.live, vec![1; 10], 2 * CL);
+    done(&w, "write that breaks the snapshot").unwrap();
+    let seen = lock(&seen);
+    use SnapshotEvent::{Broken, Saved, StoreUsage};
+    assert!(
+        matches!(
+            &seen[..],
+            [
+                (Saved { first: 0, count: 1 }, Some(_)),
+                (Saved { first: 1, count: 1 }, Some(_)),
+                (StoreUsage { percent: 80, .. }, Some(_)),
+                (StoreUsage { percent: 95, .. }, Some(_)),
+                (Broken(_), Some(stats)),
+            ] if stats.broken.is_some()
+        ),
+        "{seen:?}"
+    );
 }

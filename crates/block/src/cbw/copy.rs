@@ -10,7 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use super::snapshot::{Inner, OnCbwError, Snapshot, SnapshotEvent};
+use super::events::{Runs, SnapshotEvent};
+use super::snapshot::{Inner, OnCbwError, Snapshot};
 use super::state::{quiet, COPYING, MASK, NOT_COPIED, NOT_NEEDED, READERS, SAVED, ZEROED};
 use crate::{Error, ErrorKind, Result};
 
@@ -33,24 +34,25 @@ impl Snapshot {
         (first..=last).all(|c| quiet(self.states.get(c)))
     }
 
-    fn break_with(&self, g: &mut Inner, why: String) {
-        if g.broken.is_none() {
-            tracing::error!(snapshot = %self.opts.label, reason = %why, "snapshot broken");
-            g.broken = Some(why.clone());
-            self.broken.store(true, Ordering::Release);
-            self.wake_all(g);
-            if let Some(l) = self.listener.get() {
-                l(SnapshotEvent::Broken(why));
-            }
+    /// Latches the snapshot broken (once) and lets every waiting writer go.
+    fn break_with(&self, why: String) {
+        let mut g = self.lock();
+        if g.broken.is_some() {
+            return;
         }
+        tracing::error!(snapshot = %self.opts.label, reason = %why, "snapshot broken");
+        g.broken = Some(why.clone());
+        self.broken.store(true, Ordering::Release);
+        self.wake_all(&g);
+        drop(g);
+        self.events.emit(&SnapshotEvent::Broken(why));
     }
 
     fn fail(&self, err: Error) -> Result<()> {
         match self.opts.on_cbw_error {
             OnCbwError::BreakGuestWrite => Err(err),
             OnCbwError::BreakSnapshot => {
-                let mut g = self.lock();
-                self.break_with(&mut g, format!("copy-before-write failed: {err}"));
+                self.break_with(format!("copy-before-write failed: {err}"));
                 Ok(())
             }
         }
@@ -233,6 +235,8 @@ impl Snapshot {
     /// cluster discarded while its copy was in flight stays not needed, and
     /// its fresh copy is dropped.
     fn settle(&self, c: u64, end: u64, reserved: u64, done: Option<&[bool]>) {
+        let report = done.is_some() && self.events.any();
+        let mut saved = Runs::default();
         let mut g = self.lock();
         let mut freed = if done.is_some() { 0 } else { reserved };
         // Only clusters that end up saved count as copied: one discarded
@@ -252,6 +256,9 @@ impl Snapshot {
                     copied += 1;
                     holes += zero as u64;
                 }
+                if report {
+                    saved.add(x);
+                }
             } else if done.is_some() && !zero {
                 self.store.forget(x, self.cluster);
                 freed += self.cluster_len(x);
@@ -261,26 +268,34 @@ impl Snapshot {
         self.holes.fetch_add(holes, Ordering::Relaxed);
         self.used.fetch_sub(freed, Ordering::Relaxed);
         self.wake(&g, c, end);
-        self.alert_usage(&mut g);
+        let alerts = self.alert_usage(&mut g);
+        drop(g);
+        self.events
+            .emit_runs(&saved, |first, count| SnapshotEvent::Saved { first, count });
+        for ev in alerts.iter().flatten() {
+            self.events.emit(ev);
+        }
     }
 
-    fn alert_usage(&self, g: &mut Inner) {
+    /// The store usage alerts due now: each threshold once, both if one
+    /// copy crossed both.
+    fn alert_usage(&self, g: &mut Inner) -> [Option<SnapshotEvent>; 2] {
+        let mut alerts = [None, None];
         let Some(limit) = self.opts.store_limit.filter(|&l| l > 0) else {
-            return;
+            return alerts;
         };
         let used = self.used.load(Ordering::Relaxed);
         let pct = used.saturating_mul(100) / limit;
-        for threshold in [80u8, 95] {
+        for (alert, threshold) in alerts.iter_mut().zip([80u8, 95]) {
             if pct >= threshold as u64 && g.alerted < threshold {
                 g.alerted = threshold;
-                if let Some(l) = self.listener.get() {
-                    l(SnapshotEvent::StoreUsage {
-                        percent: threshold,
-                        used,
-                        limit,
-                    });
-                }
+                *alert = Some(SnapshotEvent::StoreUsage {
+                    percent: threshold,
+                    used,
+                    limit,
+                });
             }
         }
+        alerts
     }
 }

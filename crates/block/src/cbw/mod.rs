@@ -22,7 +22,9 @@
 //!
 //! - `state`: the per-cluster state bytes and the `READERS` bit.
 //! - `wait`: the condition variables live writes wait on.
-//! - `snapshot`: the [`Snapshot`] type, its options, events and counters.
+//! - `events`: what a snapshot reports ([`SnapshotEvent`]) and its
+//!   subscribers.
+//! - `snapshot`: the [`Snapshot`] type, its options and counters.
 //! - `pin`: the guard that pins clusters a view reads from the live disk.
 //! - `copy`: what a live write does first: copies, store accounting and
 //!   limit, timeouts, the failure policy.
@@ -31,6 +33,7 @@
 //! - `live`: [`LiveDisk`].
 
 mod copy;
+mod events;
 mod live;
 mod pin;
 mod snapshot;
@@ -39,6 +42,7 @@ mod status;
 mod view;
 mod wait;
 
+pub use events::{SnapshotEvent, Subscription};
 pub use live::LiveDisk;
-pub use snapshot::{OnCbwError, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotStats};
+pub use snapshot::{OnCbwError, Snapshot, SnapshotOptions, SnapshotStats};
 pub use view::SnapshotView;

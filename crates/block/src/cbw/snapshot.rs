@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::events::{SnapshotEvent, Subscribers, Subscription};
 use super::state::States;
 use super::wait::{WaitSlots, Waiting};
 use crate::bitmap::DirtyBitmap;
@@ -56,22 +57,6 @@ impl Default for SnapshotOptions {
     }
 }
 
-/// Something a snapshot reports to whoever watches it.
-#[derive(Clone, Debug)]
-pub enum SnapshotEvent {
-    /// It broke, with why.
-    Broken(String),
-    /// Store usage crossed `percent` (80 or 95) of the limit.
-    StoreUsage {
-        /// Threshold crossed.
-        percent: u8,
-        /// Bytes held.
-        used: u64,
-        /// The limit.
-        limit: u64,
-    },
-}
-
 /// Counters for status output.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotStats {
@@ -87,8 +72,6 @@ pub struct SnapshotStats {
     /// Why the snapshot broke, if it did.
     pub broken: Option<String>,
 }
-
-type Listener = Box<dyn Fn(SnapshotEvent) + Send + Sync>;
 
 /// What the snapshot's lock guards.
 pub(super) struct Inner {
@@ -116,7 +99,7 @@ pub struct Snapshot {
     pub(super) copied: AtomicU64,
     pub(super) holes: AtomicU64,
     pub(super) discarded: AtomicU64,
-    pub(super) listener: OnceLock<Listener>,
+    pub(super) events: Arc<Subscribers>,
 }
 
 impl Snapshot {
@@ -144,7 +127,7 @@ impl Snapshot {
             copied: AtomicU64::new(0),
             holes: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
-            listener: OnceLock::new(),
+            events: Subscribers::new(),
         }
     }
 
@@ -168,9 +151,15 @@ impl Snapshot {
         self.store.describe()
     }
 
-    /// Sets who hears about breakage and store usage (once).
-    pub fn set_listener(&self, f: impl Fn(SnapshotEvent) + Send + Sync + 'static) {
-        let _ = self.listener.set(Box::new(f));
+    /// Calls `f` with every later event of this snapshot until the returned
+    /// [`Subscription`] is dropped. Several subscribers may listen at once.
+    ///
+    /// `f` runs on the thread whose I/O caused the event (a live write, a
+    /// copy, a view read or discard), after the snapshot's lock is released,
+    /// so it holds up only that I/O; it must still be quick and must not
+    /// panic. Events from different threads may arrive out of order.
+    pub fn subscribe(&self, f: impl Fn(&SnapshotEvent) + Send + Sync + 'static) -> Subscription {
+        self.events.add(Arc::new(f))
     }
 
     /// Current counters.

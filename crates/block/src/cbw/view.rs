@@ -10,6 +10,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::events::{Runs, SnapshotEvent};
 use super::pin::ReadPin;
 use super::snapshot::Snapshot;
 use super::state::{MASK, NOT_NEEDED, SAVED, ZEROED};
@@ -136,6 +137,8 @@ impl Snapshot {
         if first >= last_excl {
             return;
         }
+        let report = self.events.any();
+        let mut discarded = Runs::default();
         let g = self.lock();
         let mut freed = 0;
         for c in first..last_excl {
@@ -153,9 +156,18 @@ impl Snapshot {
                 _ => {}
             }
             self.discarded.fetch_add(1, Ordering::Relaxed);
+            if report {
+                discarded.add(c);
+            }
         }
         self.used.fetch_sub(freed, Ordering::Relaxed);
         self.wake_all(&g);
+        drop(g);
+        self.events
+            .emit_runs(&discarded, |first, count| SnapshotEvent::Discarded {
+                first,
+                count,
+            });
     }
 }
 
