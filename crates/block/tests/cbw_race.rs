@@ -1817,3 +1817,62 @@ fn subscribers_are_called_without_the_snapshots_lock() {
         "{seen:?}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// n. Timed copies share a few copier threads.
+// ---------------------------------------------------------------------------
+
+/// Copies with a timeout run on at most four copier threads per disk. When
+/// stuck copies hold them all, another timed copy cannot even start: it
+/// times out at its deadline, is taken back (it never runs, its cluster is
+/// not copied), and once the copiers are free the same write copies and
+/// lands.
+#[test]
+fn a_timed_copy_that_finds_every_copier_stuck_times_out_and_never_runs() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(
+        &store,
+        SnapshotOptions {
+            cbw_timeout: Some(Duration::from_millis(100)),
+            ..opts()
+        },
+    );
+    let view = SnapshotView(snap.clone());
+    store.save.arm(4, |i, _| i < 4);
+    let stuck: Vec<_> = (0..4)
+        .map(|c| spawn_write(&fx.live, vec![0xEE; 100], c * CL))
+        .collect();
+    for (c, w) in stuck.iter().enumerate() {
+        assert_kind(
+            done(w, "write with a stuck copy"),
+            ErrorKind::TimedOut,
+            &format!("cluster {c}"),
+        );
+    }
+    store.save.wait_caught(4);
+    assert_eq!(store.save.held(), 4);
+
+    let c = 5;
+    let w = spawn_write(&fx.live, vec![0xEF; 100], c * CL);
+    assert_kind(
+        done(&w, "write whose copy cannot start"),
+        ErrorKind::TimedOut,
+        "write whose copy cannot start",
+    );
+    assert!(
+        fx.live_bytes(c * CL, CL) == fx.img0[r(c * CL, CL)],
+        "timed-out write changed the disk"
+    );
+    assert_view_exact(&view, &fx.img0, "with every copier stuck");
+
+    store.save.release();
+    eventually("the stuck copies settle", || snap.stats().copied_clusters == 4);
+    let mut saved = store.saved();
+    saved.sort();
+    assert_eq!(saved, vec![0, 1, 2, 3], "the copy taken back ran anyway");
+    fx.live.write_at(&[0xEF; 100], c * CL, false).unwrap();
+    assert!(store.saved().contains(&c));
+    assert_view_exact(&view, &fx.img0, "after the copiers came free");
+    assert!(fx.live_bytes(c * CL, 100).iter().all(|&b| b == 0xEF));
+}

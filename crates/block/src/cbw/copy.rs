@@ -4,10 +4,12 @@
 //! (or not needed) and waits until no view read of it from the live disk is
 //! in flight. Copies run in runs of up to [`MAX_RUN`] clusters; the store
 //! limit is reserved before a copy so that concurrent copies respect it; a
-//! failure follows the snapshot's [`OnCbwError`] policy.
+//! failure follows the snapshot's [`OnCbwError`] policy. Copies with a
+//! timeout run on the live disk's copier threads (`pool`).
 
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::events::{Runs, SnapshotEvent};
@@ -20,7 +22,8 @@ const MAX_RUN: u64 = 64;
 
 impl Snapshot {
     /// True if copies never wait for a disk or a timer: the store is in
-    /// memory and there is no copy timeout (which needs its own thread).
+    /// memory and there is no copy timeout (timed copies run on a copier
+    /// thread).
     pub(super) fn copies_in_memory(&self) -> bool {
         self.store.is_in_memory() && self.opts.cbw_timeout.is_none()
     }
@@ -110,34 +113,42 @@ impl Snapshot {
         Ok(())
     }
 
-    /// Copies clusters `[c, end)` (already marked COPYING, space reserved)
-    /// from the live disk to the store. With a timeout the copy runs on its
-    /// own thread so the writer can give up on it; the copy then still
-    /// finishes and settles the cluster states itself.
+    /// Copies clusters `[c, end)` (already marked COPYING) from the live
+    /// disk to the store. With a timeout the copy runs on a copier thread
+    /// so the writer can give up on it; a copy that started then still
+    /// finishes and settles the cluster states itself, and one that never
+    /// started (every copier busy) is taken back and the clusters go back to
+    /// not copied.
     fn copy(self: &Arc<Self>, c: u64, end: u64, deadline: Option<Instant>) -> Result<()> {
         let Some(deadline) = deadline else {
             return self.copy_and_settle(c, end);
         };
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(1);
         let me = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("cbw-copy".into())
-            .spawn(move || {
-                let _ = tx.send(me.copy_and_settle(c, end));
-            });
-        if let Err(e) = spawned {
-            self.settle(c, end, 0, None);
-            return Err(Error::io("cannot start a copy thread", e));
-        }
+        let job = Box::new(move || {
+            let _ = tx.send(me.copy_and_settle(c, end));
+        });
+        let ticket = match self.copiers.submit(job) {
+            Ok(t) => t,
+            Err(e) => {
+                self.settle(c, end, 0, None);
+                return Err(Error::io("cannot start a copier thread", e));
+            }
+        };
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(r) => r,
-            Err(_) => Err(Error::new(
-                ErrorKind::TimedOut,
-                format!(
-                    "copy-before-write took longer than {:?}",
-                    self.opts.cbw_timeout.unwrap_or_default()
-                ),
-            )),
+            Err(e) => {
+                if e == RecvTimeoutError::Timeout && self.copiers.cancel(ticket) {
+                    self.settle(c, end, 0, None);
+                }
+                Err(Error::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "copy-before-write took longer than {:?}",
+                        self.opts.cbw_timeout.unwrap_or_default()
+                    ),
+                ))
+            }
         }
     }
 

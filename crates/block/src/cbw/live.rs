@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
+use super::pool::Copiers;
 use super::snapshot::{Snapshot, SnapshotOptions};
 use crate::dev::{check_range, BlockDev, Capabilities, Extent, ZeroFlags};
 use crate::persist::NamedBitmap;
@@ -20,6 +21,9 @@ pub struct LiveDisk {
     snapshots: RwLock<Arc<Vec<Arc<Snapshot>>>>,
     /// Dirty bitmaps every change is recorded in.
     bitmaps: RwLock<Arc<Vec<Arc<NamedBitmap>>>>,
+    /// Copier threads for its snapshots' timed copies, per disk so that a
+    /// stuck store of one disk cannot hold up copies of another.
+    copiers: Arc<Copiers>,
 }
 
 impl LiveDisk {
@@ -30,6 +34,7 @@ impl LiveDisk {
             gate: RwLock::new(()),
             snapshots: RwLock::new(Arc::new(Vec::new())),
             bitmaps: RwLock::new(Arc::new(Vec::new())),
+            copiers: Arc::new(Copiers::new()),
         }
     }
 
@@ -70,7 +75,12 @@ impl LiveDisk {
 
     /// Creates a snapshot at this instant. Call with the disk frozen.
     pub fn snapshot(&self, store: Box<dyn Store>, opts: SnapshotOptions) -> Arc<Snapshot> {
-        let snap = Arc::new(Snapshot::new(self.base.clone(), store, opts));
+        let snap = Arc::new(Snapshot::new(
+            self.base.clone(),
+            store,
+            opts,
+            self.copiers.clone(),
+        ));
         let mut list = self.snapshots.write().unwrap_or_else(|p| p.into_inner());
         let mut v = (**list).clone();
         v.push(snap.clone());

@@ -22,6 +22,7 @@
 //!
 //! - `state`: the per-cluster state bytes and the `READERS` bit.
 //! - `wait`: the condition variables live writes wait on.
+//! - `pool`: the copier threads that run copies with a timeout.
 //! - `events`: what a snapshot reports ([`SnapshotEvent`]) and its
 //!   subscribers.
 //! - `snapshot`: the [`Snapshot`] type, its options and counters.
@@ -36,6 +37,7 @@ mod copy;
 mod events;
 mod live;
 mod pin;
+mod pool;
 mod snapshot;
 mod state;
 mod status;

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::events::{SnapshotEvent, Subscribers, Subscription};
+use super::pool::Copiers;
 use super::state::States;
 use super::wait::{WaitSlots, Waiting};
 use crate::bitmap::DirtyBitmap;
@@ -100,10 +101,17 @@ pub struct Snapshot {
     pub(super) holes: AtomicU64,
     pub(super) discarded: AtomicU64,
     pub(super) events: Arc<Subscribers>,
+    /// Where copies with a timeout run: the live disk's copier threads.
+    pub(super) copiers: Arc<Copiers>,
 }
 
 impl Snapshot {
-    pub(super) fn new(base: Arc<dyn BlockDev>, store: Box<dyn Store>, opts: SnapshotOptions) -> Self {
+    pub(super) fn new(
+        base: Arc<dyn BlockDev>,
+        store: Box<dyn Store>,
+        opts: SnapshotOptions,
+        copiers: Arc<Copiers>,
+    ) -> Self {
         let size = base.size();
         let g = store.granularity().max(1);
         let cluster = opts.cluster_size.max(g).div_ceil(g) * g;
@@ -128,6 +136,7 @@ impl Snapshot {
             holes: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
             events: Subscribers::new(),
+            copiers,
         }
     }
 
