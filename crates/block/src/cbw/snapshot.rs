@@ -91,11 +91,14 @@ pub struct Snapshot {
     pub(super) size: u64,
     pub(super) cluster: u64,
     pub(super) store: Box<dyn Store>,
+    /// Read without the lock (the write fast path); changed only under it.
     pub(super) states: States,
     pub(super) inner: Mutex<Inner>,
     pub(super) changed: WaitSlots,
     pub(super) opts: SnapshotOptions,
+    /// `Inner::broken` for the write fast path, which takes no lock.
     pub(super) broken: AtomicBool,
+    /// Store bytes held, or reserved by copies in flight.
     pub(super) used: AtomicU64,
     pub(super) copied: AtomicU64,
     pub(super) holes: AtomicU64,
