@@ -15,10 +15,14 @@ mod lock;
 mod persist;
 mod raw;
 mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use bitmap::DirtyBitmap;
 pub use buf::{AlignedBuf, BUF_ALIGN};
-pub use cbw::{LiveDisk, OnCbwError, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotStats, SnapshotView};
+pub use cbw::{
+    LiveDisk, OnCbwError, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotStats, SnapshotView, Subscription,
+};
 pub use dev::{check_range, BlockDev, Capabilities, Extent, Mapping, ZeroFlags};
 pub use error::{Error, ErrorKind, Result};
 pub use lock::LockMode;

@@ -5,22 +5,26 @@
 //! The live disk is a [`HookDev`] (a `RawFile` whose reads, writes and block
 //! status can be trapped at a chosen offset until the test releases them),
 //! and the store is a [`HookStore`] (a real `RamStore` or `FileStore` whose
-//! saves and loads can be trapped, made to fail, and counted). The only use
+//! saves and loads can be trapped, made to fail, and counted); both come
+//! from `fleece_block::testing`. The only use
 //! of time is `recv_timeout(NOT_YET)` to assert that something is *still
 //! blocked*; every positive wait is on an event, with a generous deadline so
 //! a broken engine fails the test instead of hanging it.
 
 use std::fmt::Debug;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use fleece_block::testing::{HookDev, HookStore};
 use fleece_block::{
-    BlockDev, Capabilities, DirtyBitmap, Error, ErrorKind, Extent, FileStore, LiveDisk, Mapping, OnCbwError,
-    RamStore, RawFile, Result, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView, Store, ZeroFlags,
+    BlockDev, Capabilities, DirtyBitmap, ErrorKind, Extent, FileStore, LiveDisk, Mapping, OnCbwError,
+    RamStore, RawFile, Result, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView, Subscription,
+    ZeroFlags,
 };
 
 /// Cluster size of every snapshot here.
@@ -37,298 +41,6 @@ const LONG: Duration = Duration::from_secs(5);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-// ---------------------------------------------------------------------------
-// Trap: a hook that holds matching calls until released.
-// ---------------------------------------------------------------------------
-
-type Pred = Box<dyn Fn(u64, u64) -> bool + Send>;
-
-#[derive(Default)]
-struct TrapState {
-    pred: Option<Pred>,
-    /// Matching calls still to catch.
-    left: usize,
-    /// Calls caught since armed.
-    caught: usize,
-    /// Calls held right now.
-    held: usize,
-    /// Held calls that may go (one each).
-    tokens: usize,
-    /// Everything goes.
-    open: bool,
-}
-
-/// Catches up to `n` calls matching a predicate on (offset, length) and holds
-/// each until [`release_one`](Trap::release_one) or [`release`](Trap::release).
-#[derive(Default)]
-struct Trap {
-    st: Mutex<TrapState>,
-    cv: Condvar,
-}
-
-impl Trap {
-    fn arm(&self, n: usize, pred: impl Fn(u64, u64) -> bool + Send + 'static) {
-        let mut s = lock(&self.st);
-        assert_eq!(s.held, 0, "re-arming a trap that still holds calls");
-        *s = TrapState {
-            pred: Some(Box::new(pred)),
-            left: n,
-            ..TrapState::default()
-        };
-    }
-
-    /// Called by the hooked operation before it does anything.
-    fn hit(&self, offset: u64, len: u64) {
-        let mut s = lock(&self.st);
-        if s.open || s.left == 0 || !s.pred.as_ref().is_some_and(|p| p(offset, len)) {
-            return;
-        }
-        s.left -= 1;
-        s.caught += 1;
-        s.held += 1;
-        self.cv.notify_all();
-        while !s.open && s.tokens == 0 {
-            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
-        if !s.open {
-            s.tokens -= 1;
-        }
-        s.held -= 1;
-        self.cv.notify_all();
-    }
-
-    /// Waits until `n` calls have been caught since armed.
-    fn wait_caught(&self, n: usize) {
-        let deadline = Instant::now() + LONG;
-        let mut s = lock(&self.st);
-        while s.caught < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "trap: only {} of {n} expected calls arrived",
-                s.caught
-            );
-            s = self.cv.wait_timeout(s, left).unwrap_or_else(|p| p.into_inner()).0;
-        }
-    }
-
-    fn held(&self) -> usize {
-        lock(&self.st).held
-    }
-
-    /// Lets one held call go and waits until it has left the trap.
-    fn release_one(&self) {
-        let deadline = Instant::now() + LONG;
-        let mut s = lock(&self.st);
-        let before = s.held;
-        assert!(before > 0, "release_one with nothing held");
-        s.tokens += 1;
-        self.cv.notify_all();
-        while s.held >= before {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "trap: released call did not leave");
-            s = self.cv.wait_timeout(s, left).unwrap_or_else(|p| p.into_inner()).0;
-        }
-    }
-
-    /// Lets everything go, now and later (until re-armed).
-    fn release(&self) {
-        let mut s = lock(&self.st);
-        s.open = true;
-        s.pred = None;
-        self.cv.notify_all();
-    }
-}
-
-// ---------------------------------------------------------------------------
-// HookDev: the live disk.
-// ---------------------------------------------------------------------------
-
-/// A raw file whose reads, changes (write, write-zeroes, trim) and block
-/// status first pass through a trap.
-struct HookDev {
-    file: RawFile,
-    read: Trap,
-    write: Trap,
-    status: Trap,
-    reads: AtomicU64,
-}
-
-impl BlockDev for HookDev {
-    fn size(&self) -> u64 {
-        self.file.size()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.file.capabilities()
-    }
-    /// Lets the engine copy file to file; copy reads are never trapped here.
-    fn as_raw_file(&self) -> Option<&RawFile> {
-        Some(&self.file)
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        self.read.hit(offset, buf.len() as u64);
-        self.file.read_at(buf, offset)
-    }
-    fn try_write_at(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
-        self.write.hit(offset, buf.len() as u64);
-        self.file.try_write_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
-        self.write.hit(offset, buf.len() as u64);
-        self.file.write_at(buf, offset, fua)
-    }
-    fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
-        self.write.hit(offset, length);
-        self.file.write_zeroes(offset, length, flags)
-    }
-    fn trim(&self, offset: u64, length: u64) -> Result<()> {
-        self.write.hit(offset, length);
-        self.file.trim(offset, length)
-    }
-    fn flush(&self) -> Result<()> {
-        self.file.flush()
-    }
-    fn cache(&self, offset: u64, length: u64) -> Result<()> {
-        self.file.cache(offset, length)
-    }
-    fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
-        self.status.hit(offset, length);
-        self.file.block_status(offset, length)
-    }
-}
-
-// ---------------------------------------------------------------------------
-// HookStore: a real store with traps, failure injection and counters.
-// ---------------------------------------------------------------------------
-
-struct HookStore {
-    inner: Box<dyn Store>,
-    save: Trap,
-    load: Trap,
-    /// Held after the store has freed the slot, inside `forget`.
-    forget: Trap,
-    fail: Mutex<Option<ErrorKind>>,
-    /// Cluster indices saved, in order.
-    saved: Mutex<Vec<u64>>,
-    saved_cv: Condvar,
-    forgets: Mutex<Vec<u64>>,
-    loads: AtomicU64,
-}
-
-impl HookStore {
-    fn new(inner: Box<dyn Store>) -> Arc<Self> {
-        Arc::new(HookStore {
-            inner,
-            save: Trap::default(),
-            load: Trap::default(),
-            forget: Trap::default(),
-            fail: Mutex::new(None),
-            saved: Mutex::new(Vec::new()),
-            saved_cv: Condvar::new(),
-            forgets: Mutex::new(Vec::new()),
-            loads: AtomicU64::new(0),
-        })
-    }
-
-    fn record(&self, index: u64, cluster: u64, len: u64) {
-        lock(&self.saved).extend(index..index + len.div_ceil(cluster));
-        self.saved_cv.notify_all();
-    }
-
-    fn boxed(self: &Arc<Self>) -> Box<dyn Store> {
-        Box::new(Shared(self.clone()))
-    }
-
-    fn set_fail(&self, kind: Option<ErrorKind>) {
-        *lock(&self.fail) = kind;
-    }
-
-    fn saved(&self) -> Vec<u64> {
-        lock(&self.saved).clone()
-    }
-
-    fn forgets(&self) -> Vec<u64> {
-        lock(&self.forgets).clone()
-    }
-
-    fn loads(&self) -> u64 {
-        self.loads.load(Ordering::SeqCst)
-    }
-
-    /// Waits until `n` clusters have been saved.
-    fn wait_saved(&self, n: usize) {
-        let deadline = Instant::now() + LONG;
-        let mut s = lock(&self.saved);
-        while s.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "store: only {} of {n} expected saves happened",
-                s.len()
-            );
-            s = self
-                .saved_cv
-                .wait_timeout(s, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-}
-
-struct Shared(Arc<HookStore>);
-
-impl Store for Shared {
-    fn granularity(&self) -> u64 {
-        self.0.inner.granularity()
-    }
-    fn save(&self, index: u64, cluster: u64, data: &[u8]) -> Result<()> {
-        let s = &self.0;
-        s.save.hit(index, data.len() as u64);
-        if let Some(kind) = *lock(&s.fail) {
-            return Err(Error::new(kind, "injected store failure"));
-        }
-        s.inner.save(index, cluster, data)?;
-        s.record(index, cluster, data.len() as u64);
-        Ok(())
-    }
-    /// The file-to-file path, where the inner store has one: the failure is
-    /// injected before it, the trap holds the copy after the data landed
-    /// (the cluster is still in flight until the engine settles it).
-    fn save_from_file(
-        &self,
-        index: u64,
-        cluster: u64,
-        src: &RawFile,
-        offset: u64,
-        len: u64,
-    ) -> Option<Result<()>> {
-        let s = &self.0;
-        if let Some(kind) = *lock(&s.fail) {
-            return Some(Err(Error::new(kind, "injected store failure")));
-        }
-        let res = s.inner.save_from_file(index, cluster, src, offset, len)?;
-        s.save.hit(index, len);
-        if res.is_ok() {
-            s.record(index, cluster, len);
-        }
-        Some(res)
-    }
-    fn load(&self, index: u64, cluster: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.0.loads.fetch_add(1, Ordering::SeqCst);
-        self.0.load.hit(index, buf.len() as u64);
-        self.0.inner.load(index, cluster, offset, buf)
-    }
-    fn forget(&self, index: u64, cluster: u64) {
-        lock(&self.0.forgets).push(index);
-        self.0.inner.forget(index, cluster);
-        self.0.forget.hit(index, cluster);
-    }
-    fn describe(&self) -> (&'static str, Option<PathBuf>) {
-        self.0.inner.describe()
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -365,13 +77,7 @@ impl Fx {
         let img0: Vec<u8> = (0..size).map(pattern).collect();
         let data_end = (DATA_CLUSTERS * CL).min(size);
         file.write_at(&img0[..data_end as usize], 0, false).unwrap();
-        let dev = Arc::new(HookDev {
-            file,
-            read: Trap::default(),
-            write: Trap::default(),
-            status: Trap::default(),
-            reads: AtomicU64::new(0),
-        });
+        let dev = Arc::new(HookDev::new(file));
         let base: Arc<dyn BlockDev> = dev.clone();
         Fx {
             dir,
@@ -420,7 +126,7 @@ impl Fx {
     /// The live disk's bytes, read past every hook.
     fn live_bytes(&self, offset: u64, len: u64) -> Vec<u8> {
         let mut b = vec![0u8; len as usize];
-        self.dev.file.read_at(&mut b, offset).unwrap();
+        self.dev.inner.read_at(&mut b, offset).unwrap();
         b
     }
 
@@ -847,11 +553,24 @@ fn a_saved_cluster_is_never_copied_again() {
 // d. Failure policies.
 // ---------------------------------------------------------------------------
 
-fn events(snap: &Snapshot) -> Arc<Mutex<Vec<SnapshotEvent>>> {
-    let ev = Arc::new(Mutex::new(Vec::new()));
-    let e = ev.clone();
-    snap.set_listener(move |x| lock(&e).push(x));
-    ev
+/// The events a snapshot reported, recorded while this lives.
+struct Events {
+    list: Arc<Mutex<Vec<SnapshotEvent>>>,
+    _sub: Subscription,
+}
+
+impl std::ops::Deref for Events {
+    type Target = Mutex<Vec<SnapshotEvent>>;
+    fn deref(&self) -> &Self::Target {
+        &self.list
+    }
+}
+
+fn events(snap: &Snapshot) -> Events {
+    let list = Arc::new(Mutex::new(Vec::new()));
+    let l = list.clone();
+    let sub = snap.subscribe(move |x| lock(&l).push(x.clone()));
+    Events { list, _sub: sub }
 }
 
 fn broken_events(ev: &Mutex<Vec<SnapshotEvent>>) -> usize {
@@ -1706,7 +1425,7 @@ fn freeze_waits_for_a_write_in_flight_which_lands_before_the_instant() {
     let freezer = spawn(move || {
         let g = live.freeze();
         let mut img = vec![0u8; dev.size() as usize];
-        dev.file.read_at(&mut img, 0).unwrap();
+        dev.inner.read_at(&mut img, 0).unwrap();
         let snap = live.snapshot(store1, opts());
         drop(g);
         (snap, img)
@@ -1927,5 +1646,233 @@ fn a_view_block_status_in_flight_blocks_only_changes_to_its_own_clusters() {
         blocked.join("; ")
     );
     assert_view_exact(&*view, &fx.img0, "after");
-    assert!(fx.dev.reads.load(Ordering::SeqCst) > 0);
+    assert!(fx.dev.reads() > 0);
+}
+
+// ---------------------------------------------------------------------------
+// l. Pins are released on every way out of a read.
+// ---------------------------------------------------------------------------
+
+/// A live disk whose reads and block status panic while `panic` is set, the
+/// way a buggy device would.
+struct Panicky {
+    inner: RawFile,
+    panic: AtomicBool,
+}
+
+impl Panicky {
+    fn check(&self) {
+        if self.panic.load(Ordering::SeqCst) {
+            panic!("injected device panic");
+        }
+    }
+}
+
+impl BlockDev for Panicky {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check();
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.inner.write_at(buf, offset, fua)
+    }
+    fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
+        self.inner.write_zeroes(offset, length, flags)
+    }
+    fn trim(&self, offset: u64, length: u64) -> Result<()> {
+        self.inner.trim(offset, length)
+    }
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+    fn cache(&self, offset: u64, length: u64) -> Result<()> {
+        self.inner.cache(offset, length)
+    }
+    fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        self.check();
+        self.inner.block_status(offset, length)
+    }
+}
+
+/// A view read (or block status) whose live disk panics mid-call pinned
+/// the clusters it was reading; the pins must go with the panic, or every
+/// later live write to those clusters would wait for ever.
+#[test]
+fn a_view_read_that_panics_does_not_leave_live_writes_to_its_clusters_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = RawFile::create(&dir.path().join("live.raw"), SIZE).unwrap();
+    let img0: Vec<u8> = (0..SIZE).map(pattern).collect();
+    file.write_at(&img0[..(DATA_CLUSTERS * CL) as usize], 0, false)
+        .unwrap();
+    let dev = Arc::new(Panicky {
+        inner: file,
+        panic: AtomicBool::new(false),
+    });
+    let live = Arc::new(LiveDisk::new(dev.clone()));
+    let store = RamStore::new(SIZE, dir.path().join("spill"), SIZE);
+    let guard = live.freeze();
+    let snap = live.snapshot(Box::new(store), opts());
+    drop(guard);
+    let view = SnapshotView(snap.clone());
+
+    dev.panic.store(true, Ordering::SeqCst);
+    let (c, d) = (3, 7);
+    let read = panic::catch_unwind(AssertUnwindSafe(|| read(&view, c * CL, 2 * CL)));
+    assert!(read.is_err(), "the device did not panic");
+    let status = panic::catch_unwind(AssertUnwindSafe(|| view.block_status(d * CL, CL)));
+    assert!(status.is_err(), "the device did not panic");
+    dev.panic.store(false, Ordering::SeqCst);
+
+    for (what, x) in [("read", c), ("read", c + 1), ("block status", d)] {
+        let w = spawn_write(&live, vec![0xEE; CL as usize], x * CL);
+        done(&w, &format!("live write to cluster {x} after a panicked {what}"))
+            .unwrap_or_else(|e| panic!("live write to cluster {x}: {e}"));
+    }
+    assert_view_exact(&view, &img0, "after panicked reads");
+}
+
+// ---------------------------------------------------------------------------
+// m. Events reach every subscriber, outside the snapshot's lock.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn every_subscriber_hears_saves_and_discards_until_it_unsubscribes() {
+    use SnapshotEvent::{Discarded, Saved};
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(&store, opts());
+    let view = SnapshotView(snap.clone());
+    let a = events(&snap);
+    let b = events(&snap);
+    let c = snap.subscribe(|_| {});
+
+    // Data clusters 2 and 3 in one copy, then a hole at the instant.
+    fx.live.write_at(&[1; 10], 3 * CL - 5, false).unwrap();
+    fx.live.write_at(&[1; 10], 13 * CL, false).unwrap();
+    // Discards report only clusters not discarded before.
+    view.trim(5 * CL, 2 * CL).unwrap();
+    view.trim(2 * CL, 4 * CL).unwrap();
+    let both = vec![
+        Saved { first: 2, count: 2 },
+        Saved { first: 13, count: 1 },
+        Discarded { first: 5, count: 2 },
+        Discarded { first: 2, count: 3 },
+    ];
+    assert_eq!(*lock(&a), both);
+    assert_eq!(*lock(&b), both);
+
+    drop(b);
+    c.unsubscribe();
+    fx.live.write_at(&[1; 10], 8 * CL, false).unwrap();
+    let mut after = both.clone();
+    after.push(Saved { first: 8, count: 1 });
+    assert_eq!(*lock(&a), after, "the remaining subscriber");
+}
+
+/// A subscriber may call back into the snapshot: events are delivered after
+/// its lock is released.
+#[test]
+fn subscribers_are_called_without_the_snapshots_lock() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(
+        &store,
+        SnapshotOptions {
+            on_cbw_error: OnCbwError::BreakSnapshot,
+            store_limit: Some(2 * CL),
+            ..opts()
+        },
+    );
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (weak, s) = (Arc::downgrade(&snap), seen.clone());
+    let _sub = snap.subscribe(move |ev| {
+        let stats = weak.upgrade().map(|snap| snap.stats());
+        lock(&s).push((ev.clone(), stats));
+    });
+    let w = spawn_write(&fx.live, vec![1; 10], 0);
+    done(&w, "write whose copy reports Saved").unwrap();
+    let w = spawn_write(&fx.live, vec![1; 10], CL);
+    done(&w, "write whose copy reports Saved and StoreUsage").unwrap();
+    let w = spawn_write(&fx.live, vec![1; 10], 2 * CL);
+    done(&w, "write that breaks the snapshot").unwrap();
+    let seen = lock(&seen);
+    use SnapshotEvent::{Broken, Saved, StoreUsage};
+    assert!(
+        matches!(
+            &seen[..],
+            [
+                (Saved { first: 0, count: 1 }, Some(_)),
+                (Saved { first: 1, count: 1 }, Some(_)),
+                (StoreUsage { percent: 80, .. }, Some(_)),
+                (StoreUsage { percent: 95, .. }, Some(_)),
+                (Broken(_), Some(stats)),
+            ] if stats.broken.is_some()
+        ),
+        "{seen:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// n. Timed copies share a few copier threads.
+// ---------------------------------------------------------------------------
+
+/// Copies with a timeout run on at most four copier threads per disk. When
+/// stuck copies hold them all, another timed copy cannot even start: it
+/// times out at its deadline, is taken back (it never runs, its cluster is
+/// not copied), and once the copiers are free the same write copies and
+/// lands.
+#[test]
+fn a_timed_copy_that_finds_every_copier_stuck_times_out_and_never_runs() {
+    let fx = Fx::new();
+    let store = fx.store();
+    let snap = fx.snapshot(
+        &store,
+        SnapshotOptions {
+            cbw_timeout: Some(Duration::from_millis(100)),
+            ..opts()
+        },
+    );
+    let view = SnapshotView(snap.clone());
+    store.save.arm(4, |i, _| i < 4);
+    let stuck: Vec<_> = (0..4)
+        .map(|c| spawn_write(&fx.live, vec![0xEE; 100], c * CL))
+        .collect();
+    for (c, w) in stuck.iter().enumerate() {
+        assert_kind(
+            done(w, "write with a stuck copy"),
+            ErrorKind::TimedOut,
+            &format!("cluster {c}"),
+        );
+    }
+    store.save.wait_caught(4);
+    assert_eq!(store.save.held(), 4);
+
+    let c = 5;
+    let w = spawn_write(&fx.live, vec![0xEF; 100], c * CL);
+    assert_kind(
+        done(&w, "write whose copy cannot start"),
+        ErrorKind::TimedOut,
+        "write whose copy cannot start",
+    );
+    assert!(
+        fx.live_bytes(c * CL, CL) == fx.img0[r(c * CL, CL)],
+        "timed-out write changed the disk"
+    );
+    assert_view_exact(&view, &fx.img0, "with every copier stuck");
+
+    store.save.release();
+    eventually("the stuck copies settle", || snap.stats().copied_clusters == 4);
+    let mut saved = store.saved();
+    saved.sort();
+    assert_eq!(saved, vec![0, 1, 2, 3], "the copy taken back ran anyway");
+    fx.live.write_at(&[0xEF; 100], c * CL, false).unwrap();
+    assert!(store.saved().contains(&c));
+    assert_view_exact(&view, &fx.img0, "after the copiers came free");
+    assert!(fx.live_bytes(c * CL, 100).iter().all(|&b| b == 0xEF));
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleece_block::{
     FileStore, OnCbwError, RamStore, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView, Store,
+    Subscription,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -35,6 +36,9 @@ pub struct SnapshotEntry {
     pub bitmap: Option<String>,
     /// Most bytes a RAM store keeps in memory (after capping to the disk).
     pub memory_limit: Option<u64>,
+    /// Daemon events for the snapshot's breakage and store usage, for as
+    /// long as the entry lives.
+    _subscription: Subscription,
 }
 
 /// A checked snapshot request with its stores made.
@@ -379,7 +383,7 @@ impl Registry {
             let snap = d.live.snapshot(store, opts);
             let events = self.events.clone();
             let sid = id.clone();
-            snap.set_listener(move |ev| match ev {
+            let subscription = snap.subscribe(move |ev| match ev {
                 SnapshotEvent::Broken(why) => {
                     events.emit("snapshot_broken", json!({ "snapshot": sid, "error": why }))
                 }
@@ -387,6 +391,7 @@ impl Registry {
                     "store_usage",
                     json!({ "snapshot": sid, "percent": percent, "used_bytes": used, "limit_bytes": limit }),
                 ),
+                _ => {}
             });
             let export = Arc::new(Export {
                 name: id.clone(),
@@ -405,6 +410,7 @@ impl Registry {
                 memory_limit: p
                     .memory_limit
                     .map(|m| m.min(fleece_block::BlockDev::size(&*d.file))),
+                _subscription: subscription,
             });
             let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
             inner.exports.insert(id, export);

@@ -1,0 +1,216 @@
+//! View reads and discards: the disk as it was at the instant, and
+//! [`SnapshotView`], the read-only device that serves it.
+//!
+//! A read classifies each cluster under the snapshot's lock: saved clusters
+//! come from the store, holes at the instant are zeroes, unsaved clusters
+//! come from the live disk (pinned with `READERS` meanwhile, so the write
+//! that would change them waits), discarded or out-of-scope ones fail.
+//! Reads never wait for a copy (rule 1).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::events::{Runs, SnapshotEvent};
+use super::pin::ReadPin;
+use super::snapshot::Snapshot;
+use super::state::{MASK, NOT_NEEDED, SAVED, ZEROED};
+use crate::dev::{check_range, BlockDev, Capabilities, Extent, ZeroFlags};
+use crate::{Error, ErrorKind, Result};
+
+/// Where a cluster as of the instant is read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Source {
+    /// Not yet changed: the live disk.
+    Live,
+    /// Saved in the store.
+    Store,
+    /// A hole at the instant: zeroes.
+    Zero,
+    /// Discarded or outside the scope: not readable (block status only).
+    Unavailable,
+}
+
+impl Snapshot {
+    /// Reads the disk as it was at the instant.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (first, last) = self.clusters(offset, buf.len() as u64);
+        let mut c = first;
+        while c <= last {
+            // Classify a run of clusters with the same source under the lock.
+            let mut g = self.lock();
+            if let Some(why) = &g.broken {
+                return Err(Error::new(
+                    ErrorKind::Broken,
+                    format!("snapshot is broken: {why}"),
+                ));
+            }
+            let src = self.source(c)?;
+            let mut end = c + 1;
+            while end <= last && self.source(end).ok() == Some(src) {
+                end += 1;
+            }
+            let pin = (src == Source::Live).then(|| ReadPin::new(self, &mut g, c, end));
+            drop(g);
+            let lo = (c * self.cluster).max(offset);
+            let hi = (end * self.cluster).min(offset + buf.len() as u64);
+            let part = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
+            let res = if let Some(pin) = pin {
+                let r = self.base.read_at(part, lo);
+                drop(pin);
+                r
+            } else if src == Source::Zero {
+                part.fill(0);
+                Ok(())
+            } else {
+                // A discard may free a saved cluster while we load it; its
+                // state then says so, and what we loaded cannot be trusted.
+                self.load(part, lo).and_then(|_| {
+                    let _g = self.lock();
+                    if (c..end).any(|x| self.states.get(x) & MASK == NOT_NEEDED) {
+                        Err(Error::new(
+                            ErrorKind::AccessDenied,
+                            "this part of the snapshot was discarded while it was being read",
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                })
+            };
+            res?;
+            c = end;
+        }
+        // A break during the read may have let new data into what we read.
+        self.check_readable()?;
+        if self.opts.read_once {
+            self.discard(offset, buf.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Where cluster `c` as of the instant is to be read from.
+    pub(super) fn source(&self, c: u64) -> Result<Source> {
+        match self.states.get(c) & MASK {
+            SAVED => Ok(Source::Store),
+            ZEROED => Ok(Source::Zero),
+            NOT_NEEDED => Err(Error::new(
+                ErrorKind::AccessDenied,
+                "this part of the snapshot was discarded and can no longer be read",
+            )),
+            _ if !self.in_scope(c) => Err(Error::new(
+                ErrorKind::AccessDenied,
+                "this part of the disk is outside the snapshot's bitmap",
+            )),
+            _ => Ok(Source::Live),
+        }
+    }
+
+    fn load(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let c = pos / self.cluster;
+            let within = pos - c * self.cluster;
+            let n = ((self.cluster - within) as usize).min(buf.len() - done);
+            self.store
+                .load(c, self.cluster, within, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Drops the whole clusters inside the range: their saved copies are
+    /// freed, later live writes to them copy nothing, and later view reads of
+    /// them fail.
+    pub fn discard(&self, offset: u64, len: u64) {
+        let end = (offset.saturating_add(len)).min(self.size);
+        let first = offset.div_ceil(self.cluster);
+        // The last cluster counts if the range reaches the end of the disk.
+        let last_excl = if end == self.size {
+            self.size.div_ceil(self.cluster)
+        } else {
+            end / self.cluster
+        };
+        if first >= last_excl {
+            return;
+        }
+        let report = self.events.any();
+        let mut discarded = Runs::default();
+        let g = self.lock();
+        let mut freed = 0;
+        for c in first..last_excl {
+            let s = self.states.get(c);
+            // Mark first, then free: a reader that loaded the slot re-checks
+            // the mark under this lock.
+            self.states.set_base(c, NOT_NEEDED);
+            match s & MASK {
+                NOT_NEEDED => continue,
+                SAVED => {
+                    self.store.forget(c, self.cluster);
+                    freed += self.cluster_len(c);
+                }
+                // ZEROED holds no store slot; NOT_COPIED and COPYING none yet.
+                _ => {}
+            }
+            self.discarded.fetch_add(1, Ordering::Relaxed);
+            if report {
+                discarded.add(c);
+            }
+        }
+        self.used.fetch_sub(freed, Ordering::Relaxed);
+        self.wake_all(&g);
+        drop(g);
+        self.events
+            .emit_runs(&discarded, |first, count| SnapshotEvent::Discarded {
+                first,
+                count,
+            });
+    }
+}
+
+/// A snapshot as a read-only device; trim discards.
+pub struct SnapshotView(pub Arc<Snapshot>);
+
+impl BlockDev for SnapshotView {
+    fn size(&self) -> u64 {
+        self.0.size
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            read_only: true,
+            trim: true,
+            fast_zero: false,
+        }
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+        // View reads never wait on copies (rule 1), so with both sides in
+        // memory they cannot block and may run inline.
+        (self.0.base.is_in_memory() && self.0.store.is_in_memory()).then(|| self.0.read_at(buf, offset))
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> Result<()> {
+        Err(Error::new(ErrorKind::ReadOnly, "snapshot views are read-only"))
+    }
+    fn write_zeroes(&self, _offset: u64, _length: u64, _flags: ZeroFlags) -> Result<()> {
+        Err(Error::new(ErrorKind::ReadOnly, "snapshot views are read-only"))
+    }
+    fn trim(&self, offset: u64, length: u64) -> Result<()> {
+        check_range(self.0.size, offset, length)?;
+        self.0.discard(offset, length);
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn cache(&self, offset: u64, length: u64) -> Result<()> {
+        check_range(self.0.size, offset, length)
+    }
+    fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        self.0.block_status(offset, length)
+    }
+}
