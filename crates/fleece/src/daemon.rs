@@ -9,12 +9,16 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::api::{self, Daemon};
+use crate::clients::Clients;
 use crate::config::{self, DiskConfig, FileConfig};
+use crate::disks::Disks;
 use crate::error::{Error, Kind, Result};
 use crate::events::Events;
-use crate::nbd::{ListenAddr, Listener, Pool};
+use crate::nbd::{Connections, ListenAddr, Listener, Pool};
 use crate::registry::Registry;
+use crate::snapshots::Snapshots;
 use crate::state::StateDir;
+use crate::txn::Txn;
 use crate::units::human;
 
 /// Size of the demo disk created when nothing is configured.
@@ -80,7 +84,17 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     }
     state.remove_stale_stores();
     let events = Events::default();
-    let registry = Arc::new(Registry::new(state.clone(), events.clone()));
+    let registry = Arc::new(Registry::new());
+    let conns = Connections::new();
+    let clients: Arc<dyn Clients> = conns.clone();
+    let disk_service = Arc::new(Disks::new(registry.clone(), clients.clone(), events.clone()));
+    let snapshots = Arc::new(Snapshots::new(
+        registry.clone(),
+        clients.clone(),
+        state.clone(),
+        events.clone(),
+    ));
+    let txn = Arc::new(Txn::new(registry.clone(), snapshots.clone(), events.clone()));
     if disks.is_empty() {
         let path = state_dir.join("demo.raw");
         if !path.exists() {
@@ -92,15 +106,20 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         });
     }
     for d in &disks {
-        registry
-            .add_disk(&d.name, &d.path)
+        disk_service
+            .add(&d.name, &d.path)
             .map_err(|e| Error::new(e.kind, format!("disk '{}': {}", d.name, e.message)))?;
     }
 
     let pool = Pool::new(threads)?;
     let mut listeners = Vec::new();
     for addr in &listen {
-        listeners.push(Listener::start(addr, registry.clone(), pool.clone())?);
+        listeners.push(Listener::start(
+            addr,
+            registry.clone(),
+            conns.clone(),
+            pool.clone(),
+        )?);
     }
     let listen: Vec<ListenAddr> = listeners.iter().map(|l| l.addr.clone()).collect();
     let (watch_stop, watch_rx) = std::sync::mpsc::channel::<()>();
@@ -118,6 +137,10 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         .map_err(|e| Error::new(Kind::Internal, format!("cannot start runtime: {e}")))?;
     let daemon = Arc::new(Daemon {
         registry: registry.clone(),
+        disks: disk_service.clone(),
+        snapshots,
+        txn,
+        clients,
         events,
         started: Instant::now(),
         state_dir: state_dir.clone(),
@@ -148,13 +171,13 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     for l in &mut listeners {
         l.stop();
     }
-    registry.close_all_connections();
+    conns.close_all();
     let deadline = Instant::now() + DRAIN_TIMEOUT;
-    while registry.connection_count() > 0 && Instant::now() < deadline {
+    while conns.count() > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     pool.stop();
-    registry.flush_all();
+    disk_service.flush_all();
     let _ = std::fs::remove_file(&control);
     tracing::info!("stopped");
     Ok(())

@@ -4,14 +4,17 @@
 mod api;
 mod bitmaps;
 mod cli;
+mod clients;
 mod config;
 mod daemon;
+mod disks;
 mod error;
 mod events;
 mod nbd;
 mod registry;
 mod snapshots;
 mod state;
+mod txn;
 mod units;
 
 use std::io::IsTerminal;

@@ -1,28 +1,21 @@
-//! Disks and the NBD exports that serve them.
+//! The registry: what the daemon serves (disks, their snapshots, and the
+//! exports of both), behind one lock, with checked inserts and removals.
+//!
+//! It is a store, not a service: it knows nothing of NBD, files, events or
+//! the control API. The services (`disks`, `snapshots`, `txn`) change it;
+//! the NBD server reads it. Every change holds [`Registry::change`], so
+//! that what a service checked (a name is free, an image is not served)
+//! still holds when it inserts.
 
-use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use fleece_block::{BlockDev, LiveDisk, LockMode, RawFile};
-use fleece_nbd::consts::*;
-use fleece_nbd::{Catalog, ExportInfo};
-use serde_json::json;
+use fleece_block::{BlockDev, LiveDisk, RawFile, Snapshot, Subscription};
 
 use crate::error::{Error, Kind, Result};
-use crate::events::Events;
-use crate::nbd::Stream;
-use crate::snapshots::SnapshotEntry;
-use crate::state::StateDir;
 
-/// Largest payload of one request (reads and writes), advertised in
-/// `NBD_INFO_BLOCK_SIZE`. Larger requests are refused or disconnected.
-pub const MAX_PAYLOAD: u32 = 32 << 20;
-
-/// One NBD export: a device and how it may be used.
+/// One export: a device and how it may be used.
 pub struct Export {
     /// Export name clients ask for.
     pub name: String,
@@ -32,20 +25,17 @@ pub struct Export {
     pub dev: Arc<dyn BlockDev>,
     /// Writes are refused.
     pub read_only: bool,
-    /// Where `qemu:dirty-bitmap:` contexts come from.
+    /// Where the export's dirty bitmaps come from.
     pub meta: MetaSource,
 }
 
-/// The dirty bitmaps an export shows as `qemu:dirty-bitmap:NAME`.
+/// The dirty bitmaps an export shows.
 pub enum MetaSource {
     /// A live disk: its bitmaps as they are now.
     Live(Arc<LiveDisk>),
     /// A snapshot: the bitmap that scoped it, as of its instant.
-    Snapshot(Arc<fleece_block::Snapshot>, Option<String>),
+    Snapshot(Arc<Snapshot>, Option<String>),
 }
-
-/// Prefix of dirty-bitmap metadata contexts (qemu's namespace).
-pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 impl Export {
     /// Dirty/clean runs of bitmap `name` over the range, as (length,
@@ -76,9 +66,9 @@ impl Export {
         }
     }
 
-    /// The bitmaps offered as metadata contexts: inconsistent ones are not,
+    /// The bitmaps a client may ask for: inconsistent ones are left out,
     /// as QEMU does not export them either.
-    fn bitmap_names(&self) -> Vec<String> {
+    pub fn bitmap_names(&self) -> Vec<String> {
         match &self.meta {
             MetaSource::Live(live) => live
                 .bitmaps()
@@ -87,43 +77,6 @@ impl Export {
                 .map(|b| b.name().to_string())
                 .collect(),
             MetaSource::Snapshot(_, b) => b.iter().cloned().collect(),
-        }
-    }
-
-    fn info(&self) -> ExportInfo {
-        let mut flags = TF_SEND_FLUSH | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
-        if self.read_only {
-            // A snapshot view takes trim as "discard this part of the view".
-            // Clients (libnbd, qemu) refuse to send trim to an export flagged
-            // read-only, so, as with QEMU's writable snapshot-access export,
-            // a discardable view leaves the flag off and the server refuses
-            // writes itself with EPERM.
-            if self.dev.capabilities().trim {
-                flags |= TF_SEND_TRIM;
-            } else {
-                flags |= TF_READ_ONLY;
-            }
-        } else {
-            flags |= TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
-        }
-        let description = if self.read_only {
-            format!("snapshot of disk {}", self.disk)
-        } else {
-            format!("live disk {}", self.disk)
-        };
-        ExportInfo {
-            name: self.name.clone(),
-            description,
-            size: self.dev.size(),
-            flags,
-            block_sizes: (1, 4096, MAX_PAYLOAD),
-            contexts: std::iter::once(BASE_ALLOCATION.to_string())
-                .chain(
-                    self.bitmap_names()
-                        .into_iter()
-                        .map(|b| format!("{DIRTY_BITMAP_PREFIX}{b}")),
-                )
-                .collect(),
         }
     }
 }
@@ -144,51 +97,57 @@ pub struct Disk {
     pub export: Arc<Export>,
 }
 
-struct Conn {
-    export: String,
-    stream: Stream,
+/// One snapshot of one disk.
+pub struct SnapshotEntry {
+    /// Disk name.
+    pub disk: String,
+    /// Snapshot name.
+    pub name: String,
+    /// The engine object.
+    pub snap: Arc<Snapshot>,
+    /// Its read-only export.
+    pub export: Arc<Export>,
+    /// Seconds since the epoch at the instant.
+    pub created: u64,
+    /// Bitmap it was scoped to, if any.
+    pub bitmap: Option<String>,
+    /// Most bytes a RAM store keeps in memory (after capping to the disk).
+    pub memory_limit: Option<u64>,
+    /// The daemon's subscription to the snapshot's events, held for as
+    /// long as the entry lives.
+    pub _subscription: Subscription,
 }
 
 #[derive(Default)]
-pub(crate) struct Inner {
-    pub(crate) disks: BTreeMap<String, Arc<Disk>>,
-    pub(crate) exports: BTreeMap<String, Arc<Export>>,
+struct Inner {
+    disks: BTreeMap<String, Arc<Disk>>,
+    exports: BTreeMap<String, Arc<Export>>,
     /// Snapshots by (disk, name).
-    pub(crate) snapshots: BTreeMap<(String, String), Arc<SnapshotEntry>>,
+    snapshots: BTreeMap<(String, String), Arc<SnapshotEntry>>,
     /// First disk added: what a client gets when it asks for export `""`.
     default: Option<String>,
 }
 
-/// All disks, snapshots and exports; shared by the NBD server and the
-/// control API.
-pub struct Registry {
-    pub(crate) inner: RwLock<Inner>,
-    conns: Mutex<HashMap<u64, Conn>>,
-    /// Signalled whenever a connection goes away.
-    conns_changed: Condvar,
-    /// Held by every change of disks, snapshots and bitmaps (disk add,
-    /// remove and resize, transactions, snapshot deletes): a name is checked
-    /// and taken under it, so two requests cannot both take one, and nothing
-    /// is attached to a disk before its name is settled. Never taken on the
-    /// data path or by NBD handshakes.
-    ops: Mutex<()>,
-    next_conn: AtomicU64,
-    /// The state directory (default stores, store records).
-    pub(crate) state: Arc<StateDir>,
-    /// Where snapshot events go.
-    pub(crate) events: Events,
+/// What a removal took out of the registry.
+pub struct Removed {
+    /// The disk.
+    pub disk: Arc<Disk>,
+    /// Its snapshots.
+    pub snapshots: Vec<Arc<SnapshotEntry>>,
+    /// The names of every export that went: the disk's and its snapshots'.
+    pub exports: Vec<String>,
 }
 
-/// How long a removal waits for the connections it closes to finish their
-/// in-flight requests, before it shuts their sockets completely.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// Largest size `disk resize` accepts (64 PiB): more cannot be meant, and
-/// some file systems would take it.
-const MAX_DISK_SIZE: u64 = 1 << 56;
-/// How long a removal waits for closed connections in all.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// All disks, snapshots and exports.
+#[derive(Default)]
+pub struct Registry {
+    inner: RwLock<Inner>,
+    /// Held by every change (disk add, remove and resize, transactions,
+    /// snapshot deletes): never on the data path or by NBD handshakes.
+    change: Mutex<()>,
+}
 
-/// Disk and snapshot names: short, and safe in URIs and file names.
+/// Disk, snapshot and bitmap names: short, and safe in URIs and file names.
 pub fn check_name(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 128
@@ -205,228 +164,36 @@ pub fn check_name(what: &str, name: &str) -> Result<()> {
     }
 }
 
+/// Splits `DISK@NAME`.
+pub fn split_id(id: &str) -> Result<(&str, &str)> {
+    id.split_once('@')
+        .filter(|(d, n)| !d.is_empty() && !n.is_empty())
+        .ok_or_else(|| Error::invalid(format!("'{id}' is not a snapshot id: use DISK@NAME")))
+}
+
 impl Registry {
     /// An empty registry.
-    pub fn new(state: Arc<StateDir>, events: Events) -> Self {
-        Registry {
-            inner: RwLock::default(),
-            conns: Mutex::default(),
-            conns_changed: Condvar::new(),
-            ops: Mutex::new(()),
-            next_conn: AtomicU64::new(0),
-            state,
-            events,
-        }
+    pub fn new() -> Self {
+        Registry::default()
     }
 
-    /// The state directory.
-    pub fn state_dir(&self) -> &Path {
-        self.state.path()
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Serializes changes; see [`Registry::ops`](Self).
-    pub(crate) fn ops(&self) -> MutexGuard<'_, ()> {
-        self.ops.lock().unwrap_or_else(|p| p.into_inner())
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Opens the image at `path` and exports it as `name`.
-    pub fn add_disk(&self, name: &str, path: &Path) -> Result<Arc<Disk>> {
-        check_name("disk", name)?;
-        let _ops = self.ops();
-        if self.disk(name).is_ok() {
-            return Err(Error::new(Kind::Exists, format!("disk '{name}' already exists")));
-        }
-        if path
-            .file_name()
-            .is_some_and(|f| f.to_string_lossy().contains(".fleece-bitmap-"))
-        {
-            return Err(Error::invalid(format!(
-                "{} is a fleece bitmap file, not a disk image",
-                path.display()
-            )));
-        }
-        let file = RawFile::open(path, false).map_err(|e| Error::invalid(e.to_string()))?;
-        let meta = std::fs::metadata(path)
-            .map_err(|e| Error::invalid(format!("cannot stat {}: {e}", path.display())))?;
-        let id = (meta.dev(), meta.ino());
-        // Two names for one file would let writes through one name skip the
-        // other's snapshots and bitmaps.
-        if let Some(other) = self.disks().into_iter().find(|d| d.id == id) {
-            return Err(Error::new(
-                Kind::Exists,
-                format!(
-                    "{} is already served as disk '{}' ({}): one image may be served under one name only",
-                    path.display(),
-                    other.name,
-                    other.path.display()
-                ),
-            ));
-        }
-        file.lock(LockMode::ReadWrite).map_err(|e| {
-            let kind = match e.kind() {
-                fleece_block::ErrorKind::Locked => Kind::Busy,
-                _ => Kind::InvalidArgument,
-            };
-            Error::new(kind, e.to_string())
-        })?;
-        let file = Arc::new(file);
-        let live = Arc::new(LiveDisk::new(file.clone()));
-        for b in crate::bitmaps::load_sidecars(path, fleece_block::BlockDev::size(&*file))? {
-            live.add_bitmap(Arc::new(b));
-        }
-        let export = Arc::new(Export {
-            name: name.to_string(),
-            disk: name.to_string(),
-            dev: live.clone(),
-            read_only: false,
-            meta: MetaSource::Live(live.clone()),
-        });
-        let disk = Arc::new(Disk {
-            name: name.to_string(),
-            path: path.to_path_buf(),
-            id,
-            file,
-            live,
-            export: export.clone(),
-        });
-        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        inner.disks.insert(name.to_string(), disk.clone());
-        inner.exports.insert(name.to_string(), export);
-        if inner.default.is_none() {
-            inner.default = Some(name.to_string());
-        }
-        Ok(disk)
-    }
-
-    /// Stops exporting a disk. Without `force` it refuses while clients are
-    /// connected or snapshots exist; with it, snapshots are deleted and
-    /// connections closed after their in-flight requests. Returns once every
-    /// connection to the disk and its snapshots is gone and the image is
-    /// unlocked, so other programs may open it at once.
-    pub fn remove_disk(&self, name: &str, force: bool) -> Result<Arc<Disk>> {
-        let _ops = self.ops();
-        let disk = self.disk(name)?;
-        let (exports, entries) = {
-            let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-            let exports: Vec<String> = inner
-                .exports
-                .values()
-                .filter(|e| e.disk == name)
-                .map(|e| e.name.clone())
-                .collect();
-            let active = self.active_connections(&exports);
-            if active > 0 && !force {
-                return Err(Error::new(
-                    Kind::Busy,
-                    format!("disk '{name}' has {active} open connection(s); use --force to close them"),
-                ));
-            }
-            let snaps: Vec<String> = inner
-                .snapshots
-                .keys()
-                .filter(|(d, _)| d == name)
-                .map(|(_, n)| n.clone())
-                .collect();
-            if !snaps.is_empty() && !force {
-                return Err(Error::new(
-                    Kind::Busy,
-                    format!(
-                        "disk '{name}' has snapshots ({}); delete them or use --force",
-                        snaps.join(", ")
-                    ),
-                ));
-            }
-            let entries: Vec<Arc<SnapshotEntry>> = snaps
-                .iter()
-                .filter_map(|s| inner.snapshots.remove(&(name.to_string(), s.clone())))
-                .collect();
-            inner.disks.remove(name);
-            inner.exports.retain(|_, e| e.disk != name);
-            if inner.default.as_deref() == Some(name) {
-                inner.default = inner.disks.keys().next().cloned();
-            }
-            (exports, entries)
-        };
-        for e in &entries {
-            disk.live.detach(&e.snap);
-        }
-        let closed = self.close_and_wait(&exports);
-        for e in &entries {
-            self.events.emit(
-                "snapshot_deleted",
-                serde_json::json!({ "snapshot": e.export.name }),
-            );
-        }
-        if let Err(e) = fleece_block::BlockDev::flush(&*disk.file) {
-            tracing::warn!(disk = name, error = %e, "flush on removal failed");
-        }
-        if !closed {
-            // A connection stuck in I/O may still write: the image stays
-            // locked until it is gone (its descriptor closes with the last
-            // reference), so no other program writes it meanwhile.
-            return Err(Error::new(
-                Kind::Busy,
-                format!(
-                    "disk '{name}' is no longer exported, but some of its connections did not finish within \
-                     {} s; its image stays locked until they do",
-                    CLOSE_TIMEOUT.as_secs()
-                ),
-            ));
-        }
-        disk.file.unlock();
-        Ok(disk)
-    }
-
-    /// Connections to these exports whose clients have not hung up. A
-    /// client that closed its socket (its process may already have exited)
-    /// is on its way out and does not count: the caller waits for it.
-    pub(crate) fn active_connections(&self, exports: &[String]) -> usize {
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter(|c| exports.contains(&c.export) && !c.stream.peer_closed())
-            .count()
-    }
-
-    /// Closes the connections to these exports after their in-flight
-    /// requests and waits until they are gone (bounded: a client that never
-    /// reads its replies is cut off after [`CLOSE_GRACE`]). False if some
-    /// were still there after [`CLOSE_TIMEOUT`].
-    pub(crate) fn close_and_wait(&self, exports: &[String]) -> bool {
-        let start = Instant::now();
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        for c in conns.values().filter(|c| exports.contains(&c.export)) {
-            c.stream.shutdown_read();
-        }
-        let mut cut = false;
-        while conns.values().any(|c| exports.contains(&c.export)) {
-            let waited = start.elapsed();
-            if waited >= CLOSE_TIMEOUT {
-                tracing::warn!(exports = ?exports, "connections did not close in time; going on without them");
-                return false;
-            }
-            if !cut && waited >= CLOSE_GRACE {
-                for c in conns.values().filter(|c| exports.contains(&c.export)) {
-                    c.stream.shutdown_both();
-                }
-                cut = true;
-            }
-            let step = if cut { CLOSE_TIMEOUT } else { CLOSE_GRACE } - waited;
-            conns = self
-                .conns_changed
-                .wait_timeout(conns, step)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        true
+    /// Held by whoever changes the registry, for the whole change (checks,
+    /// preparation, the instant): two changes never interleave.
+    pub fn change(&self) -> MutexGuard<'_, ()> {
+        self.change.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A disk by name.
     pub fn disk(&self, name: &str) -> Result<Arc<Disk>> {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        self.read()
             .disks
             .get(name)
             .cloned()
@@ -435,18 +202,22 @@ impl Registry {
 
     /// All disks, by name.
     pub fn disks(&self) -> Vec<Arc<Disk>> {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .disks
-            .values()
-            .cloned()
-            .collect()
+        self.read().disks.values().cloned().collect()
+    }
+
+    /// The disk serving the file with this device and inode, if any.
+    pub fn disk_by_id(&self, id: (u64, u64)) -> Option<Arc<Disk>> {
+        self.read().disks.values().find(|d| d.id == id).cloned()
+    }
+
+    /// Every export.
+    pub fn exports(&self) -> Vec<Arc<Export>> {
+        self.read().exports.values().cloned().collect()
     }
 
     /// An export by the name a client sent (`""` is the default disk).
     pub fn export(&self, name: &str) -> Option<Arc<Export>> {
-        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let inner = self.read();
         let name = if name.is_empty() {
             inner.default.as_deref()?
         } else {
@@ -455,161 +226,158 @@ impl Registry {
         inner.exports.get(name).cloned()
     }
 
-    /// Looks up the export a client negotiated and counts the connection,
-    /// in one step under the registry lock, so that a removal either sees
-    /// the connection or the client finds the export gone (`None`).
-    /// `size` is what the client was told in the handshake: a client told
-    /// more than the export now has (it shrank meanwhile) is turned away,
-    /// as its writes past the new end would fail under it.
-    pub fn attach(&self, export: &str, size: u64, stream: Stream) -> Option<(Arc<Export>, u64)> {
-        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        let name = if export.is_empty() {
-            inner.default.as_deref()?
+    /// Runs `f` on an export while nothing can remove it: a removal either
+    /// happens before (and `f` gets `None`) or after `f` returns.
+    pub fn with_export<T>(&self, name: &str, f: impl FnOnce(Option<&Arc<Export>>) -> T) -> T {
+        let inner = self.read();
+        let name = if name.is_empty() {
+            inner.default.as_deref().unwrap_or_default()
         } else {
-            export
+            name
         };
-        let e = inner.exports.get(name)?.clone();
-        if size > e.dev.size() {
-            return None;
-        }
-        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            id,
-            Conn {
-                export: e.name.clone(),
-                stream,
-            },
-        );
-        Some((e, id))
+        f(inner.exports.get(name))
     }
 
-    /// Forgets a closed connection.
-    pub fn detach(&self, id: u64) {
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns.remove(&id);
-        self.conns_changed.notify_all();
+    /// Names of a disk's snapshots.
+    pub fn snapshot_names(&self, disk: &str) -> Vec<String> {
+        self.read()
+            .snapshots
+            .keys()
+            .filter(|(d, _)| d == disk)
+            .map(|(_, n)| n.clone())
+            .collect()
     }
 
-    /// Changes a disk's size: the image file and the export (new
-    /// connections see the new size; open ones keep what they negotiated,
-    /// as NBD has no way to tell them). Refused while snapshots exist: a
-    /// snapshot is of one size. Shrinking cuts data off, so it needs
-    /// `shrink`. Bitmaps follow: a grown range counts as changed.
-    pub fn resize_disk(&self, name: &str, size: u64, shrink: bool) -> Result<Arc<Disk>> {
-        let _ops = self.ops();
-        let disk = self.disk(name)?;
-        let snaps = self.snapshot_names(name);
-        if !snaps.is_empty() {
+    /// All snapshots, or one disk's.
+    pub fn snapshots(&self, disk: Option<&str>) -> Vec<Arc<SnapshotEntry>> {
+        self.read()
+            .snapshots
+            .values()
+            .filter(|e| disk.is_none_or(|d| e.disk == d))
+            .cloned()
+            .collect()
+    }
+
+    /// One snapshot by `DISK@NAME`.
+    pub fn snapshot(&self, id: &str) -> Result<Arc<SnapshotEntry>> {
+        let (disk, name) = split_id(id)?;
+        self.read()
+            .snapshots
+            .get(&(disk.to_string(), name.to_string()))
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("snapshot '{id}' does not exist")))
+    }
+
+    /// Adds a disk and its export: refused if the name is taken or the same
+    /// file is already served.
+    pub fn insert_disk(&self, disk: Arc<Disk>) -> Result<()> {
+        let mut inner = self.write();
+        if inner.disks.contains_key(&disk.name) || inner.exports.contains_key(&disk.export.name) {
             return Err(Error::new(
-                Kind::Busy,
-                format!(
-                    "disk '{name}' has snapshots ({}): delete them before resizing",
-                    snaps.join(", ")
-                ),
+                Kind::Exists,
+                format!("disk '{}' already exists", disk.name),
             ));
         }
-        if size == 0 || !size.is_multiple_of(512) || size > MAX_DISK_SIZE {
-            return Err(Error::invalid(format!(
-                "size {size} must be a positive multiple of 512 bytes, at most {}",
-                crate::units::human(MAX_DISK_SIZE)
-            )));
+        if let Some(other) = inner.disks.values().find(|d| d.id == disk.id) {
+            return Err(Error::new(
+                Kind::Exists,
+                format!("image already served as disk '{}'", other.name),
+            ));
         }
-        let old = fleece_block::BlockDev::size(&*disk.file);
-        if size == old {
-            return Ok(disk);
+        inner
+            .exports
+            .insert(disk.export.name.clone(), disk.export.clone());
+        if inner.default.is_none() {
+            inner.default = Some(disk.name.clone());
         }
-        if size < old && !shrink {
-            return Err(Error::invalid(format!(
-                "shrinking disk '{name}' from {} to {} discards the data past {}: add --shrink (API: \"shrink\": true) if that is meant",
-                crate::units::human(old),
-                crate::units::human(size),
-                crate::units::human(size)
-            )));
-        }
-        if size < old {
-            // NBD cannot tell a connected client that its disk shrank: its
-            // next write past the new end would fail under it.
-            let active = self.active_connections(std::slice::from_ref(&disk.export.name));
-            if active > 0 {
-                return Err(Error::new(
-                    Kind::Busy,
-                    format!(
-                        "disk '{name}' has {active} open connection(s); disconnect them before shrinking it"
-                    ),
-                ));
-            }
-        }
-        let res = {
-            // No write may run while the size changes under it.
-            let _frozen = disk.live.freeze();
-            let res = disk.file.resize(size);
-            // Once the file has its new length (even if the sync after it
-            // failed), the bitmaps follow.
-            if fleece_block::BlockDev::size(&*disk.file) == size {
-                for b in disk.live.bitmaps().iter() {
-                    if let Err(e) = b.resize(size) {
-                        b.mark_inconsistent(&format!("it could not follow a resize of its disk: {e}"));
-                    }
-                }
-            }
-            res
-        };
-        if let Err(e) = res {
-            let kind = match e.kind() {
-                fleece_block::ErrorKind::Invalid => Kind::InvalidArgument,
-                _ => Kind::Internal,
-            };
-            return Err(Error::new(kind, e.to_string()));
-        }
-        tracing::info!(disk = name, old, size, "disk resized");
-        self.events.emit(
-            "disk_resized",
-            json!({ "name": name, "old_size": old, "size": size }),
-        );
-        Ok(disk)
+        inner.disks.insert(disk.name.clone(), disk);
+        Ok(())
     }
 
-    /// Number of open connections in transmission.
-    pub fn connection_count(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
+    /// Adds a snapshot and its export: refused if its disk is gone or the
+    /// name is taken.
+    pub fn insert_snapshot(&self, entry: Arc<SnapshotEntry>) -> Result<()> {
+        let mut inner = self.write();
+        if !inner.disks.contains_key(&entry.disk) {
+            return Err(Error::not_found(format!("disk '{}' does not exist", entry.disk)));
+        }
+        let key = (entry.disk.clone(), entry.name.clone());
+        if inner.snapshots.contains_key(&key) || inner.exports.contains_key(&entry.export.name) {
+            return Err(Error::new(
+                Kind::Exists,
+                format!("snapshot '{}' already exists", entry.export.name),
+            ));
+        }
+        inner
+            .exports
+            .insert(entry.export.name.clone(), entry.export.clone());
+        inner.snapshots.insert(key, entry);
+        Ok(())
     }
 
-    /// Connections whose clients have not hung up, over all exports (what
-    /// status shows: a client that has just exited no longer counts).
-    pub fn active_connection_count(&self) -> usize {
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    /// Takes a disk, its snapshots and their exports out, if `check`
+    /// (given the export names and snapshot names) agrees. `check` runs
+    /// under the registry lock: no client can attach to these exports
+    /// between the check and the removal.
+    pub fn remove_disk_if(
+        &self,
+        name: &str,
+        check: impl FnOnce(&[String], &[String]) -> Result<()>,
+    ) -> Result<Removed> {
+        let mut inner = self.write();
+        let disk = inner
+            .disks
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("disk '{name}' does not exist")))?;
+        let exports: Vec<String> = inner
+            .exports
             .values()
-            .filter(|c| !c.stream.peer_closed())
-            .count()
-    }
-
-    /// Asks every connection to stop reading requests; each finishes what is
-    /// in flight and closes.
-    pub fn close_all_connections(&self) {
-        for c in self.conns.lock().unwrap_or_else(|p| p.into_inner()).values() {
-            c.stream.shutdown_read();
+            .filter(|e| e.disk == name)
+            .map(|e| e.name.clone())
+            .collect();
+        let snaps: Vec<String> = inner
+            .snapshots
+            .keys()
+            .filter(|(d, _)| d == name)
+            .map(|(_, n)| n.clone())
+            .collect();
+        check(&exports, &snaps)?;
+        let snapshots = snaps
+            .iter()
+            .filter_map(|s| inner.snapshots.remove(&(name.to_string(), s.clone())))
+            .collect();
+        inner.disks.remove(name);
+        inner.exports.retain(|_, e| e.disk != name);
+        if inner.default.as_deref() == Some(name) {
+            inner.default = inner.disks.keys().next().cloned();
         }
+        Ok(Removed {
+            disk,
+            snapshots,
+            exports,
+        })
     }
 
-    /// Flushes every disk (shutdown path).
-    pub fn flush_all(&self) {
-        for d in self.disks() {
-            if let Err(e) = fleece_block::BlockDev::flush(&*d.file) {
-                tracing::error!(disk = %d.name, error = %e, "flush failed");
-            }
+    /// Takes a snapshot and its export out, if `check` (given the export
+    /// name) agrees; `check` runs under the registry lock.
+    pub fn remove_snapshot_if(
+        &self,
+        disk: &str,
+        name: &str,
+        check: impl FnOnce(&str) -> Result<()>,
+    ) -> Result<Arc<SnapshotEntry>> {
+        let mut inner = self.write();
+        let key = (disk.to_string(), name.to_string());
+        let id = format!("{disk}@{name}");
+        if !inner.snapshots.contains_key(&key) {
+            return Err(Error::not_found(format!("snapshot '{id}' does not exist")));
         }
-    }
-}
-
-impl Catalog for Registry {
-    fn list(&self) -> Vec<ExportInfo> {
-        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        inner.exports.values().map(|e| e.info()).collect()
-    }
-
-    fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        self.export(name).map(|e| e.info())
+        check(&id)?;
+        inner.exports.remove(&id);
+        inner
+            .snapshots
+            .remove(&key)
+            .ok_or_else(|| Error::not_found(format!("snapshot '{id}' does not exist")))
     }
 }

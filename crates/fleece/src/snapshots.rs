@@ -5,46 +5,24 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fleece_block::{
-    FileStore, OnCbwError, RamStore, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView, Store,
-    Subscription,
-};
+use fleece_block::{FileStore, OnCbwError, RamStore, SnapshotEvent, SnapshotOptions, SnapshotView, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::clients::Clients;
 use crate::error::{Error, Kind, Result};
-use crate::registry::{check_name, Export, MetaSource, Registry};
-use crate::state::StoreRecord;
+use crate::events::Events;
+use crate::registry::{check_name, Disk, Export, MetaSource, Registry, SnapshotEntry};
+use crate::state::{StateDir, StoreRecord};
 use crate::units::{human, parse_size, Size};
 
 /// Default copy unit.
 const DEFAULT_CLUSTER: u64 = 64 << 10;
 
-/// One snapshot of one disk.
-pub struct SnapshotEntry {
-    /// Disk name.
-    pub disk: String,
-    /// Snapshot name.
-    pub name: String,
-    /// The engine object.
-    pub snap: Arc<Snapshot>,
-    /// Its read-only export.
-    pub export: Arc<Export>,
-    /// Seconds since the epoch at the instant.
-    pub created: u64,
-    /// Bitmap it was scoped to, if any.
-    pub bitmap: Option<String>,
-    /// Most bytes a RAM store keeps in memory (after capping to the disk).
-    pub memory_limit: Option<u64>,
-    /// Daemon events for the snapshot's breakage and store usage, for as
-    /// long as the entry lives.
-    _subscription: Subscription,
-}
-
 /// A checked snapshot request with its stores made.
 pub(crate) struct PreparedSnapshot {
     pub(crate) req: CreateSnapshot,
-    pub(crate) disks: Vec<Arc<crate::registry::Disk>>,
+    pub(crate) disks: Vec<Arc<Disk>>,
     stores: Vec<Box<dyn Store>>,
     opts: SnapshotOptions,
     memory_limit: Option<u64>,
@@ -164,52 +142,35 @@ fn parse_store(s: &Option<String>) -> Result<StoreSpec> {
     }
 }
 
-impl Registry {
-    /// Names of a disk's snapshots.
-    pub fn snapshot_names(&self, disk: &str) -> Vec<String> {
-        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        inner
-            .snapshots
-            .keys()
-            .filter(|(d, _)| d == disk)
-            .map(|(_, n)| n.clone())
-            .collect()
-    }
+/// The snapshot service: prepares, takes and deletes snapshots.
+pub struct Snapshots {
+    registry: Arc<Registry>,
+    clients: Arc<dyn Clients>,
+    state: Arc<StateDir>,
+    events: Events,
+}
 
-    /// All snapshots, or one disk's.
-    pub fn snapshots(&self, disk: Option<&str>) -> Vec<Arc<SnapshotEntry>> {
-        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        inner
-            .snapshots
-            .values()
-            .filter(|e| disk.is_none_or(|d| e.disk == d))
-            .cloned()
-            .collect()
-    }
-
-    /// One snapshot by `DISK@NAME`.
-    pub fn snapshot(&self, id: &str) -> Result<Arc<SnapshotEntry>> {
-        let (disk, name) = split_id(id)?;
-        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        inner
-            .snapshots
-            .get(&(disk.to_string(), name.to_string()))
-            .cloned()
-            .ok_or_else(|| Error::not_found(format!("snapshot '{id}' does not exist")))
-    }
-
-    /// Takes a snapshot of every listed disk at one instant.
-    pub fn create_snapshots(&self, req: &CreateSnapshot) -> Result<Vec<Arc<SnapshotEntry>>> {
-        let tx = vec![crate::bitmaps::Action::SnapshotCreate(Box::new(req.clone()))];
-        let mut made = self.transaction(tx)?;
-        Ok(made.pop().unwrap_or_default())
+impl Snapshots {
+    /// Snapshots of `registry`'s disks, with stores recorded in `state`.
+    pub fn new(
+        registry: Arc<Registry>,
+        clients: Arc<dyn Clients>,
+        state: Arc<StateDir>,
+        events: Events,
+    ) -> Self {
+        Snapshots {
+            registry,
+            clients,
+            state,
+            events,
+        }
     }
 
     /// Checks a snapshot request and makes its stores; nothing is visible
-    /// until [`commit_snapshot`](Self::commit_snapshot) runs at the instant.
-    /// Call with [`Registry::ops`] held: the names checked free here stay
+    /// until [`commit`](Self::commit) runs at the instant.
+    /// Call with [`Registry::change`] held: the names checked free here stay
     /// free until the commit.
-    pub(crate) fn prepare_snapshot(&self, req: &CreateSnapshot) -> Result<PreparedSnapshot> {
+    pub(crate) fn prepare(&self, req: &CreateSnapshot) -> Result<PreparedSnapshot> {
         check_name("snapshot", &req.name)?;
         if req.disks.is_empty() {
             return Err(Error::invalid("name at least one disk to snapshot"));
@@ -262,9 +223,16 @@ impl Registry {
                 "one store path cannot serve several disks; leave --store out to get one store per disk",
             ));
         }
-        let disks = names.iter().map(|n| self.disk(n)).collect::<Result<Vec<_>>>()?;
+        let disks = names
+            .iter()
+            .map(|n| self.registry.disk(n))
+            .collect::<Result<Vec<_>>>()?;
         for d in &disks {
-            if self.snapshot(&format!("{}@{}", d.name, req.name)).is_ok() {
+            if self
+                .registry
+                .snapshot(&format!("{}@{}", d.name, req.name))
+                .is_ok()
+            {
                 return Err(Error::new(
                     Kind::Exists,
                     format!("snapshot '{}@{}' already exists", d.name, req.name),
@@ -313,7 +281,7 @@ impl Registry {
             memory_limit = Some(capped);
         }
         // Stores are made before the instant: file creation must not stall writers.
-        let dir = self.state_dir().join("snapshots");
+        let dir = self.state.path().join("snapshots");
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::invalid(format!("cannot create {}: {e}", dir.display())))?;
         let mut stores: Vec<Box<dyn Store>> = Vec::new();
@@ -363,7 +331,7 @@ impl Registry {
 
     /// Makes the snapshots of a prepared request. Call with every disk of
     /// the request frozen: this is the instant.
-    pub(crate) fn commit_snapshot(&self, p: PreparedSnapshot) -> Vec<Arc<SnapshotEntry>> {
+    pub(crate) fn commit(&self, p: PreparedSnapshot) -> Vec<Arc<SnapshotEntry>> {
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -412,11 +380,13 @@ impl Registry {
                     .map(|m| m.min(fleece_block::BlockDev::size(&*d.file))),
                 _subscription: subscription,
             });
-            let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-            inner.exports.insert(id, export);
-            inner
-                .snapshots
-                .insert((d.name.clone(), req.name.clone()), entry.clone());
+            // The name was checked free under the same hold of the
+            // registry's change lock: this cannot clash.
+            if let Err(e) = self.registry.insert_snapshot(entry.clone()) {
+                tracing::error!(snapshot = %id, error = %e, "snapshot taken but not registered");
+                d.live.detach(&entry.snap);
+                continue;
+            }
             out.push(entry);
         }
         out
@@ -426,18 +396,10 @@ impl Registry {
     /// disconnected after their in-flight requests, and its store is freed
     /// once the last of them is gone. Without `force` it refuses while
     /// clients are connected to the view (a backup may be reading it).
-    pub fn delete_snapshot(&self, disk: &str, name: &str, force: bool) -> Result<()> {
-        let _ops = self.ops();
-        let id = format!("{disk}@{name}");
-        let entry = {
-            let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-            if !inner
-                .snapshots
-                .contains_key(&(disk.to_string(), name.to_string()))
-            {
-                return Err(Error::not_found(format!("snapshot '{id}' does not exist")));
-            }
-            let active = self.active_connections(std::slice::from_ref(&id));
+    pub fn delete(&self, disk: &str, name: &str, force: bool) -> Result<()> {
+        let _change = self.registry.change();
+        let entry = self.registry.remove_snapshot_if(disk, name, |id| {
+            let active = self.clients.active(&[id.to_string()]);
             if active > 0 && !force {
                 return Err(Error::new(
                     Kind::Busy,
@@ -447,27 +409,17 @@ impl Registry {
                     ),
                 ));
             }
-            inner.exports.remove(&id);
-            inner
-                .snapshots
-                .remove(&(disk.to_string(), name.to_string()))
-                .ok_or_else(|| Error::not_found(format!("snapshot '{id}' does not exist")))?
-        };
-        if let Ok(d) = self.disk(disk) {
+            Ok(())
+        })?;
+        let id = entry.export.name.clone();
+        if let Ok(d) = self.registry.disk(disk) {
             d.live.detach(&entry.snap);
         }
-        let closed = self.close_and_wait(std::slice::from_ref(&id));
+        let closed = self.clients.close_and_wait(std::slice::from_ref(&id));
         self.events.emit("snapshot_deleted", json!({ "snapshot": id }));
         if !closed {
             tracing::warn!(snapshot = %id, "deleted, but some of its connections are still closing; its store goes with the last of them");
         }
         Ok(())
     }
-}
-
-/// Splits `DISK@NAME`.
-pub fn split_id(id: &str) -> Result<(&str, &str)> {
-    id.split_once('@')
-        .filter(|(d, n)| !d.is_empty() && !n.is_empty())
-        .ok_or_else(|| Error::invalid(format!("'{id}' is not a snapshot id: use DISK@NAME")))
 }

@@ -26,11 +26,14 @@ use serde::Serialize;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 
+use crate::clients::Clients;
+use crate::disks::Disks;
 use crate::error::{Error, Kind, Result};
 use crate::events::Events;
 use crate::nbd::ListenAddr;
-use crate::registry::{self, Registry};
-use crate::snapshots::SnapshotEntry;
+use crate::registry::{self, Registry, SnapshotEntry};
+use crate::snapshots::Snapshots;
+use crate::txn::Txn;
 
 /// Largest request body the daemon reads; request bodies are small JSON
 /// documents. The CLI checks its requests against it.
@@ -38,8 +41,16 @@ pub const MAX_BODY: usize = 1 << 20;
 
 /// Daemon state shared by the control API and the shutdown path.
 pub struct Daemon {
-    /// Disks and exports.
+    /// Disks, snapshots and exports.
     pub registry: Arc<Registry>,
+    /// Adds, removes and resizes disks.
+    pub disks: Arc<Disks>,
+    /// Deletes snapshots (they are taken by transactions).
+    pub snapshots: Arc<Snapshots>,
+    /// Applies bitmap and snapshot actions at one instant.
+    pub txn: Arc<Txn>,
+    /// Who is connected to which export.
+    pub clients: Arc<dyn Clients>,
     /// Event fan-out.
     pub events: Events,
     /// When the daemon started.
@@ -66,7 +77,7 @@ impl Daemon {
             control: self.control.clone(),
             nbd: self.listen.iter().map(|l| l.to_string()).collect(),
             disks: self.registry.disks().len(),
-            connections: self.registry.active_connection_count(),
+            connections: self.clients.active_total(),
         }
     }
 
@@ -77,9 +88,7 @@ impl Daemon {
             size: d.file.size(),
             export: d.export.name.clone(),
             uri: self.uri(&d.export.name),
-            connections: self
-                .registry
-                .active_connections(std::slice::from_ref(&d.export.name)),
+            connections: self.clients.active(std::slice::from_ref(&d.export.name)),
             snapshots: self.registry.snapshot_names(&d.name),
         }
     }
@@ -119,9 +128,7 @@ impl Daemon {
             cbw_timeout_secs: opts.cbw_timeout.map(|t| t.as_secs_f64()),
             read_once: opts.read_once,
             bitmap: e.bitmap.clone(),
-            connections: self
-                .registry
-                .active_connections(std::slice::from_ref(&e.export.name)),
+            connections: self.clients.active(std::slice::from_ref(&e.export.name)),
         }
     }
 }

@@ -18,7 +18,7 @@ use super::types::{
 };
 use super::{bitmap, blocking, empty, error, error_with, events, json, ApiBody, Daemon};
 use crate::error::{Error, Result};
-use crate::snapshots::{split_id, SnapshotEntry};
+use crate::registry::{split_id, SnapshotEntry};
 
 /// A request as its handler sees it.
 pub struct Call {
@@ -218,7 +218,7 @@ async fn list_disks(d: Arc<Daemon>, _: Call) -> Reply {
 
 async fn add_disk(d: Arc<Daemon>, c: Call) -> Reply {
     let req: AddDisk = c.body()?;
-    let disk = blocking(&d, move |d| d.registry.add_disk(&req.name, &req.path)).await?;
+    let disk = blocking(&d, move |d| d.disks.add(&req.name, &req.path)).await?;
     let disk = d.disk(&disk);
     d.events
         .emit("disk_added", serde_json::to_value(&disk).unwrap_or_default());
@@ -232,7 +232,7 @@ async fn get_disk(d: Arc<Daemon>, c: Call) -> Reply {
 
 async fn remove_disk(d: Arc<Daemon>, c: Call) -> Reply {
     let (name, force) = (c.param("name").to_string(), c.flag("force"));
-    let name = blocking(&d, move |d| d.registry.remove_disk(&name, force).map(|_| name)).await?;
+    let name = blocking(&d, move |d| d.disks.remove(&name, force).map(|_| name)).await?;
     d.events.emit("disk_removed", json!({ "name": name }));
     Ok(empty(StatusCode::NO_CONTENT))
 }
@@ -240,16 +240,16 @@ async fn remove_disk(d: Arc<Daemon>, c: Call) -> Reply {
 async fn resize_disk(d: Arc<Daemon>, c: Call) -> Reply {
     let req: ResizeDisk = c.body()?;
     let name = c.param("name").to_string();
-    let disk = blocking(&d, move |d| {
-        d.registry.resize_disk(&name, req.size.bytes(), req.shrink)
-    })
-    .await?;
+    let disk = blocking(&d, move |d| d.disks.resize(&name, req.size.bytes(), req.shrink)).await?;
     Ok(json(StatusCode::OK, &d.disk(&disk)))
 }
 
 async fn create_snapshots(d: Arc<Daemon>, c: Call) -> Reply {
     let req: CreateSnapshot = c.body()?;
-    let made = blocking(&d, move |d| d.registry.create_snapshots(&req)).await?;
+    let made = run_actions(&d, vec![Action::SnapshotCreate(Box::new(req))])
+        .await?
+        .pop()
+        .unwrap_or_default();
     Ok(json(StatusCode::CREATED, &snapshots(&d, &made)))
 }
 
@@ -271,7 +271,7 @@ async fn delete_snapshot(d: Arc<Daemon>, c: Call) -> Reply {
     let (id, force) = (c.param("id").to_string(), c.flag("force"));
     blocking(&d, move |d| {
         let (disk, name) = split_id(&id)?;
-        d.registry.delete_snapshot(disk, name, force)
+        d.snapshots.delete(disk, name, force)
     })
     .await?;
     Ok(empty(StatusCode::NO_CONTENT))
@@ -348,7 +348,7 @@ async fn events(d: Arc<Daemon>, c: Call) -> Reply {
 /// Applies actions as one transaction, off the runtime (taking the instant
 /// waits for in-flight writes).
 async fn run_actions(d: &Arc<Daemon>, actions: Vec<Action>) -> Result<Vec<Vec<Arc<SnapshotEntry>>>> {
-    blocking(d, move |d| d.registry.transaction(actions)).await
+    blocking(d, move |d| d.txn.apply(actions)).await
 }
 
 fn snapshots(d: &Daemon, entries: &[Arc<SnapshotEntry>]) -> Vec<super::types::Snapshot> {

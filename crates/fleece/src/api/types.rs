@@ -19,8 +19,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::bitmaps::{Action, BitmapAdd, BitmapMerge, BitmapRef};
 pub use crate::snapshots::CreateSnapshot;
+pub use crate::txn::{Action, BitmapAdd, BitmapMerge, BitmapRef};
 pub use crate::units::Size;
 
 /// `GET /v1/status`.

@@ -8,8 +8,9 @@ use fleece_block::{AlignedBuf, ErrorKind, Mapping, ZeroFlags};
 use fleece_nbd::consts::*;
 use fleece_nbd::{Extent, Replies, Request};
 
+use super::exports::{DIRTY_BITMAP_PREFIX, MAX_PAYLOAD};
 use super::frame::{give_buf, take_buf};
-use crate::registry::{Export, DIRTY_BITMAP_PREFIX, MAX_PAYLOAD};
+use crate::registry::Export;
 
 /// What a connection's requests run against, shared with worker threads.
 pub struct Ctx {

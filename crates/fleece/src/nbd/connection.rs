@@ -24,7 +24,7 @@ use fleece_nbd::{Negotiated, ReplyMode, Request, ServerHandshake, Step};
 
 use super::command::{self, Chunk, Ctx, Exec, Out};
 use super::frame::{Frame, Input, Payload};
-use super::{Pool, Stream};
+use super::{Connections, Pool, Stream};
 use crate::registry::Registry;
 
 /// A client that stalls mid-handshake is dropped after this long.
@@ -42,8 +42,8 @@ const BATCH: usize = 256 << 10;
 const IOV_MAX: usize = 64;
 
 /// Serves one accepted client until it leaves.
-pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, pool: Arc<Pool>) {
-    let (neg, leftover) = match handshake(&mut stream, &registry) {
+pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, conns: Arc<Connections>, pool: Arc<Pool>) {
+    let (neg, leftover, last) = match handshake(&mut stream, &registry) {
         Ok(Some(n)) => n,
         Ok(None) => return,
         Err(e) => {
@@ -51,36 +51,42 @@ pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, pool: Arc<Pool>
             return;
         }
     };
-    if let Err(e) = stream
-        .set_read_timeout(None)
-        .and_then(|_| stream.set_nonblocking(true))
-    {
-        tracing::debug!(error = %e, "cannot switch the socket to non-blocking");
-        return;
-    }
     let Ok(handle) = stream.try_clone() else {
         return;
     };
-    let Some((export, id)) = registry.attach(&neg.export.name, neg.export.size, handle) else {
+    // Counted before the client hears that it may send requests: once it
+    // has, a removal must see it.
+    let Some((export, id)) = conns.attach(&registry, &neg.export.name, neg.export.size, handle) else {
         // Removed (or shrunk) between negotiation and now.
         return;
     };
-    tracing::debug!(export = %export.name, mode = ?neg.mode, "client connected");
-    let ctx = Ctx {
-        replies: fleece_nbd::Replies::new(neg.mode),
-        export: export.clone(),
-        contexts: neg.contexts.clone(),
-        structured: neg.mode != ReplyMode::Simple,
-    };
-    let reason = match Connection::new(stream, ctx, pool, &leftover) {
-        Ok(mut c) => c.run(),
-        Err(e) => format!("cannot set up the connection: {e}"),
+    let ready = stream
+        .write_all(&last)
+        .and_then(|_| stream.set_read_timeout(None))
+        .and_then(|_| stream.set_nonblocking(true));
+    let reason = match ready {
+        Err(e) => format!("cannot finish the handshake: {e}"),
+        Ok(()) => {
+            tracing::debug!(export = %export.name, mode = ?neg.mode, "client connected");
+            let ctx = Ctx {
+                replies: fleece_nbd::Replies::new(neg.mode),
+                export: export.clone(),
+                contexts: neg.contexts.clone(),
+                structured: neg.mode != ReplyMode::Simple,
+            };
+            match Connection::new(stream, ctx, pool, &leftover) {
+                Ok(mut c) => c.run(),
+                Err(e) => format!("cannot set up the connection: {e}"),
+            }
+        }
     };
     tracing::debug!(export = %export.name, %reason, "client disconnected");
-    registry.detach(id);
+    conns.detach(id);
 }
 
-type Handshaken = (Negotiated, Vec<u8>);
+/// What a finished handshake leaves: what was negotiated, what the client
+/// sent past it, and the last reply, not yet sent.
+type Handshaken = (Negotiated, Vec<u8>, Vec<u8>);
 
 fn handshake(stream: &mut Stream, registry: &Registry) -> io::Result<Option<Handshaken>> {
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
@@ -100,11 +106,13 @@ fn handshake(stream: &mut Stream, registry: &Registry) -> io::Result<Option<Hand
             .process(&buf, registry, &mut out)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         buf.drain(..used);
-        stream.write_all(&out)?;
         match step {
-            Step::NeedMore => {}
-            Step::Ready(neg) => return Ok(Some((*neg, buf))),
-            Step::Close => return Ok(None),
+            Step::NeedMore => stream.write_all(&out)?,
+            Step::Ready(neg) => return Ok(Some((*neg, buf, out))),
+            Step::Close => {
+                stream.write_all(&out)?;
+                return Ok(None);
+            }
         }
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use fleece_block::AlignedBuf;
 use fleece_nbd::{decode_request, ReplyMode, Request};
 
-use crate::registry::MAX_PAYLOAD;
+use super::exports::MAX_PAYLOAD;
 
 /// Payloads of at least this many bytes are read into their own buffer.
 pub const DIRECT_INPUT: usize = 64 << 10;

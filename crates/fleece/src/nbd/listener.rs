@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
 
-use super::{connection, Pool, Stream};
+use super::{connection, Connections, Pool, Stream};
 use crate::error::{Error, Result};
 use crate::registry::Registry;
 
@@ -80,7 +80,12 @@ pub struct Listener {
 
 impl Listener {
     /// Binds `addr` and starts accepting clients.
-    pub fn start(addr: &ListenAddr, registry: Arc<Registry>, pool: Arc<Pool>) -> Result<Listener> {
+    pub fn start(
+        addr: &ListenAddr,
+        registry: Arc<Registry>,
+        conns: Arc<Connections>,
+        pool: Arc<Pool>,
+    ) -> Result<Listener> {
         let (sock, addr) = match addr {
             ListenAddr::Unix(p) => {
                 // A stale socket file from a killed daemon would make bind fail.
@@ -110,7 +115,7 @@ impl Listener {
         let name = addr.to_string();
         let thread = thread::Builder::new()
             .name("accept".into())
-            .spawn(move || accept_loop(sock, stop_r, registry, pool, name))
+            .spawn(move || accept_loop(sock, stop_r, registry, conns, pool, name))
             .map_err(|e| Error::new(crate::error::Kind::Internal, format!("cannot start thread: {e}")))?;
         Ok(Listener {
             addr,
@@ -159,7 +164,14 @@ fn set_send_buffer(s: &Stream) {
 
 const SEND_BUFFER: libc::c_int = 2 << 20;
 
-fn accept_loop(sock: Sock, stop_r: RawFd, registry: Arc<Registry>, pool: Arc<Pool>, name: String) {
+fn accept_loop(
+    sock: Sock,
+    stop_r: RawFd,
+    registry: Arc<Registry>,
+    conns: Arc<Connections>,
+    pool: Arc<Pool>,
+    name: String,
+) {
     let lfd = match &sock {
         Sock::Unix(l) => l.as_raw_fd(),
         Sock::Tcp(l) => l.as_raw_fd(),
@@ -195,10 +207,10 @@ fn accept_loop(sock: Sock, stop_r: RawFd, registry: Arc<Registry>, pool: Arc<Poo
         match stream {
             Ok(s) => {
                 set_send_buffer(&s);
-                let (reg, pool) = (registry.clone(), pool.clone());
+                let (reg, conns, pool) = (registry.clone(), conns.clone(), pool.clone());
                 let spawned = thread::Builder::new()
                     .name("nbd-conn".into())
-                    .spawn(move || connection::serve(s, reg, pool));
+                    .spawn(move || connection::serve(s, reg, conns, pool));
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start a connection thread");
                 }

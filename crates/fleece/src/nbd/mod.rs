@@ -7,12 +7,15 @@
 //! never touch a socket. Replies go out in completion order, and a slow
 //! request or a client that does not read its replies holds up nobody else.
 
+mod clients;
 mod command;
 mod connection;
+mod exports;
 mod frame;
 mod listener;
 mod pool;
 
+pub use clients::Connections;
 pub use listener::{ListenAddr, Listener};
 pub use pool::Pool;
 
