@@ -12,13 +12,12 @@ mod cbw;
 mod dev;
 mod error;
 mod lock;
-mod persist;
 mod raw;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use bitmap::DirtyBitmap;
+pub use bitmap::{DirtyBitmap, NamedBitmap};
 pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use cbw::{
     LiveDisk, OnCbwError, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotStats, SnapshotView, Subscription,
@@ -26,6 +25,5 @@ pub use cbw::{
 pub use dev::{check_range, BlockDev, Capabilities, Extent, Mapping, ZeroFlags};
 pub use error::{Error, ErrorKind, Result};
 pub use lock::LockMode;
-pub use persist::NamedBitmap;
 pub use raw::RawFile;
 pub use store::{FileStore, RamStore, Store};

@@ -5,8 +5,8 @@ use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
 use super::pool::Copiers;
 use super::snapshot::{Snapshot, SnapshotOptions};
+use crate::bitmap::NamedBitmap;
 use crate::dev::{check_range, BlockDev, Capabilities, Extent, ZeroFlags};
-use crate::persist::NamedBitmap;
 use crate::raw::RawFile;
 use crate::store::Store;
 use crate::{Error, ErrorKind, Result};
