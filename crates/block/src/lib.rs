@@ -11,7 +11,9 @@ mod buf;
 mod cbw;
 mod dev;
 mod error;
+mod ext;
 mod lock;
+mod mapping;
 mod raw;
 mod store;
 #[cfg(feature = "testing")]
@@ -22,8 +24,10 @@ pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use cbw::{
     LiveDisk, OnCbwError, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotStats, SnapshotView, Subscription,
 };
-pub use dev::{check_range, BlockDev, Capabilities, Extent, Mapping, ZeroFlags};
+pub use dev::{check_range, next_data_by_status, BlockDev, Capabilities, IoFlags, IoHints, ZeroFlags};
 pub use error::{Error, ErrorKind, Result};
+pub use ext::BlockDevExt;
 pub use lock::LockMode;
+pub use mapping::{Extent, Mapping};
 pub use raw::RawFile;
 pub use store::{FileStore, RamStore, Store};

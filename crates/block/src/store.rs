@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use crate::dev::BlockDev;
+use crate::dev::{BlockDev, IoFlags, IoHints};
 use crate::raw::RawFile;
 use crate::{Error, ErrorKind, Result};
 
@@ -25,21 +25,22 @@ pub trait Store: Send + Sync {
     fn forget(&self, index: u64, cluster: u64);
     /// Kind and location, for status output.
     fn describe(&self) -> (&'static str, Option<PathBuf>);
-    /// Saves clusters straight from a file, if this store can do that
-    /// without a buffer (`None`: use [`save`](Self::save)).
-    fn save_from_file(
+    /// Saves `len` bytes of clusters from `offset` of `src` as cluster
+    /// `index` onward, if this store can without a buffer (a kernel copy);
+    /// `None`: use [`save`](Self::save).
+    fn save_from(
         &self,
         _index: u64,
         _cluster: u64,
-        _src: &RawFile,
+        _src: &dyn BlockDev,
         _offset: u64,
         _len: u64,
     ) -> Option<Result<()>> {
         None
     }
-    /// True if loads never wait for a disk.
-    fn is_in_memory(&self) -> bool {
-        false
+    /// What the store is like: `in_memory` if loads never wait for a disk.
+    fn hints(&self) -> IoHints {
+        IoHints::default()
     }
 }
 
@@ -158,7 +159,7 @@ impl Store for FileStore {
         let base = index * cluster;
         for (at, n) in self.pieces(base, data.len() as u64) {
             let d = &data[(at - base) as usize..(at - base + n) as usize];
-            self.shard(at).write_at(d, at, false)?;
+            self.shard(at).write_at(d, at, IoFlags::NONE)?;
         }
         Ok(())
     }
@@ -167,22 +168,22 @@ impl Store for FileStore {
         let base = index * cluster + offset;
         for (at, n) in self.pieces(base, buf.len() as u64) {
             let b = &mut buf[(at - base) as usize..(at - base + n) as usize];
-            self.shard(at).read_at(b, at)?;
+            self.shard(at).read_at(b, at, IoFlags::NONE)?;
         }
         Ok(())
     }
 
-    fn save_from_file(
+    fn save_from(
         &self,
         index: u64,
         cluster: u64,
-        src: &RawFile,
+        src: &dyn BlockDev,
         offset: u64,
         len: u64,
     ) -> Option<Result<()>> {
         let base = index * cluster;
         for (at, n) in self.pieces(base, len) {
-            match self.shard(at).copy_from(src, offset + (at - base), at, n) {
+            match src.copy_to(offset + (at - base), self.shard(at), at, n) {
                 Some(Ok(())) => {}
                 // The kernel declined: the caller copies the whole run
                 // through a buffer (pieces already copied are rewritten
@@ -206,8 +207,10 @@ impl Store for FileStore {
         ("file", Some(self.shards[0].path().to_path_buf()))
     }
 
-    fn is_in_memory(&self) -> bool {
-        self.shards.iter().all(|f| f.is_in_memory())
+    fn hints(&self) -> IoHints {
+        IoHints {
+            in_memory: self.shards.iter().all(|f| f.hints().in_memory),
+        }
     }
 }
 
@@ -252,9 +255,9 @@ impl Store for RamStore {
         1
     }
 
-    fn is_in_memory(&self) -> bool {
-        match self.spill.get() {
-            Some(Ok(s)) => s.is_in_memory(),
+    fn hints(&self) -> IoHints {
+        let in_memory = match self.spill.get() {
+            Some(Ok(s)) => s.hints().in_memory,
             Some(Err(_)) => true,
             // Before the first spill: in memory while there is room. Near
             // the budget a copy may create and write the spill file, which
@@ -263,7 +266,8 @@ impl Store for RamStore {
                 let used = *self.used.lock().unwrap_or_else(|p| p.into_inner());
                 self.budget >= self.spill_size || used + SPILL_MARGIN <= self.budget
             }
-        }
+        };
+        IoHints { in_memory }
     }
 
     fn save(&self, index: u64, cluster: u64, data: &[u8]) -> Result<()> {
@@ -355,8 +359,8 @@ mod tests {
         // A run that starts mid-stripe and spans four stripes, through the
         // kernel copy, and one through a buffer.
         let c = 16384u64;
-        src.write_at(&pattern, 5 * c, false).unwrap();
-        assert!(s.save_from_file(5, c, &src, 5 * c, 3 * STRIPE).unwrap().is_ok());
+        src.write_at(&pattern, 5 * c, IoFlags::NONE).unwrap();
+        assert!(s.save_from(5, c, &src, 5 * c, 3 * STRIPE).unwrap().is_ok());
         s.save(
             2 * STRIPE / c * 3,
             c,
@@ -413,14 +417,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Budget past the disk's size: it can never spill.
         let whole = RamStore::new(1 << 20, dir.path().join("spill0"), 1 << 20);
-        assert!(whole.is_in_memory());
+        assert!(whole.hints().in_memory);
         let big = RamStore::new(1 << 30, dir.path().join("spill"), 4 << 30);
-        assert!(big.is_in_memory());
+        assert!(big.hints().in_memory);
         // Near its budget a copy may create the spill file on disk.
         let small = RamStore::new(8192, dir.path().join("spill2"), 1 << 20);
-        assert!(!small.is_in_memory());
+        assert!(!small.hints().in_memory);
         small.save(0, 4096, &[1u8; 16384]).unwrap();
-        assert_eq!(small.is_in_memory(), small.spill().unwrap().is_in_memory());
+        assert_eq!(small.hints().in_memory, small.spill().unwrap().hints().in_memory);
     }
 
     #[test]

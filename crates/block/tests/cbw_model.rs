@@ -16,7 +16,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
 use fleece_block::{
-    BlockDev, DirtyBitmap, ErrorKind, FileStore, LiveDisk, Mapping, RamStore, RawFile, Snapshot,
+    BlockDev, DirtyBitmap, ErrorKind, FileStore, IoFlags, LiveDisk, Mapping, RamStore, RawFile, Snapshot,
     SnapshotOptions, SnapshotView, Store, ZeroFlags,
 };
 use proptest::prelude::*;
@@ -223,7 +223,7 @@ impl Model {
             for p in lo..hi {
                 shadow[p as usize] = b.wrapping_add((p % 61) as u8) | 1;
             }
-            file.write_at(&shadow[lo as usize..hi as usize], lo, false)
+            file.write_at(&shadow[lo as usize..hi as usize], lo, IoFlags::NONE)
                 .unwrap();
         }
         Model {
@@ -239,7 +239,7 @@ impl Model {
         match *op {
             Op::Write { off, len, byte } => {
                 let data: Vec<u8> = (0..len).map(|i| byte.wrapping_add((i % 7) as u8)).collect();
-                self.live.write_at(&data, off, false).unwrap();
+                self.live.write_at(&data, off, IoFlags::NONE).unwrap();
                 self.shadow[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
             Op::Zeroes { off, len, unmap } => {
@@ -326,7 +326,7 @@ impl Model {
     /// read-once snapshots intact).
     fn check(&self, step: usize) {
         let mut now = vec![0u8; SIZE as usize];
-        self.live.read_at(&mut now, 0).unwrap();
+        self.live.read_at(&mut now, 0, IoFlags::NONE).unwrap();
         if now != self.shadow {
             let first = now.iter().zip(&self.shadow).position(|(a, b)| a != b).unwrap();
             panic!("step {step}: live disk differs from the model first at byte {first}");
@@ -338,7 +338,7 @@ impl Model {
                 let mid = lo + (hi - lo) / 2;
                 for (a, b) in [(lo, mid), (mid, hi)] {
                     let mut buf = vec![0u8; (b - a) as usize];
-                    let res = s.view.read_at(&mut buf, a);
+                    let res = s.view.read_at(&mut buf, a, IoFlags::NONE);
                     if s.readable(c) {
                         if let Err(e) = res {
                             panic!("step {step}: snapshot {i} cluster {c} ({a}..{b}): {e}");
@@ -364,7 +364,7 @@ impl Model {
 /// a cluster the view no longer serves; read-once then drops what it read.
 fn check_read(s: &mut Shadow, off: u64, len: u64) {
     let mut buf = vec![0u8; len as usize];
-    let res = s.view.read_at(&mut buf, off);
+    let res = s.view.read_at(&mut buf, off, IoFlags::NONE);
     if len == 0 {
         res.unwrap();
         return;
@@ -622,7 +622,7 @@ fn concurrent_run(store_kind: StoreKind, cluster: u64, seed: u64) {
             }
         })
         .collect();
-    file.write_at(&img0, 0, false).unwrap();
+    file.write_at(&img0, 0, IoFlags::NONE).unwrap();
     // Clusters 4, 9, 14, ... are holes at the instant.
     for c in (4..NCL).step_by(5) {
         file.trim(c * CL, CL).unwrap();
@@ -682,7 +682,7 @@ fn concurrent_run(store_kind: StoreKind, cluster: u64, seed: u64) {
                         _ => {
                             let b = (t * 50 + i % 50) as u8 | 0x80;
                             let data = vec![b; len as usize];
-                            live.write_at(&data, base + off, false).unwrap();
+                            live.write_at(&data, base + off, IoFlags::NONE).unwrap();
                             mine[o].copy_from_slice(&data);
                         }
                     }
@@ -750,7 +750,7 @@ fn concurrent_run(store_kind: StoreKind, cluster: u64, seed: u64) {
         {
             let g = live.freeze();
             let mut img = vec![0u8; DISK as usize];
-            live.read_at(&mut img, 0).unwrap();
+            live.read_at(&mut img, 0, IoFlags::NONE).unwrap();
             let s = live.snapshot(mk(2), opts.clone());
             drop(g);
             *lock(&second) = Some((s, Arc::new(img)));
@@ -765,7 +765,7 @@ fn concurrent_run(store_kind: StoreKind, cluster: u64, seed: u64) {
         expect[base as usize..(base + REGION) as usize].copy_from_slice(mine);
     }
     let mut now = vec![0u8; DISK as usize];
-    live.read_at(&mut now, 0).unwrap();
+    live.read_at(&mut now, 0, IoFlags::NONE).unwrap();
     assert!(now == expect, "live disk differs from what the writers wrote");
     let mut all = vec![0u8; DISK as usize];
     snap1.read_at(&mut all, 0).unwrap();

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use fleece_block::testing::{HookDev, HookStore};
 use fleece_block::{
-    BlockDev, Capabilities, DirtyBitmap, ErrorKind, Extent, FileStore, LiveDisk, Mapping, OnCbwError,
-    RamStore, RawFile, Result, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView, Subscription,
-    ZeroFlags,
+    BlockDev, Capabilities, DirtyBitmap, ErrorKind, Extent, FileStore, IoFlags, LiveDisk, Mapping,
+    OnCbwError, RamStore, RawFile, Result, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView,
+    Subscription, ZeroFlags,
 };
 
 /// Cluster size of every snapshot here.
@@ -76,7 +76,8 @@ impl Fx {
         let file = RawFile::create(&dir.path().join("live.raw"), size).unwrap();
         let img0: Vec<u8> = (0..size).map(pattern).collect();
         let data_end = (DATA_CLUSTERS * CL).min(size);
-        file.write_at(&img0[..data_end as usize], 0, false).unwrap();
+        file.write_at(&img0[..data_end as usize], 0, IoFlags::NONE)
+            .unwrap();
         let dev = Arc::new(HookDev::new(file));
         let base: Arc<dyn BlockDev> = dev.clone();
         Fx {
@@ -126,7 +127,7 @@ impl Fx {
     /// The live disk's bytes, read past every hook.
     fn live_bytes(&self, offset: u64, len: u64) -> Vec<u8> {
         let mut b = vec![0u8; len as usize];
-        self.dev.inner.read_at(&mut b, offset).unwrap();
+        self.dev.inner.read_at(&mut b, offset, IoFlags::NONE).unwrap();
         b
     }
 
@@ -159,7 +160,7 @@ fn opts() -> SnapshotOptions {
 
 fn read(dev: &dyn BlockDev, offset: u64, len: u64) -> Result<Vec<u8>> {
     let mut b = vec![0u8; len as usize];
-    dev.read_at(&mut b, offset)?;
+    dev.read_at(&mut b, offset, IoFlags::NONE)?;
     Ok(b)
 }
 
@@ -180,6 +181,11 @@ fn assert_view_exact(view: &dyn BlockDev, image: &[u8], what: &str) {
     }
     let all = read(view, 0, size).unwrap_or_else(|e| panic!("{what}: whole read: {e}"));
     assert!(all == image, "{what}: whole read differs from the instant");
+}
+
+/// True if a no-wait request was declined (it would have had to wait).
+fn would_block(res: Result<()>) -> bool {
+    matches!(res, Err(e) if e.kind() == ErrorKind::WouldBlock)
 }
 
 fn assert_kind<T: Debug>(res: Result<T>, kind: ErrorKind, what: &str) {
@@ -228,7 +234,7 @@ fn spawn_read(view: &Arc<SnapshotView>, offset: u64, len: u64) -> Receiver<Resul
 
 fn spawn_write(live: &Arc<LiveDisk>, data: Vec<u8>, offset: u64) -> Receiver<Result<()>> {
     let l = live.clone();
-    spawn(move || l.write_at(&data, offset, false))
+    spawn(move || l.write_at(&data, offset, IoFlags::NONE))
 }
 
 /// Waits until `cond` holds; for state settled by a background copy thread.
@@ -522,27 +528,29 @@ fn a_saved_cluster_is_never_copied_again() {
 
     // Before any copy the inline path refuses (a copy is needed).
     assert!(
-        live.try_write_at(&[1; 10], 3 * CL).is_none(),
+        would_block(live.write_at(&[1; 10], 3 * CL, IoFlags::NO_WAIT)),
         "inline write to an unsaved cluster"
     );
-    live.write_at(&[1; 10], 3 * CL + 5, false).unwrap();
+    live.write_at(&[1; 10], 3 * CL + 5, IoFlags::NONE).unwrap();
     assert_eq!(store.saved(), vec![3]);
-    live.write_at(&[2; 100], 3 * CL + 1000, false).unwrap();
+    live.write_at(&[2; 100], 3 * CL + 1000, IoFlags::NONE).unwrap();
     live.write_zeroes(3 * CL, 512, ZeroFlags::default()).unwrap();
     live.trim(3 * CL + 2048, 1024).unwrap();
-    live.write_at(&[3; CL as usize], 3 * CL, true).unwrap();
+    live.write_at(&[3; CL as usize], 3 * CL, IoFlags::FUA).unwrap();
     assert_eq!(store.saved(), vec![3], "changes to a saved cluster copied again");
     // The inline path now accepts a write to the saved cluster.
-    match live.try_write_at(&[4; 64], 3 * CL + 64) {
-        Some(Ok(())) => {}
+    match live.write_at(&[4; 64], 3 * CL + 64, IoFlags::NO_WAIT) {
+        Ok(()) => {}
         other => panic!("inline write to a saved, quiet cluster: {other:?}"),
     }
     // A write spanning 2..=4 copies only 2 and 4.
-    live.write_at(&[5; 2 * CL as usize], 2 * CL + 100, false).unwrap();
+    live.write_at(&[5; 2 * CL as usize], 2 * CL + 100, IoFlags::NONE)
+        .unwrap();
     let mut saved = store.saved();
     saved.sort();
     assert_eq!(saved, vec![2, 3, 4]);
-    live.write_at(&[6; 3 * CL as usize], 2 * CL, false).unwrap();
+    live.write_at(&[6; 3 * CL as usize], 2 * CL, IoFlags::NONE)
+        .unwrap();
     assert_eq!(store.saved().len(), 3);
     assert_eq!(snap.stats().copied_clusters, 3);
     assert_eq!(snap.stats().used_bytes, 3 * CL);
@@ -590,7 +598,7 @@ fn store_eio_with_break_guest_write_fails_the_write_and_keeps_the_view_exact() {
     store.set_fail(Some(ErrorKind::Io));
 
     assert_kind(
-        fx.live.write_at(&[0xEE; 100], 4 * CL + 10, false),
+        fx.live.write_at(&[0xEE; 100], 4 * CL + 10, IoFlags::NONE),
         ErrorKind::Io,
         "write",
     );
@@ -617,7 +625,9 @@ fn store_eio_with_break_guest_write_fails_the_write_and_keeps_the_view_exact() {
 
     // The store recovers: the same writes now copy and land.
     store.set_fail(None);
-    fx.live.write_at(&[0xEE; 100], 4 * CL + 10, false).unwrap();
+    fx.live
+        .write_at(&[0xEE; 100], 4 * CL + 10, IoFlags::NONE)
+        .unwrap();
     fx.live.trim(6 * CL, 2 * CL).unwrap();
     let mut saved = store.saved();
     saved.sort();
@@ -644,7 +654,9 @@ fn store_eio_with_break_snapshot_lets_writes_through_and_breaks_the_view() {
     let view = SnapshotView(snap.clone());
     bad.set_fail(Some(ErrorKind::Io));
 
-    fx.live.write_at(&[0xEE; 100], 4 * CL + 10, false).unwrap();
+    fx.live
+        .write_at(&[0xEE; 100], 4 * CL + 10, IoFlags::NONE)
+        .unwrap();
     assert!(snap.is_broken());
     assert!(snap.stats().broken.is_some());
     assert_eq!(broken_events(&ev), 1);
@@ -664,7 +676,7 @@ fn store_eio_with_break_snapshot_lets_writes_through_and_breaks_the_view() {
     );
     assert_kind(view.block_status(0, SIZE), ErrorKind::Broken, "view block status");
     // Later writes go on without copies into the broken snapshot.
-    fx.live.write_at(&[0xEF; 100], 9 * CL, false).unwrap();
+    fx.live.write_at(&[0xEF; 100], 9 * CL, IoFlags::NONE).unwrap();
     assert!(bad.saved().is_empty());
     assert_eq!(broken_events(&ev), 1, "broken reported once");
     let mut saved = good.saved();
@@ -686,17 +698,17 @@ fn store_limit_with_break_guest_write_fails_with_store_full() {
     );
     let ev = events(&snap);
     let view = SnapshotView(snap.clone());
-    fx.live.write_at(&[1; 10], 0, false).unwrap();
-    fx.live.write_at(&[1; 10], CL, false).unwrap();
+    fx.live.write_at(&[1; 10], 0, IoFlags::NONE).unwrap();
+    fx.live.write_at(&[1; 10], CL, IoFlags::NONE).unwrap();
     assert_eq!(snap.stats().used_bytes, 2 * CL);
     assert_kind(
-        fx.live.write_at(&[1; 10], 2 * CL, false),
+        fx.live.write_at(&[1; 10], 2 * CL, IoFlags::NONE),
         ErrorKind::StoreFull,
         "write past the limit",
     );
     // One write needing two copies when one is free fails as a whole.
     assert_kind(
-        fx.live.write_at(&[1; 10], 3 * CL - 5, false),
+        fx.live.write_at(&[1; 10], 3 * CL - 5, IoFlags::NONE),
         ErrorKind::StoreFull,
         "write spanning two unsaved clusters",
     );
@@ -720,7 +732,7 @@ fn store_limit_with_break_guest_write_fails_with_store_full() {
     // Discarding a saved cluster frees room for the next copy.
     view.trim(0, CL).unwrap();
     assert_eq!(snap.stats().used_bytes, CL);
-    fx.live.write_at(&[1; 10], 2 * CL, false).unwrap();
+    fx.live.write_at(&[1; 10], 2 * CL, IoFlags::NONE).unwrap();
     assert_eq!(snap.stats().used_bytes, 2 * CL);
     assert_kind(read(&view, 0, CL), ErrorKind::AccessDenied, "discarded cluster");
     expect[r(0, CL)].fill(0);
@@ -741,18 +753,18 @@ fn holes_at_the_instant_are_kept_without_store_space() {
     let view = SnapshotView(snap.clone());
     // Clusters DATA_CLUSTERS.. are holes: writing all of them takes no room.
     for c in DATA_CLUSTERS..NCL {
-        fx.live.write_at(&[0xAB; 100], c * CL + 7, false).unwrap();
+        fx.live.write_at(&[0xAB; 100], c * CL + 7, IoFlags::NONE).unwrap();
     }
     // A write that spans the last data cluster and the first hole copies
     // only the data cluster, which exactly fills the store.
     fx.live
-        .write_at(&[0xAC; 64], DATA_CLUSTERS * CL - 32, false)
+        .write_at(&[0xAC; 64], DATA_CLUSTERS * CL - 32, IoFlags::NONE)
         .unwrap();
     assert_eq!(snap.stats().used_bytes, CL);
     assert_eq!(snap.stats().hole_clusters, NCL - DATA_CLUSTERS);
     assert_eq!(store.saved(), vec![DATA_CLUSTERS - 1]);
     assert_kind(
-        fx.live.write_at(&[1; 10], 0, false),
+        fx.live.write_at(&[1; 10], 0, IoFlags::NONE),
         ErrorKind::StoreFull,
         "a data cluster past the limit",
     );
@@ -799,10 +811,10 @@ fn store_limit_with_break_snapshot_breaks_the_snapshot_not_the_write() {
     );
     let ev = events(&snap);
     let view = SnapshotView(snap.clone());
-    fx.live.write_at(&[1; 10], 0, false).unwrap();
-    fx.live.write_at(&[1; 10], CL, false).unwrap();
+    fx.live.write_at(&[1; 10], 0, IoFlags::NONE).unwrap();
+    fx.live.write_at(&[1; 10], CL, IoFlags::NONE).unwrap();
     assert!(!snap.is_broken());
-    fx.live.write_at(&[2; 10], 2 * CL, false).unwrap();
+    fx.live.write_at(&[2; 10], 2 * CL, IoFlags::NONE).unwrap();
     assert!(snap.is_broken());
     assert_eq!(broken_events(&ev), 1);
     assert!(fx.live_bytes(2 * CL, 10).iter().all(|&b| b == 2));
@@ -849,14 +861,14 @@ fn cbw_timeout_with_break_guest_write_fails_the_write_with_timed_out() {
         "second write to the copying cluster",
     );
     // Other clusters are unaffected; the view is exact throughout.
-    fx.live.write_at(&[0xF0; 100], 9 * CL, false).unwrap();
+    fx.live.write_at(&[0xF0; 100], 9 * CL, IoFlags::NONE).unwrap();
     assert!(!snap.is_broken());
     assert_view_exact(&*view, &fx.img0, "with a copy held");
 
     // The held copy finishes on its own and settles the cluster.
     store.save.release();
     eventually("the held copy settles", || snap.stats().copied_clusters == 2);
-    fx.live.write_at(&[0xEE; 100], c * CL, false).unwrap();
+    fx.live.write_at(&[0xEE; 100], c * CL, IoFlags::NONE).unwrap();
     let mut saved = store.saved();
     saved.sort();
     assert_eq!(saved, vec![c, 9], "retry after the copy settled copied again");
@@ -995,8 +1007,8 @@ fn discard_frees_the_saved_copy_and_later_writes_copy_nothing() {
         let store = if file_store { fx.file_store() } else { fx.store() };
         let snap = fx.snapshot(&store, opts());
         let view = SnapshotView(snap.clone());
-        fx.live.write_at(&[1; 100], 2 * CL, false).unwrap();
-        fx.live.write_at(&[1; 100], 3 * CL, false).unwrap();
+        fx.live.write_at(&[1; 100], 2 * CL, IoFlags::NONE).unwrap();
+        fx.live.write_at(&[1; 100], 3 * CL, IoFlags::NONE).unwrap();
         assert_eq!(snap.stats().used_bytes, 2 * CL);
 
         // A saved cluster and an untouched one are discarded.
@@ -1006,8 +1018,8 @@ fn discard_frees_the_saved_copy_and_later_writes_copy_nothing() {
         assert_eq!(snap.stats().discarded_clusters, 2);
         assert_eq!(store.forgets(), vec![2]);
         // Writes to discarded clusters copy nothing.
-        fx.live.write_at(&[2; 100], 2 * CL + 500, false).unwrap();
-        fx.live.write_at(&[2; 100], 5 * CL, false).unwrap();
+        fx.live.write_at(&[2; 100], 2 * CL + 500, IoFlags::NONE).unwrap();
+        fx.live.write_at(&[2; 100], 5 * CL, IoFlags::NONE).unwrap();
         fx.live.trim(5 * CL, CL).unwrap();
         assert_eq!(store.saved(), vec![2, 3]);
         // Reads touching them fail; the rest is exact.
@@ -1037,13 +1049,7 @@ fn discard_frees_the_saved_copy_and_later_writes_copy_nothing() {
         // Block status of discarded clusters is never a hole: they are
         // unavailable, and only they.
         let ext = view.block_status(2 * CL, CL).unwrap();
-        assert_eq!(
-            ext,
-            vec![Extent {
-                length: CL,
-                mapping: Mapping::Unavailable
-            }]
-        );
+        assert_eq!(ext, vec![Extent::new(CL, Mapping::Unavailable)]);
         let ext = view.block_status(CL, 5 * CL).unwrap();
         let unavailable: Vec<u64> = runs(&ext, CL, CL)
             .into_iter()
@@ -1085,7 +1091,7 @@ fn discard_drops_only_whole_clusters_and_the_tail_at_the_end_of_the_disk() {
         );
     }
     // The tail cluster is not copied on a later write.
-    fx.live.write_at(&[9; 1000], NCL * CL, false).unwrap();
+    fx.live.write_at(&[9; 1000], NCL * CL, IoFlags::NONE).unwrap();
     assert!(store.saved().is_empty());
     assert_kind(view.trim(size, 1), ErrorKind::OutOfRange, "trim past the end");
 }
@@ -1102,7 +1108,7 @@ fn read_once_discards_the_whole_clusters_each_read_returned() {
         },
     );
     let view = SnapshotView(snap.clone());
-    fx.live.write_at(&[1; 10], 2 * CL, false).unwrap();
+    fx.live.write_at(&[1; 10], 2 * CL, IoFlags::NONE).unwrap();
     assert_eq!(snap.stats().used_bytes, CL);
 
     // Clusters 1..=2 whole (2 from the store).
@@ -1128,8 +1134,8 @@ fn read_once_discards_the_whole_clusters_each_read_returned() {
         "cluster 6 after its whole read",
     );
     // Later writes to read clusters copy nothing.
-    fx.live.write_at(&[3; 100], CL, false).unwrap();
-    fx.live.write_at(&[3; 100], 7 * CL, false).unwrap();
+    fx.live.write_at(&[3; 100], CL, IoFlags::NONE).unwrap();
+    fx.live.write_at(&[3; 100], 7 * CL, IoFlags::NONE).unwrap();
     assert_eq!(store.saved(), vec![2]);
     // A failed read discards nothing.
     assert_kind(
@@ -1196,7 +1202,7 @@ fn discard_while_a_copy_is_in_flight_drops_the_copy_when_it_settles() {
         "a dropped copy is not a copied cluster"
     );
     assert_eq!(store.forgets(), vec![c]);
-    fx.live.write_at(&[0xEF; 10], c * CL, false).unwrap();
+    fx.live.write_at(&[0xEF; 10], c * CL, IoFlags::NONE).unwrap();
     assert_eq!(store.saved(), vec![c]);
     assert_kind(read(&*view, c * CL, CL), ErrorKind::AccessDenied, "read after");
 }
@@ -1220,7 +1226,9 @@ fn a_store_read_overlapping_a_discard_never_returns_wrong_data() {
         );
         let view = Arc::new(SnapshotView(snap.clone()));
         let c = 3;
-        fx.live.write_at(&[0xEE; CL as usize], c * CL, false).unwrap();
+        fx.live
+            .write_at(&[0xEE; CL as usize], c * CL, IoFlags::NONE)
+            .unwrap();
         store.load.arm(1, move |i, _| i == c);
         let r1 = spawn_read(&view, c * CL, CL);
         store.load.wait_caught(1);
@@ -1264,7 +1272,9 @@ fn a_store_read_during_a_discard_in_progress_never_returns_wrong_data() {
         let snap = fx.snapshot(&store, opts());
         let view = Arc::new(SnapshotView(snap.clone()));
         let c = 3;
-        fx.live.write_at(&[0xEE; CL as usize], c * CL, false).unwrap();
+        fx.live
+            .write_at(&[0xEE; CL as usize], c * CL, IoFlags::NONE)
+            .unwrap();
         // The reader has classified C as saved and is about to load it.
         store.load.arm(1, move |i, _| i == c);
         let r1 = spawn_read(&view, c * CL, CL);
@@ -1338,7 +1348,7 @@ fn scope_limits_copies_and_reads_to_the_clusters_of_the_bitmap() {
     }
     for c in 0..NCL {
         fx.live
-            .write_at(&[0xE0 + c as u8; 300], c * CL + 1000, false)
+            .write_at(&[0xE0 + c as u8; 300], c * CL + 1000, IoFlags::NONE)
             .unwrap();
     }
     fx.live.write_zeroes(0, SIZE, ZeroFlags::default()).unwrap();
@@ -1425,7 +1435,7 @@ fn freeze_waits_for_a_write_in_flight_which_lands_before_the_instant() {
     let freezer = spawn(move || {
         let g = live.freeze();
         let mut img = vec![0u8; dev.size() as usize];
-        dev.inner.read_at(&mut img, 0).unwrap();
+        dev.inner.read_at(&mut img, 0, IoFlags::NONE).unwrap();
         let snap = live.snapshot(store1, opts());
         drop(g);
         (snap, img)
@@ -1442,7 +1452,9 @@ fn freeze_waits_for_a_write_in_flight_which_lands_before_the_instant() {
     );
     let view1 = SnapshotView(snap1);
     // Later writes do not show through either snapshot.
-    fx.live.write_at(&vec![0x77; SIZE as usize], 0, false).unwrap();
+    fx.live
+        .write_at(&vec![0x77; SIZE as usize], 0, IoFlags::NONE)
+        .unwrap();
     assert_view_exact(&view1, &expect, "snapshot after the write");
     assert_view_exact(&SnapshotView(snap0), &fx.img0, "snapshot before the write");
 }
@@ -1460,7 +1472,7 @@ fn a_write_arriving_while_frozen_lands_after_the_instant() {
     let zero = spawn(move || l.write_zeroes(8 * CL, CL, ZeroFlags::default()));
     not_yet(&zero, "write-zeroes while frozen");
     assert!(
-        fx.live.try_write_at(&[1; 10], 0).is_none(),
+        would_block(fx.live.write_at(&[1; 10], 0, IoFlags::NO_WAIT)),
         "inline write while frozen"
     );
     let snap = fx.live.snapshot(store.boxed(), opts());
@@ -1482,7 +1494,9 @@ fn several_snapshots_are_each_exact_and_detaching_one_keeps_the_others() {
     let fx = Fx::new();
     let mut image = fx.img0.clone();
     let write = |image: &mut Vec<u8>, off: u64, len: u64, b: u8| {
-        fx.live.write_at(&vec![b; len as usize], off, false).unwrap();
+        fx.live
+            .write_at(&vec![b; len as usize], off, IoFlags::NONE)
+            .unwrap();
         image[r(off, len)].fill(b);
     };
     let st1 = fx.store();
@@ -1675,12 +1689,12 @@ impl BlockDev for Panicky {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_at(&self, buf: &mut [u8], offset: u64, flags: IoFlags) -> Result<()> {
         self.check();
-        self.inner.read_at(buf, offset)
+        self.inner.read_at(buf, offset, flags)
     }
-    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
-        self.inner.write_at(buf, offset, fua)
+    fn write_at(&self, buf: &[u8], offset: u64, flags: IoFlags) -> Result<()> {
+        self.inner.write_at(buf, offset, flags)
     }
     fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
         self.inner.write_zeroes(offset, length, flags)
@@ -1708,7 +1722,7 @@ fn a_view_read_that_panics_does_not_leave_live_writes_to_its_clusters_blocked() 
     let dir = tempfile::tempdir().unwrap();
     let file = RawFile::create(&dir.path().join("live.raw"), SIZE).unwrap();
     let img0: Vec<u8> = (0..SIZE).map(pattern).collect();
-    file.write_at(&img0[..(DATA_CLUSTERS * CL) as usize], 0, false)
+    file.write_at(&img0[..(DATA_CLUSTERS * CL) as usize], 0, IoFlags::NONE)
         .unwrap();
     let dev = Arc::new(Panicky {
         inner: file,
@@ -1753,8 +1767,8 @@ fn every_subscriber_hears_saves_and_discards_until_it_unsubscribes() {
     let c = snap.subscribe(|_| {});
 
     // Data clusters 2 and 3 in one copy, then a hole at the instant.
-    fx.live.write_at(&[1; 10], 3 * CL - 5, false).unwrap();
-    fx.live.write_at(&[1; 10], 13 * CL, false).unwrap();
+    fx.live.write_at(&[1; 10], 3 * CL - 5, IoFlags::NONE).unwrap();
+    fx.live.write_at(&[1; 10], 13 * CL, IoFlags::NONE).unwrap();
     // Discards report only clusters not discarded before.
     view.trim(5 * CL, 2 * CL).unwrap();
     view.trim(2 * CL, 4 * CL).unwrap();
@@ -1769,7 +1783,7 @@ fn every_subscriber_hears_saves_and_discards_until_it_unsubscribes() {
 
     drop(b);
     c.unsubscribe();
-    fx.live.write_at(&[1; 10], 8 * CL, false).unwrap();
+    fx.live.write_at(&[1; 10], 8 * CL, IoFlags::NONE).unwrap();
     let mut after = both.clone();
     after.push(Saved { first: 8, count: 1 });
     assert_eq!(*lock(&a), after, "the remaining subscriber");
@@ -1871,7 +1885,7 @@ fn a_timed_copy_that_finds_every_copier_stuck_times_out_and_never_runs() {
     let mut saved = store.saved();
     saved.sort();
     assert_eq!(saved, vec![0, 1, 2, 3], "the copy taken back ran anyway");
-    fx.live.write_at(&[0xEF; 100], c * CL, false).unwrap();
+    fx.live.write_at(&[0xEF; 100], c * CL, IoFlags::NONE).unwrap();
     assert!(store.saved().contains(&c));
     assert_view_exact(&view, &fx.img0, "after the copiers came free");
     assert!(fx.live_bytes(c * CL, 100).iter().all(|&b| b == 0xEF));

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use fleece_block::{AlignedBuf, ErrorKind, Mapping, ZeroFlags};
+use fleece_block::{AlignedBuf, ErrorKind, IoFlags, Mapping, ZeroFlags};
 use fleece_nbd::consts::*;
 use fleece_nbd::{Extent, Replies, Request};
 
@@ -123,10 +123,16 @@ fn allowed_flags(command: u16, structured: bool) -> u16 {
 pub fn errno(kind: ErrorKind) -> u32 {
     match kind {
         ErrorKind::OutOfRange | ErrorKind::Invalid => EINVAL,
-        ErrorKind::NoSpace | ErrorKind::StoreFull => ENOSPC,
+        ErrorKind::BeyondEnd | ErrorKind::StoreFull => ENOSPC,
         ErrorKind::NotSupported => ENOTSUP,
         ErrorKind::ReadOnly | ErrorKind::AccessDenied => EPERM,
-        ErrorKind::Broken | ErrorKind::TimedOut | ErrorKind::Io | ErrorKind::Locked => EIO,
+        // WouldBlock never reaches a client: inline requests that get it
+        // go to a worker, which runs them without `no_wait`.
+        ErrorKind::Broken
+        | ErrorKind::TimedOut
+        | ErrorKind::Io
+        | ErrorKind::Locked
+        | ErrorKind::WouldBlock => EIO,
     }
 }
 
@@ -190,12 +196,12 @@ pub fn run(ctx: &Ctx, req: &Request, payload: &[u8], out: &mut Out, exec: Exec) 
                 if fua {
                     return false;
                 }
-                match dev.try_write_at(payload, req.offset) {
-                    Some(res) => res,
-                    None => return false,
+                match dev.write_at(payload, req.offset, IoFlags::NO_WAIT) {
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                    res => res,
                 }
             } else {
-                dev.write_at(payload, req.offset, fua)
+                dev.write_at(payload, req.offset, IoFlags { fua, no_wait: false })
             }
         }
         CMD_WRITE_ZEROES => {
@@ -273,9 +279,14 @@ fn read(ctx: &Ctx, req: &Request, out: &mut Out, exec: Exec) -> bool {
     let r = &ctx.replies;
     let len = req.length as usize;
     let dev = &ctx.export.dev;
-    let fill = |buf: &mut [u8]| match exec {
-        Exec::Inline => dev.try_read_at(buf, req.offset),
-        Exec::Blocking => Some(dev.read_at(buf, req.offset)),
+    let flags = match exec {
+        Exec::Inline => IoFlags::NO_WAIT,
+        Exec::Blocking => IoFlags::NONE,
+    };
+    // None: declined, for a worker to run.
+    let fill = |buf: &mut [u8]| match dev.read_at(buf, req.offset, flags) {
+        Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+        res => Some(res),
     };
     let res = if len >= DIRECT_READ {
         let mut buf = take_buf(len);
@@ -356,7 +367,8 @@ fn block_status(ctx: &Ctx, req: &Request, out: &mut Vec<u8>) {
                     .map(|e| Extent {
                         length: e.length,
                         flags: match e.mapping {
-                            Mapping::Data => 0,
+                            // Unknown may be data: claim nothing.
+                            Mapping::Data | Mapping::Unknown => 0,
                             Mapping::Zero => STATE_ZERO as u64,
                             Mapping::Hole => (STATE_HOLE | STATE_ZERO) as u64,
                             // Not part of a snapshot view (discarded, or
