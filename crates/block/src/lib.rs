@@ -30,4 +30,4 @@ pub use ext::BlockDevExt;
 pub use lock::LockMode;
 pub use mapping::{Extent, Mapping};
 pub use raw::RawFile;
-pub use store::{FileStore, RamStore, Store};
+pub use store::{DeviceStore, FileStore, RamStore, Store};
