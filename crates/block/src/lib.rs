@@ -12,6 +12,7 @@ mod cbw;
 mod dev;
 mod error;
 mod ext;
+pub mod image;
 mod lock;
 mod mapping;
 mod raw;
@@ -27,6 +28,7 @@ pub use cbw::{
 pub use dev::{check_range, next_data_by_status, BlockDev, Capabilities, IoFlags, IoHints, ZeroFlags};
 pub use error::{Error, ErrorKind, Result};
 pub use ext::BlockDevExt;
+pub use image::{Image, ImageOptions};
 pub use lock::LockMode;
 pub use mapping::{Extent, Mapping};
 pub use raw::RawFile;

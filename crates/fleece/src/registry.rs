@@ -8,10 +8,9 @@
 //! still holds when it inserts.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use fleece_block::{BlockDev, LiveDisk, RawFile, Snapshot, Subscription};
+use fleece_block::{BlockDev, Image, LiveDisk, Snapshot, Subscription};
 
 use crate::error::{Error, Kind, Result};
 
@@ -81,16 +80,13 @@ impl Export {
     }
 }
 
-/// A disk: an image file served read-write under its own name.
+/// A disk: an image served read-write under its own name.
 pub struct Disk {
     /// Name (also its export name).
     pub name: String,
-    /// Image path as given.
-    pub path: PathBuf,
-    /// Device and inode of the image: one file is served under one name.
-    pub id: (u64, u64),
-    /// The open image.
-    pub file: Arc<RawFile>,
+    /// The open image: its device, its path as given, its file's device and
+    /// inode (one file is served under one name), locks, length, resize.
+    pub image: Image,
     /// Copy-before-write layer in front of the image; what clients write.
     pub live: Arc<LiveDisk>,
     /// The live export.
@@ -207,7 +203,7 @@ impl Registry {
 
     /// The disk serving the file with this device and inode, if any.
     pub fn disk_by_id(&self, id: (u64, u64)) -> Option<Arc<Disk>> {
-        self.read().disks.values().find(|d| d.id == id).cloned()
+        self.read().disks.values().find(|d| d.image.id() == id).cloned()
     }
 
     /// Every export.
@@ -278,7 +274,7 @@ impl Registry {
                 format!("disk '{}' already exists", disk.name),
             ));
         }
-        if let Some(other) = inner.disks.values().find(|d| d.id == disk.id) {
+        if let Some(other) = inner.disks.values().find(|d| d.image.id() == disk.image.id()) {
             return Err(Error::new(
                 Kind::Exists,
                 format!("image already served as disk '{}'", other.name),

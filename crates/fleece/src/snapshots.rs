@@ -265,7 +265,7 @@ impl Snapshots {
                     "a RAM store needs a size above 0 (ram:SIZE, e.g. ram:1G); for no memory use a file store",
                 ));
             }
-            let largest = disks.iter().map(|d| d.file.size()).max().unwrap_or(0);
+            let largest = disks.iter().map(|d| d.image.size()).max().unwrap_or(0);
             let capped = budget.min(largest);
             if let Some(mem) = host_memory() {
                 if capped > mem {
@@ -284,7 +284,7 @@ impl Snapshots {
             .map_err(|e| Error::invalid(format!("cannot create {}: {e}", dir.display())))?;
         let mut stores: Vec<Box<dyn Store>> = Vec::new();
         for d in &disks {
-            let size = d.file.size();
+            let size = d.image.size();
             let store: Box<dyn Store> = match &spec {
                 StoreSpec::File(p) => {
                     let path = p
@@ -373,7 +373,7 @@ impl Snapshots {
                 export: export.clone(),
                 created,
                 bitmap: req.bitmap.clone(),
-                memory_limit: p.memory_limit.map(|m| m.min(d.file.size())),
+                memory_limit: p.memory_limit.map(|m| m.min(d.image.size())),
                 _subscription: subscription,
             });
             // The name was checked free under the same hold of the

@@ -179,7 +179,6 @@ impl RawFile {
 
     /// Bytes the file takes on its file system.
     pub fn allocated(&self) -> Result<u64> {
-        use std::os::unix::fs::MetadataExt;
         let m = self
             .file
             .metadata()
@@ -192,15 +191,26 @@ impl RawFile {
         &self.path
     }
 
+    /// Device and inode of the open file (not of whatever is at its path
+    /// now).
+    pub fn id(&self) -> Result<(u64, u64)> {
+        let m = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(format!("cannot stat {}", self.path.display()), e))?;
+        Ok((m.dev(), m.ino()))
+    }
+
     /// Size of the device.
     fn len(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
 
     /// The file's current length, which another program may have changed
-    /// under us (the device's size is [`BlockDev::size`](crate::BlockDev::size)). A length short
-    /// of the device's is remembered, so that writes past the file's end
-    /// are refused from then on.
+    /// under us (the device's size is
+    /// [`BlockDev::size`](crate::BlockDev::size)). A length short of the
+    /// device's is remembered, so that writes past the file's end are
+    /// refused from then on.
     pub fn file_len(&self) -> Result<u64> {
         let len = self
             .file
