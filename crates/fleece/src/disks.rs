@@ -74,13 +74,12 @@ impl Disks {
         for b in bitmaps::load_sidecars(path, image.size())? {
             live.add_bitmap(Arc::new(b));
         }
-        let export = Arc::new(Export {
-            name: name.to_string(),
-            disk: name.to_string(),
-            dev: live.clone(),
-            read_only: false,
-            meta: MetaSource::Live(live.clone()),
-        });
+        let export = Arc::new(Export::new(
+            name,
+            name,
+            live.clone(),
+            MetaSource::Live(live.clone()),
+        ));
         let disk = Arc::new(Disk {
             name: name.to_string(),
             image,

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use fleece_block::{BlockDev, Image, LiveDisk, Snapshot, Subscription};
+use fleece_block::{BlockDev, Capabilities, Image, LiveDisk, Snapshot, Subscription};
 
 use crate::error::{Error, Kind, Result};
 
@@ -22,8 +22,9 @@ pub struct Export {
     pub disk: String,
     /// What reads and writes go to.
     pub dev: Arc<dyn BlockDev>,
-    /// Writes are refused.
-    pub read_only: bool,
+    /// What `dev` can do, asked once when the export was made: the
+    /// handshake's flags and every request's checks read it here.
+    pub caps: Capabilities,
     /// Where the export's dirty bitmaps come from.
     pub meta: MetaSource,
 }
@@ -37,6 +38,17 @@ pub enum MetaSource {
 }
 
 impl Export {
+    /// The export `name` of disk `disk`, serving `dev`.
+    pub fn new(name: &str, disk: &str, dev: Arc<dyn BlockDev>, meta: MetaSource) -> Self {
+        Export {
+            name: name.to_string(),
+            disk: disk.to_string(),
+            caps: dev.capabilities(),
+            dev,
+            meta,
+        }
+    }
+
     /// Dirty/clean runs of bitmap `name` over the range, as (length,
     /// dirty), or why they cannot be given.
     pub fn bitmap_extents(

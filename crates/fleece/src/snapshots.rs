@@ -359,13 +359,12 @@ impl Snapshots {
                 ),
                 _ => {}
             });
-            let export = Arc::new(Export {
-                name: id.clone(),
-                disk: d.name.clone(),
-                dev: Arc::new(SnapshotView(snap.clone())),
-                read_only: true,
-                meta: MetaSource::Snapshot(snap.clone(), req.bitmap.clone()),
-            });
+            let export = Arc::new(Export::new(
+                &id,
+                &d.name,
+                Arc::new(SnapshotView(snap.clone())),
+                MetaSource::Snapshot(snap.clone(), req.bitmap.clone()),
+            ));
             let entry = Arc::new(SnapshotEntry {
                 disk: d.name.clone(),
                 name: req.name.clone(),

@@ -8,7 +8,7 @@ use fleece_block::{AlignedBuf, ErrorKind, IoFlags, Mapping, ZeroFlags};
 use fleece_nbd::consts::*;
 use fleece_nbd::{Extent, Replies, Request};
 
-use super::exports::{DIRTY_BITMAP_PREFIX, MAX_PAYLOAD};
+use super::exports::{max_payload, DIRTY_BITMAP_PREFIX, MAX_PAYLOAD};
 use super::frame::{give_buf, take_buf};
 use crate::registry::Export;
 
@@ -161,12 +161,13 @@ pub fn run(ctx: &Ctx, req: &Request, payload: &[u8], out: &mut Out, exec: Exec) 
         return fail(EINVAL, "this command takes no payload");
     }
     let dev = &ctx.export.dev;
+    let caps = &ctx.export.caps;
     let size = dev.size();
     let in_range = req.offset.checked_add(req.length).is_some_and(|end| end <= size);
     // Trim on a read-only snapshot view means "discard", which it allows.
-    let writes = matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES)
-        || (req.command == CMD_TRIM && !dev.capabilities().trim);
-    if writes && ctx.export.read_only {
+    let writes =
+        matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES) || (req.command == CMD_TRIM && !caps.trim);
+    if writes && caps.read_only {
         return fail(
             EPERM,
             "export is read-only (snapshot views accept only reads and trim, which discards)",
@@ -175,7 +176,7 @@ pub fn run(ctx: &Ctx, req: &Request, payload: &[u8], out: &mut Out, exec: Exec) 
     let inline = exec == Exec::Inline;
     let result = match req.command {
         CMD_READ => {
-            if req.length > MAX_PAYLOAD as u64 {
+            if req.length > max_payload(caps) as u64 {
                 return fail(EINVAL, "read is larger than the maximum block size");
             }
             if !in_range {
@@ -190,6 +191,11 @@ pub fn run(ctx: &Ctx, req: &Request, payload: &[u8], out: &mut Out, exec: Exec) 
         CMD_WRITE => {
             if !in_range {
                 return fail(ENOSPC, "write beyond the end of the export");
+            }
+            // The framing refuses payloads past MAX_PAYLOAD; a device may
+            // take less (the export says so).
+            if payload.len() as u64 > max_payload(caps) as u64 {
+                return fail(EINVAL, "write is larger than the maximum block size");
             }
             let fua = req.flags & CMD_FLAG_FUA != 0;
             if inline {
