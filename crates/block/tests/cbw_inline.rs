@@ -1,4 +1,4 @@
-//! Copy-before-write run inline by `LiveDisk::try_write_at`, which it does
+//! Copy-before-write run inline by no-wait writes to a `LiveDisk`, which it does
 //! only when the disk and every store are in memory and no copy timeout is
 //! set. Images live in /dev/shm so that the disk counts as in memory.
 
