@@ -1,3 +1,4 @@
+use std::borrow::Cow;
 use std::io;
 
 /// What went wrong, coarse enough to map onto an NBD error code.
@@ -8,7 +9,7 @@ pub enum ErrorKind {
     /// A write, write-zeroes or trim reaching past the end of the device,
     /// which NBD answers with ENOSPC. Not a full file system: that is
     /// [`StoreFull`](Self::StoreFull).
-    NoSpace,
+    BeyondEnd,
     /// The operation is not possible quickly (FAST_ZERO) or at all.
     NotSupported,
     /// The device is read-only.
@@ -27,6 +28,9 @@ pub enum ErrorKind {
     Invalid,
     /// The image is in use by another program.
     Locked,
+    /// A request with [`IoFlags::no_wait`](crate::IoFlags::no_wait) would
+    /// have had to wait; run it again without the flag.
+    WouldBlock,
 }
 
 /// The one error type of the block layer: a kind, a message for people,
@@ -35,19 +39,26 @@ pub enum ErrorKind {
 #[error("{message}")]
 pub struct Error {
     kind: ErrorKind,
-    message: String,
+    // Static messages cost no allocation: a declined no-wait request is
+    // an error on a path that must not allocate.
+    message: Cow<'static, str>,
     #[source]
     source: Option<io::Error>,
 }
 
 impl Error {
     /// An error of `kind` with a message for people.
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
         Error {
             kind,
             message: message.into(),
             source: None,
         }
+    }
+
+    /// The answer of a no-wait request that would have had to wait.
+    pub fn would_block() -> Self {
+        Error::new(ErrorKind::WouldBlock, "would block")
     }
 
     /// An I/O error, with what was being done when it happened.
@@ -59,14 +70,18 @@ impl Error {
         };
         Error {
             kind,
-            message: format!("{context}: {err}"),
+            message: format!("{context}: {err}").into(),
             source: Some(err),
         }
     }
 
     /// An error of `kind` with a message for people and the OS error that
     /// stands for it, when the message says more than the OS error would.
-    pub(crate) fn with_source(kind: ErrorKind, message: impl Into<String>, source: io::Error) -> Self {
+    pub(crate) fn with_source(
+        kind: ErrorKind,
+        message: impl Into<Cow<'static, str>>,
+        source: io::Error,
+    ) -> Self {
         Error {
             kind,
             message: message.into(),

@@ -1,4 +1,4 @@
-//! Copy-before-write run inline by `LiveDisk::try_write_at`, which it does
+//! Copy-before-write run inline by no-wait writes to a `LiveDisk`, which it does
 //! only when the disk and every store are in memory and no copy timeout is
 //! set. Images live in /dev/shm so that the disk counts as in memory.
 
@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use fleece_block::{BlockDev, FileStore, LiveDisk, RamStore, RawFile, SnapshotOptions, SnapshotView, Store};
+use fleece_block::{
+    BlockDev, ErrorKind, FileStore, IoFlags, LiveDisk, RamStore, RawFile, SnapshotOptions, SnapshotView,
+    Store,
+};
 
 const CL: u64 = 64 << 10;
 const NCL: u64 = 32;
@@ -26,8 +29,8 @@ fn new_fx() -> Fx {
     let dir = tempfile::tempdir_in("/dev/shm").expect("/dev/shm is a tmpfs here");
     let file = RawFile::create(&dir.path().join("live.raw"), SIZE).unwrap();
     let img0: Vec<u8> = (0..SIZE).map(pattern).collect();
-    file.write_at(&img0, 0, false).unwrap();
-    assert!(file.is_in_memory(), "/dev/shm should count as memory");
+    file.write_at(&img0, 0, IoFlags::NONE).unwrap();
+    assert!(file.hints().in_memory, "/dev/shm should count as memory");
     let base: Arc<dyn BlockDev> = Arc::new(file);
     Fx {
         dir,
@@ -47,9 +50,14 @@ impl Fx {
     }
 }
 
+/// True if a no-wait request was declined (it would have had to wait).
+fn would_block(res: fleece_block::Result<()>) -> bool {
+    matches!(res, Err(e) if e.kind() == ErrorKind::WouldBlock)
+}
+
 fn view_bytes(view: &SnapshotView, offset: u64, len: u64) -> Vec<u8> {
     let mut buf = vec![0u8; len as usize];
-    view.read_at(&mut buf, offset).unwrap();
+    view.read_at(&mut buf, offset, IoFlags::NONE).unwrap();
     buf
 }
 
@@ -57,12 +65,12 @@ fn view_bytes(view: &SnapshotView, offset: u64, len: u64) -> Vec<u8> {
 fn an_inline_write_saves_the_old_cluster_first() {
     let fx = new_fx();
     let view = fx.snapshot(fx.ram_store(), SnapshotOptions::default());
-    let res = fx.live.try_write_at(&[0xEE; 4096], 3 * CL + 100);
-    assert!(matches!(res, Some(Ok(()))), "not run inline: {res:?}");
+    let res = fx.live.write_at(&[0xEE; 4096], 3 * CL + 100, IoFlags::NO_WAIT);
+    assert!(res.is_ok(), "not run inline: {res:?}");
     assert_eq!(view.0.stats().copied_clusters, 1);
     assert!(view_bytes(&view, 0, SIZE) == fx.img0, "the view changed");
     let mut live = vec![0u8; 4096];
-    fx.live.read_at(&mut live, 3 * CL + 100).unwrap();
+    fx.live.read_at(&mut live, 3 * CL + 100, IoFlags::NONE).unwrap();
     assert!(live.iter().all(|&b| b == 0xEE), "the write did not land");
 }
 
@@ -74,17 +82,17 @@ fn copies_that_may_wait_on_a_disk_or_a_timer_are_left_to_the_pool() {
         ..SnapshotOptions::default()
     };
     let _view = fx2.snapshot(fx2.ram_store(), opts);
-    assert!(fx2.live.try_write_at(&[1; 512], 0).is_none());
+    assert!(would_block(fx2.live.write_at(&[1; 512], 0, IoFlags::NO_WAIT)));
 
     let fx = new_fx();
     // A store on a real disk (the test's working directory is not tmpfs).
     let on_disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let store = FileStore::create(&on_disk.path().join("store"), SIZE).unwrap();
-    if store.is_in_memory() {
+    if store.hints().in_memory {
         return; // the target dir is on tmpfs here: nothing to check
     }
     let view = fx.snapshot(Box::new(store), SnapshotOptions::default());
-    assert!(fx.live.try_write_at(&[1; 512], 0).is_none());
+    assert!(would_block(fx.live.write_at(&[1; 512], 0, IoFlags::NO_WAIT)));
     assert_eq!(view.0.stats().copied_clusters, 0);
 }
 
@@ -137,12 +145,14 @@ fn inline_copies_keep_views_exact_under_concurrent_writes_and_reads() {
             let mut inline = 0;
             for (off, len, v) in plan {
                 let data = vec![v; len];
-                match live.try_write_at(&data, off) {
-                    Some(r) => {
+                match live.write_at(&data, off, IoFlags::NO_WAIT) {
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        live.write_at(&data, off, IoFlags::NONE).unwrap()
+                    }
+                    r => {
                         r.unwrap();
                         inline += 1;
                     }
-                    None => live.write_at(&data, off, false).unwrap(),
                 }
             }
             inline
@@ -157,11 +167,11 @@ fn inline_copies_keep_views_exact_under_concurrent_writes_and_reads() {
     assert!(view_bytes(&view1, 0, SIZE) == fx.img0, "view 1 changed");
     // A second snapshot of the written disk, then more inline writes.
     let mut now = vec![0u8; SIZE as usize];
-    fx.live.read_at(&mut now, 0).unwrap();
+    fx.live.read_at(&mut now, 0, IoFlags::NONE).unwrap();
     let view2 = fx.snapshot(fx.ram_store(), SnapshotOptions::default());
     for c in 0..NCL {
-        let r = fx.live.try_write_at(&[0x5A; 1000], c * CL + 10);
-        assert!(matches!(r, Some(Ok(()))), "cluster {c}: {r:?}");
+        let r = fx.live.write_at(&[0x5A; 1000], c * CL + 10, IoFlags::NO_WAIT);
+        assert!(r.is_ok(), "cluster {c}: {r:?}");
     }
     assert!(
         view_bytes(&view1, 0, SIZE) == fx.img0,

@@ -7,7 +7,9 @@
 //! step against a shadow model: the live bytes, and per snapshot the bytes at
 //! its instant plus the clusters it may no longer serve (discarded, or outside
 //! its scope). A concurrent variant checks that view reads racing with live
-//! writes always return the image at the instant.
+//! writes always return the image at the instant. Stores are RAM (with and
+//! without spilling), file stores, and device stores over devices that are
+//! not files.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -15,9 +17,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
+use fleece_block::testing::HookDev;
 use fleece_block::{
-    BlockDev, DirtyBitmap, ErrorKind, FileStore, LiveDisk, Mapping, RamStore, RawFile, Snapshot,
-    SnapshotOptions, SnapshotView, Store, ZeroFlags,
+    BlockDev, DeviceStore, DirtyBitmap, ErrorKind, FileStore, IoFlags, LiveDisk, Mapping, RamStore, RawFile,
+    Snapshot, SnapshotOptions, SnapshotView, Store, ZeroFlags,
 };
 use proptest::prelude::*;
 
@@ -36,6 +39,9 @@ enum StoreKind {
     /// Memory for two clusters, then the spill file.
     RamSpill,
     File,
+    /// A device store over three devices that are not files, so copies go
+    /// through a buffer.
+    Devices,
 }
 
 #[derive(Clone, Debug)]
@@ -118,7 +124,8 @@ fn take() -> impl Strategy<Value = Op> {
         prop_oneof![
             Just(StoreKind::Ram),
             Just(StoreKind::RamSpill),
-            Just(StoreKind::File)
+            Just(StoreKind::File),
+            Just(StoreKind::Devices)
         ],
         1..=2u64,
         prop::bool::weighted(0.2),
@@ -203,7 +210,22 @@ fn new_store(dir: &Path, kind: StoreKind, n: u32) -> Box<dyn Store> {
         StoreKind::File => {
             Box::new(FileStore::create_striped(&dir.join(format!("store{n}")), SIZE, 2 * CL).unwrap())
         }
+        StoreKind::Devices => Box::new(device_store(dir, n, SIZE, 2 * CL)),
     }
+}
+
+/// A store striped by `stripe` over three raw files seen through
+/// `HookDev` (traps disarmed), which lends no descriptor: the store of a
+/// device that is not a file.
+fn device_store(dir: &Path, n: u32, size: u64, stripe: u64) -> DeviceStore {
+    let parts = (0..3)
+        .map(|i| {
+            let f: Arc<dyn BlockDev> =
+                Arc::new(RawFile::create(&dir.join(format!("dev{n}.{i}")), size).unwrap());
+            Arc::new(HookDev::new(f)) as Arc<dyn BlockDev>
+        })
+        .collect();
+    DeviceStore::new(parts, stripe).unwrap()
 }
 
 impl Model {
@@ -223,7 +245,7 @@ impl Model {
             for p in lo..hi {
                 shadow[p as usize] = b.wrapping_add((p % 61) as u8) | 1;
             }
-            file.write_at(&shadow[lo as usize..hi as usize], lo, false)
+            file.write_at(&shadow[lo as usize..hi as usize], lo, IoFlags::NONE)
                 .unwrap();
         }
         Model {
@@ -239,7 +261,7 @@ impl Model {
         match *op {
             Op::Write { off, len, byte } => {
                 let data: Vec<u8> = (0..len).map(|i| byte.wrapping_add((i % 7) as u8)).collect();
-                self.live.write_at(&data, off, false).unwrap();
+                self.live.write_at(&data, off, IoFlags::NONE).unwrap();
                 self.shadow[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
             Op::Zeroes { off, len, unmap } => {
@@ -326,7 +348,7 @@ impl Model {
     /// read-once snapshots intact).
     fn check(&self, step: usize) {
         let mut now = vec![0u8; SIZE as usize];
-        self.live.read_at(&mut now, 0).unwrap();
+        self.live.read_at(&mut now, 0, IoFlags::NONE).unwrap();
         if now != self.shadow {
             let first = now.iter().zip(&self.shadow).position(|(a, b)| a != b).unwrap();
             panic!("step {step}: live disk differs from the model first at byte {first}");
@@ -338,7 +360,7 @@ impl Model {
                 let mid = lo + (hi - lo) / 2;
                 for (a, b) in [(lo, mid), (mid, hi)] {
                     let mut buf = vec![0u8; (b - a) as usize];
-                    let res = s.view.read_at(&mut buf, a);
+                    let res = s.view.read_at(&mut buf, a, IoFlags::NONE);
                     if s.readable(c) {
                         if let Err(e) = res {
                             panic!("step {step}: snapshot {i} cluster {c} ({a}..{b}): {e}");
@@ -364,7 +386,7 @@ impl Model {
 /// a cluster the view no longer serves; read-once then drops what it read.
 fn check_read(s: &mut Shadow, off: u64, len: u64) {
     let mut buf = vec![0u8; len as usize];
-    let res = s.view.read_at(&mut buf, off);
+    let res = s.view.read_at(&mut buf, off, IoFlags::NONE);
     if len == 0 {
         res.unwrap();
         return;
@@ -498,6 +520,8 @@ fn model_smoke_with_every_option() {
         (StoreKind::RamSpill, 2, false, Some(0b1010_0000_1111_0110u16)),
         (StoreKind::File, 1, true, None),
         (StoreKind::File, 2, true, Some(0xff0f)),
+        (StoreKind::Devices, 1, false, Some(0x0ff0)),
+        (StoreKind::Devices, 2, true, None),
     ] {
         let first = Op::Take {
             store,
@@ -622,7 +646,7 @@ fn concurrent_run(store_kind: StoreKind, cluster: u64, seed: u64) {
             }
         })
         .collect();
-    file.write_at(&img0, 0, false).unwrap();
+    file.write_at(&img0, 0, IoFlags::NONE).unwrap();
     // Clusters 4, 9, 14, ... are holes at the instant.
     for c in (4..NCL).step_by(5) {
         file.trim(c * CL, CL).unwrap();
@@ -637,6 +661,7 @@ fn concurrent_run(store_kind: StoreKind, cluster: u64, seed: u64) {
             StoreKind::RamSpill => {
                 Box::new(RamStore::new(8 * CL, dir.path().join(format!("spill{n}")), DISK))
             }
+            StoreKind::Devices => Box::new(device_store(dir.path(), n, DISK, 4 * CL)),
         }
     };
     let opts = SnapshotOptions {
@@ -682,7 +707,7 @@ fn concurrent_run(store_kind: StoreKind, cluster: u64, seed: u64) {
                         _ => {
                             let b = (t * 50 + i % 50) as u8 | 0x80;
                             let data = vec![b; len as usize];
-                            live.write_at(&data, base + off, false).unwrap();
+                            live.write_at(&data, base + off, IoFlags::NONE).unwrap();
                             mine[o].copy_from_slice(&data);
                         }
                     }
@@ -750,7 +775,7 @@ fn concurrent_run(store_kind: StoreKind, cluster: u64, seed: u64) {
         {
             let g = live.freeze();
             let mut img = vec![0u8; DISK as usize];
-            live.read_at(&mut img, 0).unwrap();
+            live.read_at(&mut img, 0, IoFlags::NONE).unwrap();
             let s = live.snapshot(mk(2), opts.clone());
             drop(g);
             *lock(&second) = Some((s, Arc::new(img)));
@@ -765,7 +790,7 @@ fn concurrent_run(store_kind: StoreKind, cluster: u64, seed: u64) {
         expect[base as usize..(base + REGION) as usize].copy_from_slice(mine);
     }
     let mut now = vec![0u8; DISK as usize];
-    live.read_at(&mut now, 0).unwrap();
+    live.read_at(&mut now, 0, IoFlags::NONE).unwrap();
     assert!(now == expect, "live disk differs from what the writers wrote");
     let mut all = vec![0u8; DISK as usize];
     snap1.read_at(&mut all, 0).unwrap();
@@ -796,4 +821,9 @@ fn concurrent_view_reads_always_see_the_instant_ram_store_with_spill_and_big_clu
 #[test]
 fn concurrent_view_reads_always_see_the_instant_ram_store() {
     concurrent_run(StoreKind::Ram, 2 * CL, 0x5eed_0003);
+}
+
+#[test]
+fn concurrent_view_reads_always_see_the_instant_device_store() {
+    concurrent_run(StoreKind::Devices, 2 * CL, 0x5eed_0004);
 }

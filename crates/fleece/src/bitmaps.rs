@@ -89,8 +89,8 @@ pub(crate) fn new_bitmap(
     enabled: bool,
     persistent: bool,
 ) -> Result<NamedBitmap> {
-    let size = fleece_block::BlockDev::size(&*d.file);
-    let path = sidecar_path(&d.path, name);
+    let size = d.image.size();
+    let path = sidecar_path(d.image.path(), name);
     // Nothing is deleted while a transaction is only being checked: a file
     // there may be a bitmap that an earlier action removes (at the instant,
     // or never if the transaction fails), or someone's copy.

@@ -200,16 +200,16 @@ fn watch_image_sizes(registry: &Registry, stop: &std::sync::mpsc::Receiver<()>) 
         for d in disks {
             // Deleted or replaced (renamed over): writes go on to the file
             // fleece opened, which is no longer the one at the path.
-            let now_id = std::fs::metadata(&d.path).map(|m| {
+            let now_id = std::fs::metadata(d.image.path()).map(|m| {
                 use std::os::unix::fs::MetadataExt;
                 (m.dev(), m.ino())
             });
-            let replaced = now_id.as_ref().map_or(true, |id| *id != d.id);
+            let replaced = now_id.as_ref().map_or(true, |id| *id != d.image.id());
             if replaced != gone.contains(&d.name) {
                 if replaced {
                     tracing::error!(
                         disk = %d.name,
-                        image = %d.path.display(),
+                        image = %d.image.path().display(),
                         "image file was deleted or replaced underneath: fleece keeps serving the file it opened, \
                          which is no longer at that path"
                     );
@@ -218,8 +218,8 @@ fn watch_image_sizes(registry: &Registry, stop: &std::sync::mpsc::Receiver<()>) 
                     gone.remove(&d.name);
                 }
             }
-            let served = fleece_block::BlockDev::size(&*d.file);
-            let Ok(now) = d.file.file_len() else { continue };
+            let served = d.image.size();
+            let Ok(now) = d.image.file_len() else { continue };
             let last = reported.get(&d.name).copied().unwrap_or(served);
             if now == last {
                 continue;
@@ -227,7 +227,7 @@ fn watch_image_sizes(registry: &Registry, stop: &std::sync::mpsc::Receiver<()>) 
             if now < served {
                 tracing::error!(
                     disk = %d.name,
-                    image = %d.path.display(),
+                    image = %d.image.path().display(),
                     file_size = now,
                     disk_size = served,
                     "image file size changed underneath: it was truncated by another program; \
@@ -236,14 +236,14 @@ fn watch_image_sizes(registry: &Registry, stop: &std::sync::mpsc::Receiver<()>) 
             } else if now > served {
                 tracing::warn!(
                     disk = %d.name,
-                    image = %d.path.display(),
+                    image = %d.image.path().display(),
                     file_size = now,
                     disk_size = served,
                     "image file size changed underneath: another program extended it; the disk keeps \
                      its size (use `fleece disk resize` to change it)"
                 );
             } else {
-                tracing::info!(disk = %d.name, image = %d.path.display(), "image file size is back to the disk's size");
+                tracing::info!(disk = %d.name, image = %d.image.path().display(), "image file size is back to the disk's size");
             }
             reported.insert(d.name.clone(), now);
         }
@@ -274,7 +274,7 @@ fn banner(d: &Daemon) {
         if disks.len() == 1 { "" } else { "s" }
     );
     for disk in &disks {
-        let size = fleece_block::BlockDev::size(&*disk.file);
+        let size = disk.image.size();
         text += &format!("  {:<12} {:>9}  {}\n", disk.name, human(size), d.uri(&disk.name));
         for l in d.listen.iter().skip(1) {
             text += &format!("  {:<12} {:>9}  {}\n", "", "", l.uri(&disk.name));

@@ -1,10 +1,9 @@
 //! Disks: opening an image and serving it, removing it, resizing it.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use fleece_block::{BlockDev, LiveDisk, LockMode, RawFile};
+use fleece_block::{image, BlockDev, ImageOptions, LiveDisk, LockMode};
 use serde_json::json;
 
 use crate::bitmaps;
@@ -35,8 +34,9 @@ impl Disks {
         }
     }
 
-    /// Opens the image at `path` (locked as QEMU locks its images) and
-    /// exports it as `name`, with the dirty bitmaps saved beside it.
+    /// Opens the image at `path` (in whatever format the image factory finds,
+    /// locked as QEMU locks its images) and exports it as `name`, with the
+    /// dirty bitmaps saved beside it.
     pub fn add(&self, name: &str, path: &Path) -> Result<Arc<Disk>> {
         check_name("disk", name)?;
         let _change = self.registry.change();
@@ -49,47 +49,40 @@ impl Disks {
                 path.display()
             )));
         }
-        let file = RawFile::open(path, false).map_err(|e| Error::invalid(e.to_string()))?;
-        let meta = std::fs::metadata(path)
-            .map_err(|e| Error::invalid(format!("cannot stat {}: {e}", path.display())))?;
-        let id = (meta.dev(), meta.ino());
+        let image = image::open(path, &ImageOptions::default()).map_err(|e| Error::invalid(e.to_string()))?;
         // Two names for one file would let writes through one name skip the
         // other's snapshots and bitmaps.
-        if let Some(other) = self.registry.disk_by_id(id) {
+        if let Some(other) = self.registry.disk_by_id(image.id()) {
             return Err(Error::new(
                 Kind::Exists,
                 format!(
                     "{} is already served as disk '{}' ({}): one image may be served under one name only",
                     path.display(),
                     other.name,
-                    other.path.display()
+                    other.image.path().display()
                 ),
             ));
         }
-        file.lock(LockMode::ReadWrite).map_err(|e| {
+        image.lock(LockMode::ReadWrite).map_err(|e| {
             let kind = match e.kind() {
                 fleece_block::ErrorKind::Locked => Kind::Busy,
                 _ => Kind::InvalidArgument,
             };
             Error::new(kind, e.to_string())
         })?;
-        let file = Arc::new(file);
-        let live = Arc::new(LiveDisk::new(file.clone()));
-        for b in bitmaps::load_sidecars(path, file.size())? {
+        let live = Arc::new(LiveDisk::new(image.device().clone()));
+        for b in bitmaps::load_sidecars(path, image.size())? {
             live.add_bitmap(Arc::new(b));
         }
-        let export = Arc::new(Export {
-            name: name.to_string(),
-            disk: name.to_string(),
-            dev: live.clone(),
-            read_only: false,
-            meta: MetaSource::Live(live.clone()),
-        });
+        let export = Arc::new(Export::new(
+            name,
+            name,
+            live.clone(),
+            MetaSource::Live(live.clone()),
+        ));
         let disk = Arc::new(Disk {
             name: name.to_string(),
-            path: path.to_path_buf(),
-            id,
-            file,
+            image,
             live,
             export,
         });
@@ -132,7 +125,9 @@ impl Disks {
             self.events
                 .emit("snapshot_deleted", json!({ "snapshot": e.export.name }));
         }
-        if let Err(e) = disk.file.flush() {
+        // Through the top of the stack: whatever a layer above the image
+        // holds back is flushed too.
+        if let Err(e) = disk.live.flush() {
             tracing::warn!(disk = name, error = %e, "flush on removal failed");
         }
         if !closed {
@@ -147,7 +142,7 @@ impl Disks {
                 ),
             ));
         }
-        disk.file.unlock();
+        disk.image.unlock();
         Ok(disk)
     }
 
@@ -176,7 +171,7 @@ impl Disks {
                 human(MAX_DISK_SIZE)
             )));
         }
-        let old = disk.file.size();
+        let old = disk.image.size();
         if size == old {
             return Ok(disk);
         }
@@ -204,10 +199,10 @@ impl Disks {
         let res = {
             // No write may run while the size changes under it.
             let _frozen = disk.live.freeze();
-            let res = disk.file.resize(size);
+            let res = disk.image.resize(size);
             // Once the file has its new length (even if the sync after it
             // failed), the bitmaps follow.
-            if disk.file.size() == size {
+            if disk.image.size() == size {
                 for b in disk.live.bitmaps().iter() {
                     if let Err(e) = b.resize(size) {
                         b.mark_inconsistent(&format!("it could not follow a resize of its disk: {e}"));
@@ -234,7 +229,7 @@ impl Disks {
     /// Flushes every disk (shutdown path).
     pub fn flush_all(&self) {
         for d in self.registry.disks() {
-            if let Err(e) = d.file.flush() {
+            if let Err(e) = d.live.flush() {
                 tracing::error!(disk = %d.name, error = %e, "flush failed");
             }
         }

@@ -8,10 +8,9 @@
 //! still holds when it inserts.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use fleece_block::{BlockDev, LiveDisk, RawFile, Snapshot, Subscription};
+use fleece_block::{BlockDev, Capabilities, Image, LiveDisk, Snapshot, Subscription};
 
 use crate::error::{Error, Kind, Result};
 
@@ -23,8 +22,9 @@ pub struct Export {
     pub disk: String,
     /// What reads and writes go to.
     pub dev: Arc<dyn BlockDev>,
-    /// Writes are refused.
-    pub read_only: bool,
+    /// What `dev` can do, asked once when the export was made: the
+    /// handshake's flags and every request's checks read it here.
+    pub caps: Capabilities,
     /// Where the export's dirty bitmaps come from.
     pub meta: MetaSource,
 }
@@ -38,6 +38,17 @@ pub enum MetaSource {
 }
 
 impl Export {
+    /// The export `name` of disk `disk`, serving `dev`.
+    pub fn new(name: &str, disk: &str, dev: Arc<dyn BlockDev>, meta: MetaSource) -> Self {
+        Export {
+            name: name.to_string(),
+            disk: disk.to_string(),
+            caps: dev.capabilities(),
+            dev,
+            meta,
+        }
+    }
+
     /// Dirty/clean runs of bitmap `name` over the range, as (length,
     /// dirty), or why they cannot be given.
     pub fn bitmap_extents(
@@ -81,16 +92,13 @@ impl Export {
     }
 }
 
-/// A disk: an image file served read-write under its own name.
+/// A disk: an image served read-write under its own name.
 pub struct Disk {
     /// Name (also its export name).
     pub name: String,
-    /// Image path as given.
-    pub path: PathBuf,
-    /// Device and inode of the image: one file is served under one name.
-    pub id: (u64, u64),
-    /// The open image.
-    pub file: Arc<RawFile>,
+    /// The open image: its device, its path as given, its file's device and
+    /// inode (one file is served under one name), locks, length, resize.
+    pub image: Image,
     /// Copy-before-write layer in front of the image; what clients write.
     pub live: Arc<LiveDisk>,
     /// The live export.
@@ -207,7 +215,7 @@ impl Registry {
 
     /// The disk serving the file with this device and inode, if any.
     pub fn disk_by_id(&self, id: (u64, u64)) -> Option<Arc<Disk>> {
-        self.read().disks.values().find(|d| d.id == id).cloned()
+        self.read().disks.values().find(|d| d.image.id() == id).cloned()
     }
 
     /// Every export.
@@ -278,7 +286,7 @@ impl Registry {
                 format!("disk '{}' already exists", disk.name),
             ));
         }
-        if let Some(other) = inner.disks.values().find(|d| d.id == disk.id) {
+        if let Some(other) = inner.disks.values().find(|d| d.image.id() == disk.image.id()) {
             return Err(Error::new(
                 Kind::Exists,
                 format!("image already served as disk '{}'", other.name),

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fleece_block::{FileStore, OnCbwError, RamStore, SnapshotEvent, SnapshotOptions, SnapshotView, Store};
+use fleece_block::{
+    BlockDev, FileStore, IoHints, OnCbwError, RamStore, SnapshotEvent, SnapshotOptions, SnapshotView, Store,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -54,18 +56,18 @@ impl Store for Recorded {
     fn describe(&self) -> (&'static str, Option<PathBuf>) {
         self.store.describe()
     }
-    fn save_from_file(
+    fn save_from(
         &self,
         index: u64,
         cluster: u64,
-        src: &fleece_block::RawFile,
+        src: &dyn BlockDev,
         offset: u64,
         len: u64,
     ) -> Option<fleece_block::Result<()>> {
-        self.store.save_from_file(index, cluster, src, offset, len)
+        self.store.save_from(index, cluster, src, offset, len)
     }
-    fn is_in_memory(&self) -> bool {
-        self.store.is_in_memory()
+    fn hints(&self) -> IoHints {
+        self.store.hints()
     }
 }
 
@@ -263,11 +265,7 @@ impl Snapshots {
                     "a RAM store needs a size above 0 (ram:SIZE, e.g. ram:1G); for no memory use a file store",
                 ));
             }
-            let largest = disks
-                .iter()
-                .map(|d| fleece_block::BlockDev::size(&*d.file))
-                .max()
-                .unwrap_or(0);
+            let largest = disks.iter().map(|d| d.image.size()).max().unwrap_or(0);
             let capped = budget.min(largest);
             if let Some(mem) = host_memory() {
                 if capped > mem {
@@ -286,7 +284,7 @@ impl Snapshots {
             .map_err(|e| Error::invalid(format!("cannot create {}: {e}", dir.display())))?;
         let mut stores: Vec<Box<dyn Store>> = Vec::new();
         for d in &disks {
-            let size = fleece_block::BlockDev::size(&*d.file);
+            let size = d.image.size();
             let store: Box<dyn Store> = match &spec {
                 StoreSpec::File(p) => {
                     let path = p
@@ -361,13 +359,12 @@ impl Snapshots {
                 ),
                 _ => {}
             });
-            let export = Arc::new(Export {
-                name: id.clone(),
-                disk: d.name.clone(),
-                dev: Arc::new(SnapshotView(snap.clone())),
-                read_only: true,
-                meta: MetaSource::Snapshot(snap.clone(), req.bitmap.clone()),
-            });
+            let export = Arc::new(Export::new(
+                &id,
+                &d.name,
+                Arc::new(SnapshotView(snap.clone())),
+                MetaSource::Snapshot(snap.clone(), req.bitmap.clone()),
+            ));
             let entry = Arc::new(SnapshotEntry {
                 disk: d.name.clone(),
                 name: req.name.clone(),
@@ -375,9 +372,7 @@ impl Snapshots {
                 export: export.clone(),
                 created,
                 bitmap: req.bitmap.clone(),
-                memory_limit: p
-                    .memory_limit
-                    .map(|m| m.min(fleece_block::BlockDev::size(&*d.file))),
+                memory_limit: p.memory_limit.map(|m| m.min(d.image.size())),
                 _subscription: subscription,
             });
             // The name was checked free under the same hold of the

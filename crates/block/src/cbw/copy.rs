@@ -15,6 +15,8 @@ use std::time::Instant;
 use super::events::{Runs, SnapshotEvent};
 use super::snapshot::{Inner, OnCbwError, Snapshot};
 use super::state::{quiet, COPYING, MASK, NOT_COPIED, NOT_NEEDED, READERS, SAVED, ZEROED};
+use crate::dev::IoFlags;
+use crate::ext::read_split;
 use crate::{Error, ErrorKind, Result};
 
 /// Most clusters copied in one store write.
@@ -25,7 +27,7 @@ impl Snapshot {
     /// memory and there is no copy timeout (timed copies run on a copier
     /// thread).
     pub(super) fn copies_in_memory(&self) -> bool {
-        self.store.is_in_memory() && self.opts.cbw_timeout.is_none()
+        self.store.hints().in_memory && self.opts.cbw_timeout.is_none()
     }
 
     /// True if a live write to the range needs nothing from this snapshot.
@@ -224,17 +226,15 @@ impl Snapshot {
     }
 
     fn save_run(&self, c: u64, bytes: u64) -> Result<()> {
-        // File to file, the kernel copies (or shares) the data itself.
-        let direct = self.base.as_raw_file().and_then(|src| {
-            self.store
-                .save_from_file(c, self.cluster, src, c * self.cluster, bytes)
-        });
-        match direct {
+        let at = c * self.cluster;
+        // Device to device: the store may have the kernel copy (or share)
+        // the data itself; if it declines, even part way, the whole run
+        // goes through a buffer.
+        match self.store.save_from(c, self.cluster, &*self.base, at, bytes) {
             Some(r) => r,
             None => {
                 let mut buf = vec![0u8; bytes as usize];
-                self.base
-                    .read_at(&mut buf, c * self.cluster)
+                read_split(&*self.base, &mut buf, at, IoFlags::NONE, self.base_max)
                     .and_then(|_| self.store.save(c, self.cluster, &buf))
             }
         }

@@ -5,9 +5,9 @@ use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
 use super::pool::Copiers;
 use super::snapshot::{Snapshot, SnapshotOptions};
-use crate::dev::{check_range, BlockDev, Capabilities, Extent, ZeroFlags};
-use crate::persist::NamedBitmap;
-use crate::raw::RawFile;
+use crate::bitmap::NamedBitmap;
+use crate::dev::{check_range, BlockDev, Capabilities, IoFlags, IoHints, ZeroFlags};
+use crate::mapping::Extent;
 use crate::store::Store;
 use crate::{Error, ErrorKind, Result};
 
@@ -105,11 +105,15 @@ impl LiveDisk {
         self.snapshots.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    fn check_end(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(self.base.size(), offset, len)
+            .map_err(|_| Error::new(ErrorKind::BeyondEnd, "write beyond the end of the disk"))
+    }
+
     /// Runs `f` (a change to the range) after every snapshot saved what it
     /// needs, holding the gate shared throughout.
     fn changing<T>(&self, offset: u64, len: u64, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        check_range(self.base.size(), offset, len)
-            .map_err(|_| Error::new(ErrorKind::NoSpace, "write beyond the end of the disk"))?;
+        self.check_end(offset, len)?;
         let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         if len > 0 {
             // Bits first: durable before the data can reach the disk.
@@ -122,33 +126,20 @@ impl LiveDisk {
         }
         f()
     }
-}
 
-impl BlockDev for LiveDisk {
-    fn size(&self) -> u64 {
-        self.base.size()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.base.capabilities()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.base.read_at(buf, offset)
-    }
-    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
-        self.base.try_read_at(buf, offset)
-    }
-    fn is_in_memory(&self) -> bool {
-        self.base.is_in_memory()
-    }
-    fn as_raw_file(&self) -> Option<&RawFile> {
-        self.base.as_raw_file()
-    }
-    fn try_write_at(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
-        let _gate = self.gate.try_read().ok()?;
+    /// A write that must not wait: only if the gate is open, every bitmap
+    /// bit is already set (a new one means an `fdatasync`), and no snapshot
+    /// needs a copy, or every copy is a memory copy.
+    fn write_now(&self, buf: &[u8], offset: u64, flags: IoFlags) -> Result<()> {
+        if flags.fua {
+            return Err(Error::would_block());
+        }
         let len = buf.len() as u64;
-        // A new bitmap bit means an fdatasync: that goes to the pool.
+        let Ok(_gate) = self.gate.try_read() else {
+            return Err(Error::would_block());
+        };
         if !self.bitmaps().iter().all(|b| b.covers(offset, len)) {
-            return None;
+            return Err(Error::would_block());
         }
         let snaps = self.attached();
         if !snaps.iter().all(|s| s.write_is_free(offset, len)) {
@@ -157,20 +148,43 @@ impl BlockDev for LiveDisk {
             // copy phase of a fresh snapshot, where the write latency tail is.
             // A wait here is for another thread's copy or view read of the
             // same cluster, which do not need this one.
-            if !self.base.is_in_memory() || !snaps.iter().all(|s| s.copies_in_memory()) {
-                return None;
+            if !self.base.hints().in_memory || !snaps.iter().all(|s| s.copies_in_memory()) {
+                return Err(Error::would_block());
             }
-            check_range(self.base.size(), offset, len).ok()?;
+            // Only here: the plain path leaves the range to the device, and
+            // a call less per request.
+            self.check_end(offset, len)?;
             for s in snaps.iter() {
-                if let Err(e) = s.before_write(offset, len) {
-                    return Some(Err(e));
-                }
+                s.before_write(offset, len)?;
             }
         }
-        self.base.try_write_at(buf, offset)
+        self.base.write_at(buf, offset, flags)
     }
-    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
-        self.changing(offset, buf.len() as u64, || self.base.write_at(buf, offset, fua))
+}
+
+/// A filter: writes, zeroes and trims first mark the bitmaps and copy what
+/// the snapshots need; everything else is the device underneath. It has no
+/// [`data_fd`](BlockDev::data_fd): writing the file would skip both.
+impl BlockDev for LiveDisk {
+    fn size(&self) -> u64 {
+        self.base.size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.base.capabilities()
+    }
+    fn hints(&self) -> IoHints {
+        self.base.hints()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64, flags: IoFlags) -> Result<()> {
+        self.base.read_at(buf, offset, flags)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, flags: IoFlags) -> Result<()> {
+        if flags.no_wait {
+            return self.write_now(buf, offset, flags);
+        }
+        self.changing(offset, buf.len() as u64, || {
+            self.base.write_at(buf, offset, flags)
+        })
     }
     fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
         self.changing(offset, length, || self.base.write_zeroes(offset, length, flags))
@@ -181,10 +195,16 @@ impl BlockDev for LiveDisk {
     fn flush(&self) -> Result<()> {
         self.base.flush()
     }
+    fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        self.base.block_status(offset, length)
+    }
     fn cache(&self, offset: u64, length: u64) -> Result<()> {
         self.base.cache(offset, length)
     }
-    fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
-        self.base.block_status(offset, length)
+    fn next_data(&self, offset: u64, end: u64) -> Result<Option<u64>> {
+        self.base.next_data(offset, end)
+    }
+    fn copy_to(&self, offset: u64, dst: &dyn BlockDev, dst_offset: u64, len: u64) -> Option<Result<()>> {
+        self.base.copy_to(offset, dst, dst_offset, len)
     }
 }

@@ -13,6 +13,7 @@ use super::state::States;
 use super::wait::{WaitSlots, Waiting};
 use crate::bitmap::DirtyBitmap;
 use crate::dev::BlockDev;
+use crate::ext::max_transfer;
 use crate::store::Store;
 use crate::{Error, ErrorKind, Result};
 
@@ -88,6 +89,8 @@ pub(super) struct Inner {
 /// The state of one disk at one instant.
 pub struct Snapshot {
     pub(super) base: Arc<dyn BlockDev>,
+    /// The base's maximum transfer, asked once: reads split by it.
+    pub(super) base_max: u64,
     pub(super) size: u64,
     pub(super) cluster: u64,
     pub(super) store: Box<dyn Store>,
@@ -116,11 +119,13 @@ impl Snapshot {
         copiers: Arc<Copiers>,
     ) -> Self {
         let size = base.size();
+        let base_max = max_transfer(&base.capabilities());
         let g = store.granularity().max(1);
         let cluster = opts.cluster_size.max(g).div_ceil(g) * g;
         let clusters = size.div_ceil(cluster).max(1);
         Snapshot {
             base,
+            base_max,
             size,
             cluster,
             store,

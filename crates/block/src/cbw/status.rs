@@ -5,7 +5,8 @@
 use super::pin::ReadPin;
 use super::snapshot::Snapshot;
 use super::view::Source;
-use crate::dev::{check_range, Extent, Mapping};
+use crate::dev::check_range;
+use crate::mapping::{push_extent as push, Extent, Mapping};
 use crate::Result;
 
 impl Snapshot {
@@ -101,14 +102,4 @@ impl Snapshot {
         }
         Ok(out)
     }
-}
-
-fn push(out: &mut Vec<Extent>, length: u64, mapping: Mapping) {
-    if let Some(last) = out.last_mut() {
-        if last.mapping == mapping {
-            last.length += length;
-            return;
-        }
-    }
-    out.push(Extent { length, mapping });
 }

@@ -14,7 +14,9 @@ use super::events::{Runs, SnapshotEvent};
 use super::pin::ReadPin;
 use super::snapshot::Snapshot;
 use super::state::{MASK, NOT_NEEDED, SAVED, ZEROED};
-use crate::dev::{check_range, BlockDev, Capabilities, Extent, ZeroFlags};
+use crate::dev::{check_range, BlockDev, Capabilities, IoFlags, ZeroFlags};
+use crate::ext::read_split;
+use crate::mapping::Extent;
 use crate::{Error, ErrorKind, Result};
 
 /// Where a cluster as of the instant is read from.
@@ -59,7 +61,7 @@ impl Snapshot {
             let hi = (end * self.cluster).min(offset + buf.len() as u64);
             let part = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
             let res = if let Some(pin) = pin {
-                let r = self.base.read_at(part, lo);
+                let r = read_split(&*self.base, part, lo, IoFlags::NONE, self.base_max);
                 drop(pin);
                 r
             } else if src == Source::Zero {
@@ -182,18 +184,19 @@ impl BlockDev for SnapshotView {
         Capabilities {
             read_only: true,
             trim: true,
-            fast_zero: false,
+            preferred_io: self.0.base.capabilities().preferred_io,
+            ..Capabilities::default()
         }
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+    fn read_at(&self, buf: &mut [u8], offset: u64, flags: IoFlags) -> Result<()> {
         // View reads never wait on copies (rule 1), so with both sides in
         // memory they cannot block and may run inline.
-        (self.0.base.is_in_memory() && self.0.store.is_in_memory()).then(|| self.0.read_at(buf, offset))
+        if flags.no_wait && !(self.0.base.hints().in_memory && self.0.store.hints().in_memory) {
+            return Err(Error::would_block());
+        }
+        self.0.read_at(buf, offset)
     }
-    fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> Result<()> {
+    fn write_at(&self, _buf: &[u8], _offset: u64, _flags: IoFlags) -> Result<()> {
         Err(Error::new(ErrorKind::ReadOnly, "snapshot views are read-only"))
     }
     fn write_zeroes(&self, _offset: u64, _length: u64, _flags: ZeroFlags) -> Result<()> {
@@ -206,9 +209,6 @@ impl BlockDev for SnapshotView {
     }
     fn flush(&self) -> Result<()> {
         Ok(())
-    }
-    fn cache(&self, offset: u64, length: u64) -> Result<()> {
-        check_range(self.0.size, offset, length)
     }
     fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
         self.0.block_status(offset, length)

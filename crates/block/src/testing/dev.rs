@@ -3,24 +3,29 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::trap::Trap;
-use crate::dev::{BlockDev, Capabilities, Extent, ZeroFlags};
+use crate::dev::{BlockDev, Capabilities, IoFlags, ZeroFlags};
+use crate::mapping::Extent;
 use crate::raw::RawFile;
-use crate::Result;
+use crate::{Error, Result};
 
 /// A device whose reads, changes (write, write-zeroes, trim) and block
-/// status first pass through a [`Trap`].
+/// status first pass through a [`Trap`]. It wraps any device, an
+/// `Arc<dyn BlockDev>` too.
 ///
-/// It does not pass on [`try_read_at`](BlockDev::try_read_at) or
-/// [`is_in_memory`](BlockDev::is_in_memory), so every call it gets goes
-/// through a worker-thread path and can be trapped. It does pass on
-/// [`as_raw_file`](BlockDev::as_raw_file), so copies may go file to file
-/// past the read trap.
+/// Its reads refuse [`no_wait`](IoFlags::no_wait) and it leaves
+/// [`hints`](BlockDev::hints) at "not in memory", so every read it gets
+/// goes through a worker-thread path and can be trapped. It keeps the
+/// default [`next_data`](BlockDev::next_data), through block status, so
+/// the status trap sees copy-before-write's probes. It passes on
+/// [`copy_to`](BlockDev::copy_to), so copies from it may go file to file
+/// past the read trap, but exposes no [`data_fd`](BlockDev::data_fd), so
+/// nothing writes into it past the write trap.
 pub struct HookDev<D = RawFile> {
     /// The device underneath; use it to look past the hooks.
     pub inner: D,
     /// Holds `read_at`.
     pub read: Trap,
-    /// Holds `write_at`, `try_write_at`, `write_zeroes` and `trim`.
+    /// Holds `write_at` (no-wait writes too), `write_zeroes` and `trim`.
     pub write: Trap,
     /// Holds `block_status`.
     pub status: Trap,
@@ -52,21 +57,17 @@ impl<D: BlockDev> BlockDev for HookDev<D> {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
-    fn as_raw_file(&self) -> Option<&RawFile> {
-        self.inner.as_raw_file()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_at(&self, buf: &mut [u8], offset: u64, flags: IoFlags) -> Result<()> {
+        if flags.no_wait {
+            return Err(Error::would_block());
+        }
         self.reads.fetch_add(1, Ordering::SeqCst);
         self.read.hit(offset, buf.len() as u64);
-        self.inner.read_at(buf, offset)
+        self.inner.read_at(buf, offset, flags)
     }
-    fn try_write_at(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
+    fn write_at(&self, buf: &[u8], offset: u64, flags: IoFlags) -> Result<()> {
         self.write.hit(offset, buf.len() as u64);
-        self.inner.try_write_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
-        self.write.hit(offset, buf.len() as u64);
-        self.inner.write_at(buf, offset, fua)
+        self.inner.write_at(buf, offset, flags)
     }
     fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
         self.write.hit(offset, length);
@@ -85,5 +86,8 @@ impl<D: BlockDev> BlockDev for HookDev<D> {
     fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
         self.status.hit(offset, length);
         self.inner.block_status(offset, length)
+    }
+    fn copy_to(&self, offset: u64, dst: &dyn BlockDev, dst_offset: u64, len: u64) -> Option<Result<()>> {
+        self.inner.copy_to(offset, dst, dst_offset, len)
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use super::trap::{lock, Trap, DEADLINE};
-use crate::raw::RawFile;
+use crate::dev::BlockDev;
 use crate::store::Store;
 use crate::{Error, ErrorKind, Result};
 
@@ -17,7 +17,7 @@ use crate::{Error, ErrorKind, Result};
 /// [`boxed`](HookStore::boxed), so the test keeps a handle to it.
 pub struct HookStore {
     inner: Box<dyn Store>,
-    /// Holds `save` before it stores anything, and `save_from_file` after
+    /// Holds `save` before it stores anything, and `save_from` after
     /// the data landed (the cluster is still in flight until the engine
     /// settles it).
     pub save: Trap,
@@ -119,13 +119,13 @@ impl Store for Shared {
         s.record(index, cluster, data.len() as u64);
         Ok(())
     }
-    /// The file-to-file path, where the inner store has one: the failure is
+    /// The kernel-copy path, where the inner store has one: the failure is
     /// injected before it, the trap holds the copy after the data landed.
-    fn save_from_file(
+    fn save_from(
         &self,
         index: u64,
         cluster: u64,
-        src: &RawFile,
+        src: &dyn BlockDev,
         offset: u64,
         len: u64,
     ) -> Option<Result<()>> {
@@ -133,7 +133,7 @@ impl Store for Shared {
         if let Some(kind) = *lock(&s.fail) {
             return Some(Err(Error::new(kind, "injected store failure")));
         }
-        let res = s.inner.save_from_file(index, cluster, src, offset, len)?;
+        let res = s.inner.save_from(index, cluster, src, offset, len)?;
         s.save.hit(index, len);
         if res.is_ok() {
             s.record(index, cluster, len);

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use fleece_block::{BlockDev, NamedBitmap, OnCbwError};
+use fleece_block::{NamedBitmap, OnCbwError};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -84,8 +84,8 @@ impl Daemon {
     fn disk(&self, d: &registry::Disk) -> types::Disk {
         types::Disk {
             name: d.name.clone(),
-            path: d.path.clone(),
-            size: d.file.size(),
+            path: d.image.path().to_path_buf(),
+            size: d.image.size(),
             export: d.export.name.clone(),
             uri: self.uri(&d.export.name),
             connections: self.clients.active(std::slice::from_ref(&d.export.name)),

@@ -4,11 +4,11 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use fleece_block::{AlignedBuf, ErrorKind, Mapping, ZeroFlags};
+use fleece_block::{AlignedBuf, ErrorKind, IoFlags, Mapping, ZeroFlags};
 use fleece_nbd::consts::*;
 use fleece_nbd::{Extent, Replies, Request};
 
-use super::exports::{DIRTY_BITMAP_PREFIX, MAX_PAYLOAD};
+use super::exports::{max_payload, DIRTY_BITMAP_PREFIX, MAX_PAYLOAD};
 use super::frame::{give_buf, take_buf};
 use crate::registry::Export;
 
@@ -123,10 +123,16 @@ fn allowed_flags(command: u16, structured: bool) -> u16 {
 pub fn errno(kind: ErrorKind) -> u32 {
     match kind {
         ErrorKind::OutOfRange | ErrorKind::Invalid => EINVAL,
-        ErrorKind::NoSpace | ErrorKind::StoreFull => ENOSPC,
+        ErrorKind::BeyondEnd | ErrorKind::StoreFull => ENOSPC,
         ErrorKind::NotSupported => ENOTSUP,
         ErrorKind::ReadOnly | ErrorKind::AccessDenied => EPERM,
-        ErrorKind::Broken | ErrorKind::TimedOut | ErrorKind::Io | ErrorKind::Locked => EIO,
+        // WouldBlock never reaches a client: inline requests that get it
+        // go to a worker, which runs them without `no_wait`.
+        ErrorKind::Broken
+        | ErrorKind::TimedOut
+        | ErrorKind::Io
+        | ErrorKind::Locked
+        | ErrorKind::WouldBlock => EIO,
     }
 }
 
@@ -155,12 +161,13 @@ pub fn run(ctx: &Ctx, req: &Request, payload: &[u8], out: &mut Out, exec: Exec) 
         return fail(EINVAL, "this command takes no payload");
     }
     let dev = &ctx.export.dev;
+    let caps = &ctx.export.caps;
     let size = dev.size();
     let in_range = req.offset.checked_add(req.length).is_some_and(|end| end <= size);
     // Trim on a read-only snapshot view means "discard", which it allows.
-    let writes = matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES)
-        || (req.command == CMD_TRIM && !dev.capabilities().trim);
-    if writes && ctx.export.read_only {
+    let writes =
+        matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES) || (req.command == CMD_TRIM && !caps.trim);
+    if writes && caps.read_only {
         return fail(
             EPERM,
             "export is read-only (snapshot views accept only reads and trim, which discards)",
@@ -169,7 +176,7 @@ pub fn run(ctx: &Ctx, req: &Request, payload: &[u8], out: &mut Out, exec: Exec) 
     let inline = exec == Exec::Inline;
     let result = match req.command {
         CMD_READ => {
-            if req.length > MAX_PAYLOAD as u64 {
+            if req.length > max_payload(caps) as u64 {
                 return fail(EINVAL, "read is larger than the maximum block size");
             }
             if !in_range {
@@ -185,17 +192,22 @@ pub fn run(ctx: &Ctx, req: &Request, payload: &[u8], out: &mut Out, exec: Exec) 
             if !in_range {
                 return fail(ENOSPC, "write beyond the end of the export");
             }
+            // The framing refuses payloads past MAX_PAYLOAD; a device may
+            // take less (the export says so).
+            if payload.len() as u64 > max_payload(caps) as u64 {
+                return fail(EINVAL, "write is larger than the maximum block size");
+            }
             let fua = req.flags & CMD_FLAG_FUA != 0;
             if inline {
                 if fua {
                     return false;
                 }
-                match dev.try_write_at(payload, req.offset) {
-                    Some(res) => res,
-                    None => return false,
+                match dev.write_at(payload, req.offset, IoFlags::NO_WAIT) {
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                    res => res,
                 }
             } else {
-                dev.write_at(payload, req.offset, fua)
+                dev.write_at(payload, req.offset, IoFlags { fua, no_wait: false })
             }
         }
         CMD_WRITE_ZEROES => {
@@ -273,9 +285,14 @@ fn read(ctx: &Ctx, req: &Request, out: &mut Out, exec: Exec) -> bool {
     let r = &ctx.replies;
     let len = req.length as usize;
     let dev = &ctx.export.dev;
-    let fill = |buf: &mut [u8]| match exec {
-        Exec::Inline => dev.try_read_at(buf, req.offset),
-        Exec::Blocking => Some(dev.read_at(buf, req.offset)),
+    let flags = match exec {
+        Exec::Inline => IoFlags::NO_WAIT,
+        Exec::Blocking => IoFlags::NONE,
+    };
+    // None: declined, for a worker to run.
+    let fill = |buf: &mut [u8]| match dev.read_at(buf, req.offset, flags) {
+        Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+        res => Some(res),
     };
     let res = if len >= DIRECT_READ {
         let mut buf = take_buf(len);
@@ -356,7 +373,8 @@ fn block_status(ctx: &Ctx, req: &Request, out: &mut Vec<u8>) {
                     .map(|e| Extent {
                         length: e.length,
                         flags: match e.mapping {
-                            Mapping::Data => 0,
+                            // Unknown may be data: claim nothing.
+                            Mapping::Data | Mapping::Unknown => 0,
                             Mapping::Zero => STATE_ZERO as u64,
                             Mapping::Hole => (STATE_HOLE | STATE_ZERO) as u64,
                             // Not part of a snapshot view (discarded, or

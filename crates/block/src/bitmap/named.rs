@@ -23,192 +23,24 @@
 //! error, later marks do nothing, and the next backup must be a full one.
 //! Clearing the bitmap (after that full backup) makes it consistent again.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
-use crate::bitmap::DirtyBitmap;
+use super::dirty::DirtyBitmap;
+#[cfg(test)]
+use super::sidecar::injected;
+use super::sidecar::{read_words, sync_dir, Header, Sidecar, HEADER, MAX_NAME};
+use super::sync::lock;
 use crate::{Error, ErrorKind, Result};
 
-const MAGIC: &[u8; 8] = b"FLEECEBM";
-const VERSION: u32 = 1;
-/// Header size; the bit array starts here.
-pub const HEADER: u64 = 4096;
-const FLAG_ENABLED: u32 = 1;
-const FLAG_INCONSISTENT: u32 = 2;
-const KNOWN_FLAGS: u32 = FLAG_ENABLED | FLAG_INCONSISTENT;
-/// Longest name a header holds.
-const MAX_NAME: usize = 1024;
 /// Most granules a resize marks as changed (16 MiB of bits); a disk that
 /// grows by more makes its bitmaps inconsistent instead.
 const MAX_GROWN_BITS: u64 = 1 << 27;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-#[derive(Default)]
-struct SyncState {
-    /// Generations handed out to callers.
-    requested: u64,
-    /// Highest generation covered by a successful sync.
-    completed: u64,
-    running: bool,
-    /// OS error of the last failed sync, for the callers it fails.
-    error: Option<i32>,
-}
-
-/// Shares one `fdatasync` among concurrent callers.
-#[derive(Default)]
-struct GroupSync {
-    state: Mutex<SyncState>,
-    /// Failed syncs so far; only grows (changed under `state`).
-    failures: AtomicU64,
-    done: Condvar,
-}
-
-impl GroupSync {
-    /// The failure count to pass to [`sync`](Self::sync), read *before*
-    /// writing what must become durable.
-    fn epoch(&self) -> u64 {
-        self.failures.load(Ordering::Acquire)
-    }
-
-    /// Returns once a sync that started after this call has completed, and
-    /// fails if any sync failed since `epoch`: a failed sync may have dropped
-    /// pages written before it, which a later successful one does not bring
-    /// back, so success must never be reported across a failure.
-    fn sync(&self, run: impl Fn() -> io::Result<()>, epoch: u64) -> io::Result<()> {
-        let mut g = lock(&self.state);
-        g.requested += 1;
-        let mine = g.requested;
-        loop {
-            if self.failures.load(Ordering::Acquire) != epoch {
-                return Err(match g.error {
-                    Some(code) => io::Error::from_raw_os_error(code),
-                    None => io::Error::other("an earlier sync of the file failed"),
-                });
-            }
-            if g.completed >= mine {
-                return Ok(());
-            }
-            if g.running {
-                g = self.done.wait(g).unwrap_or_else(|p| p.into_inner());
-                continue;
-            }
-            g.running = true;
-            let target = g.requested;
-            drop(g);
-            let r = run();
-            g = lock(&self.state);
-            g.running = false;
-            match &r {
-                Ok(()) => g.completed = g.completed.max(target),
-                Err(e) => {
-                    g.error = e.raw_os_error();
-                    self.failures.fetch_add(1, Ordering::AcqRel);
-                }
-            }
-            self.done.notify_all();
-            r?;
-        }
-    }
-}
-
-/// Errors to return instead of doing I/O, so tests can reach the failure
-/// paths (ENOSPC, a failed fsync) without a full or failing disk.
-#[cfg(test)]
-#[derive(Default)]
-struct Faults {
-    write: std::sync::atomic::AtomicI32,
-    sync: std::sync::atomic::AtomicI32,
-}
-
-#[cfg(test)]
-fn injected(errno: &std::sync::atomic::AtomicI32) -> io::Result<()> {
-    match errno.load(Ordering::Relaxed) {
-        0 => Ok(()),
-        e => Err(io::Error::from_raw_os_error(e)),
-    }
-}
-
-struct Sidecar {
-    file: File,
-    path: PathBuf,
-    sync: GroupSync,
-    /// Every word as written to the file, durable or not. Marks OR into
-    /// these (under their lock, around the `pwrite`), never into `bits`, so a
-    /// file word never goes back on a bit another thread wrote; it only
-    /// shrinks on clear and resize.
-    staged: DirtyBitmap,
-    /// Marks and merges hold it shared, clear and resize exclusively: a word
-    /// written before a clear must not be taken for durable after it.
-    ops: RwLock<()>,
-    /// Serializes header writes, each built from the state in memory.
-    header: Mutex<()>,
-    /// The sync failure count when the bitmap was last made consistent; a
-    /// different count means a sync failed since, and the bitmap is (or is
-    /// about to be marked) inconsistent.
-    clean_epoch: AtomicU64,
-    #[cfg(test)]
-    faults: Faults,
-}
-
-impl Sidecar {
-    fn new(file: File, path: PathBuf, staged: DirtyBitmap) -> Self {
-        Sidecar {
-            file,
-            path,
-            sync: GroupSync::default(),
-            staged,
-            ops: RwLock::new(()),
-            header: Mutex::new(()),
-            clean_epoch: AtomicU64::new(0),
-            #[cfg(test)]
-            faults: Faults::default(),
-        }
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        #[cfg(test)]
-        injected(&self.faults.write)?;
-        self.file.write_all_at(buf, offset)
-    }
-
-    fn write_word(&self, word: u64, value: u64) -> io::Result<()> {
-        self.write_at(&value.to_le_bytes(), HEADER + word * 8)
-    }
-
-    fn datasync(&self) -> io::Result<()> {
-        #[cfg(test)]
-        injected(&self.faults.sync)?;
-        self.file.sync_data()
-    }
-
-    /// Group-commit sync; fails if any sync failed since `epoch`.
-    fn sync(&self, epoch: u64) -> io::Result<()> {
-        self.sync.sync(|| self.datasync(), epoch)
-    }
-
-    fn ops_shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.ops.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn ops_exclusive(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
-        self.ops.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Sets the file's length for a bit array of `words` words.
-    fn size_for(&self, words: u64) -> io::Result<()> {
-        #[cfg(test)]
-        injected(&self.faults.write)?;
-        self.file.set_len(HEADER + words * 8)
-    }
-}
 
 /// A dirty bitmap with a name, an enabled flag, and (if persistent) a
 /// sidecar file kept crash-safe as described in the module docs.
@@ -340,30 +172,13 @@ impl NamedBitmap {
         let mut h = [0u8; HEADER as usize];
         file.read_exact_at(&mut h, 0)
             .map_err(|e| io_err("cannot read bitmap header", path, e))?;
-        let u32_at = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&h[o..o + 8]);
-            u64::from_le_bytes(b)
-        };
-        if &h[..8] != MAGIC {
-            return Err(bad("not a fleece bitmap (bad magic)"));
-        }
-        let version = u32_at(8);
-        if version != VERSION {
-            return Err(bad(&format!("unsupported version {version}")));
-        }
-        let flags = u32_at(12);
-        if flags & !KNOWN_FLAGS != 0 {
-            return Err(bad(&format!("unknown flags {flags:#x}")));
-        }
-        let granularity = u64_at(16);
-        let disk_size = u64_at(24);
-        let name_len = u16::from_le_bytes([h[32], h[33]]) as usize;
-        if name_len > MAX_NAME || !granularity.is_power_of_two() || granularity < 512 {
-            return Err(bad("corrupt header"));
-        }
-        let name = std::str::from_utf8(&h[34..34 + name_len]).map_err(|_| bad("name is not UTF-8"))?;
+        let Header {
+            name,
+            granularity,
+            disk_size,
+            enabled,
+            inconsistent,
+        } = Header::decode(&h).map_err(|why| bad(&why))?;
         if let Some(want) = expected.filter(|w| *w != name) {
             return Err(bad(&format!(
                 "it holds bitmap '{name}', not '{want}' as its file name says (a renamed or copied file?)"
@@ -388,7 +203,7 @@ impl NamedBitmap {
         .map_err(|e| io_err("cannot read bitmap", path, e))?;
 
         let mut reasons = Vec::new();
-        if flags & FLAG_INCONSISTENT != 0 {
+        if inconsistent {
             reasons.push("marked inconsistent in its sidecar file".to_string());
         }
         if disk_size != size {
@@ -401,9 +216,9 @@ impl NamedBitmap {
             reasons.push("its sidecar file is shorter than its header says".to_string());
         }
         let b = Self::assemble(
-            name,
+            &name,
             bits,
-            flags & FLAG_ENABLED != 0,
+            enabled,
             Some(Sidecar::new(file, path.to_path_buf(), staged)),
         );
         if disk_size != size || file_words < want_words {
@@ -435,21 +250,7 @@ impl NamedBitmap {
         inconsistent: bool,
         size: u64,
     ) -> io::Result<()> {
-        let mut h = vec![0u8; HEADER as usize];
-        h[..8].copy_from_slice(MAGIC);
-        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        let mut flags = 0;
-        if enabled {
-            flags |= FLAG_ENABLED;
-        }
-        if inconsistent {
-            flags |= FLAG_INCONSISTENT;
-        }
-        h[12..16].copy_from_slice(&flags.to_le_bytes());
-        h[16..24].copy_from_slice(&self.bits.granularity().to_le_bytes());
-        h[24..32].copy_from_slice(&size.to_le_bytes());
-        h[32..34].copy_from_slice(&(self.name.len() as u16).to_le_bytes());
-        h[34..34 + self.name.len()].copy_from_slice(self.name.as_bytes());
+        let h = Header::encode(&self.name, self.bits.granularity(), size, enabled, inconsistent);
         s.write_at(&h, 0)
     }
 
@@ -869,392 +670,5 @@ impl Drop for NamedBitmap {
     }
 }
 
-/// Reads the first `words` words of a bit array, calling `found` for each
-/// non-zero one; holes (never-set regions of a sparse file) are skipped.
-fn read_words(file: &File, words: u64, mut found: impl FnMut(u64, u64)) -> io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut w = 0u64;
-    while w < words {
-        let off = HEADER + w * 8;
-        // SAFETY: plain lseek on a descriptor we own; all other I/O is positioned.
-        let data = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data after this
-            }
-            // No SEEK_DATA here: read everything.
-        } else {
-            w = (data as u64).max(off).saturating_sub(HEADER) / 8;
-        }
-        if w >= words {
-            break;
-        }
-        let n = ((words - w) * 8).min(buf.len() as u64) as usize;
-        file.read_exact_at(&mut buf[..n], HEADER + w * 8)?;
-        for (i, c) in buf[..n].chunks_exact(8).enumerate() {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(c);
-            let v = u64::from_le_bytes(b);
-            if v != 0 {
-                found(w + i as u64, v);
-            }
-        }
-        w += (n / 8) as u64;
-    }
-    Ok(())
-}
-
-/// Makes a file's creation or removal durable.
-fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const G: u64 = 65536;
-
-    fn faults(b: &NamedBitmap) -> &Faults {
-        &b.sidecar.as_ref().unwrap().faults
-    }
-
-    fn new_bitmap(dir: &tempfile::TempDir, size: u64) -> (PathBuf, NamedBitmap) {
-        let p = dir.path().join("b0");
-        let b = NamedBitmap::create("b0", size, G, true, Some(&p)).unwrap();
-        (p, b)
-    }
-
-    #[test]
-    fn bits_survive_a_reopen_with_their_flags() {
-        let dir = tempfile::tempdir().unwrap();
-        let (p, b) = new_bitmap(&dir, 1 << 30);
-        b.mark(G * 3, 10).unwrap();
-        b.mark((1 << 30) - 1, 1).unwrap();
-        drop(b);
-        let b = NamedBitmap::open(&p, 1 << 30).unwrap();
-        assert_eq!(b.name(), "b0");
-        assert!(b.is_enabled());
-        assert!(b.is_consistent());
-        assert_eq!(b.inconsistent_reason(), None);
-        assert_eq!(b.bits().dirty_bytes(), 2 * G);
-        assert!(b.bits().any(G * 3, 1));
-        b.set_enabled(false).unwrap();
-        b.mark(0, 1).unwrap();
-        b.clear().unwrap();
-        drop(b);
-        let b = NamedBitmap::open(&p, 1 << 30).unwrap();
-        assert!(!b.is_enabled());
-        assert!(b.is_consistent());
-        assert_eq!(b.bits().dirty_bytes(), 0);
-    }
-
-    #[test]
-    fn bad_headers_are_errors_that_name_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let (p, b) = new_bitmap(&dir, 1 << 20);
-        drop(b);
-        let f = OpenOptions::new().write(true).open(&p).unwrap();
-        f.write_all_at(&[0xff; 4], 12).unwrap();
-        let e = NamedBitmap::open(&p, 1 << 20).err().unwrap();
-        assert_eq!(e.kind(), ErrorKind::Invalid);
-        let msg = e.to_string();
-        assert!(
-            msg.contains(&p.display().to_string()) && msg.contains("remove"),
-            "{msg}"
-        );
-        f.write_all_at(b"NOTABMAP", 0).unwrap();
-        assert!(NamedBitmap::open(&p, 1 << 20)
-            .err()
-            .unwrap()
-            .to_string()
-            .contains("magic"));
-        f.set_len(100).unwrap();
-        assert_eq!(
-            NamedBitmap::open(&p, 1 << 20).err().unwrap().kind(),
-            ErrorKind::Invalid
-        );
-    }
-
-    #[test]
-    fn a_failed_word_write_sets_nothing_and_a_later_mark_retries() {
-        let dir = tempfile::tempdir().unwrap();
-        let (p, b) = new_bitmap(&dir, 1 << 30);
-        faults(&b).write.store(libc::ENOSPC, Ordering::Relaxed);
-        let e = b.mark(G * 5, 1).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::StoreFull, "{e}");
-        assert!(!b.bits().any(G * 5, 1));
-        assert!(!b.covers(G * 5, 1));
-        assert!(b.is_consistent(), "a failed pwrite leaves the bitmap exact");
-        assert!(b.mark(G * 5, 1).is_err());
-        faults(&b).write.store(0, Ordering::Relaxed);
-        b.mark(G * 5, 1).unwrap();
-        assert!(b.covers(G * 5, 1));
-        drop(b);
-        assert!(NamedBitmap::open(&p, 1 << 30).unwrap().bits().any(G * 5, 1));
-    }
-
-    #[test]
-    fn a_clear_that_cannot_sync_leaves_an_inconsistent_bitmap_inconsistent_on_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        let (p, b) = new_bitmap(&dir, 1 << 30);
-        b.mark_inconsistent("a test said so");
-        faults(&b).sync.store(libc::EIO, Ordering::Relaxed);
-        assert!(b.clear().is_err());
-        assert!(!b.is_consistent());
-        faults(&b).sync.store(0, Ordering::Relaxed);
-        drop(b);
-        let b = NamedBitmap::open(&p, 1 << 30).unwrap();
-        assert!(
-            !b.is_consistent(),
-            "a failed clear must not make the header say exact"
-        );
-    }
-
-    #[test]
-    fn a_huge_grow_makes_the_bitmap_inconsistent_instead_of_marking_every_granule() {
-        let dir = tempfile::tempdir().unwrap();
-        let (p, b) = new_bitmap(&dir, 1 << 30);
-        b.mark(0, 1).unwrap();
-        // 512 TiB more at 64 KiB granules is 2^33 granules: far past the bound.
-        b.resize(1 << 49).unwrap();
-        assert!(!b.is_consistent());
-        assert!(b.inconsistent_reason().unwrap().contains("grew"));
-        assert!(b.bits().any(0, 1));
-        assert!(!b.bits().any(1 << 40, 1), "nothing marked in the grown range");
-        drop(b);
-        let b = NamedBitmap::open(&p, 1 << 49).unwrap();
-        assert!(!b.is_consistent());
-        // A small grow is marked, and keeps it consistent.
-        b.clear().unwrap();
-        b.resize((1 << 49) + 10 * G).unwrap();
-        assert!(b.is_consistent());
-        assert!(b.bits().any((1 << 49) + 5 * G, 1));
-    }
-
-    #[test]
-    fn remove_file_leaves_a_file_that_took_the_name_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let (p, b) = new_bitmap(&dir, 1 << 30);
-        std::fs::remove_file(&p).unwrap();
-        std::fs::write(&p, b"someone else's").unwrap();
-        b.remove_file().unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"someone else's");
-    }
-
-    #[test]
-    fn a_failed_sync_makes_it_inconsistent_until_cleared() {
-        let dir = tempfile::tempdir().unwrap();
-        let (p, b) = new_bitmap(&dir, 1 << 30);
-        b.mark(0, 1).unwrap();
-        faults(&b).sync.store(libc::EIO, Ordering::Relaxed);
-        let e = b.mark(G * 7, 1).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Io);
-        assert!(!b.bits().any(G * 7, 1), "not known durable, so not set");
-        assert!(!b.is_consistent());
-        assert!(b.inconsistent_reason().unwrap().contains("synced"));
-        faults(&b).sync.store(0, Ordering::Relaxed);
-        // Writes go on, and nothing is written for them.
-        faults(&b).write.store(libc::ENOSPC, Ordering::Relaxed);
-        assert!(b.covers(G * 9, 1));
-        b.mark(G * 9, 1).unwrap();
-        assert!(!b.bits().any(G * 9, 1));
-        faults(&b).write.store(0, Ordering::Relaxed);
-        drop(b);
-        let b = NamedBitmap::open(&p, 1 << 30).unwrap();
-        assert!(!b.is_consistent());
-        assert_eq!(
-            b.inconsistent_reason().as_deref(),
-            Some("marked inconsistent in its sidecar file")
-        );
-        b.clear().unwrap();
-        assert!(b.is_consistent());
-        b.mark(G * 9, 1).unwrap();
-        drop(b);
-        let b = NamedBitmap::open(&p, 1 << 30).unwrap();
-        assert!(b.is_consistent());
-        assert_eq!(b.bits().dirty_bytes(), G);
-    }
-
-    #[test]
-    fn a_failed_sync_fails_everyone_who_wrote_before_it() {
-        use std::sync::mpsc;
-        let gs = GroupSync::default();
-        let epoch = gs.epoch();
-        let (entered_tx, entered_rx) = mpsc::channel();
-        let (go_tx, go_rx) = mpsc::channel::<()>();
-        std::thread::scope(|sc| {
-            let gs = &gs;
-            let first = sc.spawn(move || {
-                gs.sync(
-                    || {
-                        entered_tx.send(()).unwrap();
-                        go_rx.recv().unwrap();
-                        Err(io::Error::from_raw_os_error(libc::EIO))
-                    },
-                    epoch,
-                )
-            });
-            entered_rx.recv().unwrap();
-            // Waits behind the running sync, which then fails; a later
-            // successful sync must not be reported to it.
-            let second = sc.spawn(move || gs.sync(|| Ok(()), epoch));
-            while gs.state.lock().unwrap().requested < 2 {
-                std::thread::yield_now();
-            }
-            go_tx.send(()).unwrap();
-            assert_eq!(first.join().unwrap().unwrap_err().raw_os_error(), Some(libc::EIO));
-            assert_eq!(
-                second.join().unwrap().unwrap_err().raw_os_error(),
-                Some(libc::EIO)
-            );
-        });
-        assert!(
-            gs.sync(|| Ok(()), epoch).is_err(),
-            "words from before the failure"
-        );
-        gs.sync(|| Ok(()), gs.epoch()).unwrap();
-    }
-
-    #[test]
-    fn set_enabled_and_merge_change_nothing_when_the_file_fails() {
-        let dir = tempfile::tempdir().unwrap();
-        let (p, b) = new_bitmap(&dir, 1 << 30);
-        faults(&b).write.store(libc::ENOSPC, Ordering::Relaxed);
-        assert!(b.set_enabled(false).is_err());
-        assert!(b.is_enabled());
-        let other = DirtyBitmap::new(1 << 30, G);
-        other.set(G * 100, G * 3);
-        assert_eq!(b.merge(&other).unwrap_err().kind(), ErrorKind::StoreFull);
-        assert_eq!(b.bits().dirty_bytes(), 0);
-        assert!(b.is_consistent());
-        faults(&b).write.store(0, Ordering::Relaxed);
-        faults(&b).sync.store(libc::EIO, Ordering::Relaxed);
-        assert!(b.merge(&other).is_err());
-        assert_eq!(b.bits().dirty_bytes(), 0);
-        assert!(!b.is_consistent());
-        faults(&b).sync.store(0, Ordering::Relaxed);
-        b.clear().unwrap();
-        b.merge(&other).unwrap();
-        assert_eq!(b.bits().dirty_bytes(), 3 * G);
-        assert!(b.merge(&DirtyBitmap::new(1 << 20, G)).is_err());
-        drop(b);
-        assert_eq!(
-            NamedBitmap::open(&p, 1 << 30).unwrap().bits().dirty_bytes(),
-            3 * G
-        );
-    }
-
-    #[test]
-    fn resize_keeps_bits_inside_and_marks_what_grew_on_disk_too() {
-        let dir = tempfile::tempdir().unwrap();
-        let (p, b) = new_bitmap(&dir, 100 * G);
-        b.mark(0, 1).unwrap();
-        b.mark(90 * G, 1).unwrap();
-        b.resize(80 * G).unwrap();
-        assert_eq!(b.bits().dirty_bytes(), G);
-        b.resize(300 * G + 5).unwrap();
-        assert!(b.is_consistent());
-        assert_eq!(b.bits().dirty_bytes(), G + 221 * G);
-        drop(b);
-        let b = NamedBitmap::open(&p, 300 * G + 5).unwrap();
-        assert!(b.is_consistent(), "{:?}", b.inconsistent_reason());
-        assert_eq!(
-            b.bits().extents(0, 300 * G + 5),
-            vec![(G, true), (79 * G, false), (220 * G + 5, true)]
-        );
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().len(),
-            HEADER + (301u64).div_ceil(64) * 8
-        );
-        b.resize(10 * G).unwrap();
-        drop(b);
-        assert_eq!(NamedBitmap::open(&p, 10 * G).unwrap().bits().dirty_bytes(), G);
-    }
-
-    #[test]
-    fn a_failed_resize_leaves_memory_resized_and_the_bitmap_inconsistent() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_p, b) = new_bitmap(&dir, 100 * G);
-        faults(&b).write.store(libc::ENOSPC, Ordering::Relaxed);
-        assert!(b.resize(200 * G).is_err());
-        assert_eq!(b.bits().size(), 200 * G);
-        assert!(!b.is_consistent());
-    }
-
-    #[test]
-    fn a_size_mismatch_on_open_keeps_the_bits_and_makes_it_inconsistent() {
-        let dir = tempfile::tempdir().unwrap();
-        let (p, b) = new_bitmap(&dir, 1 << 30);
-        b.mark(G, 1).unwrap();
-        b.mark((1 << 29) + G, 1).unwrap();
-        drop(b);
-        let b = NamedBitmap::open(&p, 1 << 29).unwrap();
-        assert!(!b.is_consistent());
-        let why = b.inconsistent_reason().unwrap();
-        assert!(why.contains("1073741824") && why.contains("536870912"), "{why}");
-        assert_eq!(b.bits().size(), 1 << 29);
-        assert_eq!(b.bits().dirty_bytes(), G);
-        // The file now describes the new size, and still says inconsistent.
-        drop(b);
-        let b = NamedBitmap::open(&p, 1 << 29).unwrap();
-        assert_eq!(
-            b.inconsistent_reason().as_deref(),
-            Some("marked inconsistent in its sidecar file")
-        );
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().len(),
-            HEADER + ((1u64 << 29) / G).div_ceil(64) * 8
-        );
-        b.clear().unwrap();
-        drop(b);
-        assert!(NamedBitmap::open(&p, 1 << 29).unwrap().is_consistent());
-    }
-
-    #[test]
-    fn transient_bitmaps_mark_and_clear_in_memory() {
-        let b = NamedBitmap::create("t", 1 << 20, G, true, None).unwrap();
-        b.mark(0, 1).unwrap();
-        assert!(b.covers(0, G));
-        b.mark_inconsistent("test");
-        assert_eq!(b.inconsistent_reason().as_deref(), Some("test"));
-        b.mark(5 * G, 1).unwrap();
-        assert!(!b.bits().any(5 * G, 1));
-        b.clear().unwrap();
-        assert!(b.is_consistent());
-        b.resize(2 << 20).unwrap();
-        assert!(b.bits().any(1 << 20, 1));
-    }
-
-    #[test]
-    fn concurrent_marks_share_syncs_and_all_land() {
-        let dir = tempfile::tempdir().unwrap();
-        let (p, b) = new_bitmap(&dir, 1 << 30);
-        std::thread::scope(|sc| {
-            for t in 0..4u64 {
-                let b = &b;
-                sc.spawn(move || {
-                    for i in 0..64u64 {
-                        b.mark((i * 4 + t) * G, 1).unwrap();
-                    }
-                });
-            }
-        });
-        assert_eq!(b.bits().dirty_bytes(), 256 * G);
-        drop(b);
-        assert_eq!(
-            NamedBitmap::open(&p, 1 << 30).unwrap().bits().dirty_bytes(),
-            256 * G
-        );
-    }
-}
+mod tests;
