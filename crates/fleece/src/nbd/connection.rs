@@ -33,8 +33,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_INFLIGHT: usize = 256;
 /// Reply bytes a connection may owe (queued, plus what its requests at the
 /// workers will produce or hold) before it stops reading requests: the
-/// bound on what one client that does not read its replies can cost.
-const MAX_REPLY_BYTES: u64 = 64 << 20;
+/// bound on what one client that does not read its replies can cost (one
+/// request may go past it, up to the largest payload). Reading further
+/// ahead of a socket that does not drain only costs memory.
+const MAX_REPLY_BYTES: u64 = 4 << 20;
+/// Requests that move at least this many bytes run on a worker.
+const INLINE_MAX: u64 = 128 << 10;
 /// Replies batched before they are written, even with more requests
 /// waiting in the input.
 const BATCH: usize = 256 << 10;
@@ -278,10 +282,17 @@ impl Connection {
                 Ok(p) => p,
                 Err(p) => p,
             };
-            if command::run(&self.shared.ctx, &req, data, &mut self.batch, Exec::Inline) {
+            // Large transfers go to a worker even when they could run here:
+            // their copy (into the page cache, or out of it) then overlaps
+            // with this thread's socket copy of the next one, instead of
+            // taking turns with it on one core.
+            if command::cost(&req) < INLINE_MAX
+                && command::run(&self.shared.ctx, &req, data, &mut self.batch, Exec::Inline)
+            {
                 continue;
             }
-            // Would block: a worker runs it, with a payload of its own.
+            // Would block (or is large): a worker runs it, with a payload of
+            // its own.
             let payload = match payload {
                 Ok(p) => Payload::copy_of(p),
                 Err(p) => p,

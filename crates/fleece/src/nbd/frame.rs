@@ -30,7 +30,7 @@ const PORCH: usize = 4096;
 /// bytes they may hold: a fresh buffer costs page faults on every request
 /// (measured: 1 MiB writes at a third of the speed).
 static SPARE: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
-const SPARE_BYTES: usize = 32 << 20;
+const SPARE_BYTES: usize = 16 << 20;
 
 /// A page-aligned buffer of at least `len` bytes, reused if one is spare.
 pub fn take_buf(len: usize) -> AlignedBuf {
