@@ -183,20 +183,7 @@ impl Disks {
                 human(size)
             )));
         }
-        if size < old {
-            // NBD cannot tell a connected client that its disk shrank: its
-            // next write past the new end would fail under it.
-            let active = self.clients.active(std::slice::from_ref(&disk.export.name));
-            if active > 0 {
-                return Err(Error::new(
-                    Kind::Busy,
-                    format!(
-                        "disk '{name}' has {active} open connection(s); disconnect them before shrinking it"
-                    ),
-                ));
-            }
-        }
-        let res = {
+        let apply = || {
             // No write may run while the size changes under it.
             let _frozen = disk.live.freeze();
             let res = disk.image.resize(size);
@@ -210,6 +197,25 @@ impl Disks {
                 }
             }
             res
+        };
+        let res = if size < old {
+            // NBD cannot tell a connected client that its disk shrank: its
+            // next write past the new end would fail under it. Checked and
+            // done while no client can attach.
+            self.registry.exclusive(|| {
+                let active = self.clients.active(std::slice::from_ref(&disk.export.name));
+                if active > 0 {
+                    return Err(Error::new(
+                        Kind::Busy,
+                        format!(
+                            "disk '{name}' has {active} open connection(s); disconnect them before shrinking it"
+                        ),
+                    ));
+                }
+                Ok(apply())
+            })?
+        } else {
+            apply()
         };
         if let Err(e) = res {
             let kind = match e.kind() {

@@ -246,6 +246,14 @@ impl Registry {
         f(inner.exports.get(name))
     }
 
+    /// Runs `f` while no client can attach to any export (the registry is
+    /// locked for writing): what `f` checks of connections holds while it
+    /// runs. Keep `f` short.
+    pub fn exclusive<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _inner = self.write();
+        f()
+    }
+
     /// Names of a disk's snapshots.
     pub fn snapshot_names(&self, disk: &str) -> Vec<String> {
         self.read()

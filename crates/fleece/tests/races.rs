@@ -308,3 +308,72 @@ fn deleting_a_snapshot_right_after_its_last_client_left_never_reports_busy() {
     }
     assert_eq!(d.json(&["snapshot", "list"]), json!([]));
 }
+
+/// A forced delete while a client has many reads of the view queued: the
+/// reads the daemon still answers after the snapshot is gone must fail,
+/// never carry data written to the live disk after the instant.
+#[test]
+fn a_forced_delete_never_lets_a_queued_view_read_return_data_written_after_the_instant() {
+    use common::raw::*;
+    use std::io::Read as _;
+    use std::os::fd::AsRawFd;
+    let d = Daemon::start(&[("vm", 16 * MIB)]);
+    qemu_io(&d.uri("vm"), &["write -P 0x41 0 4M"]);
+    d.snapshot_create(&["vm"], "s", &[]);
+
+    // Thousands of 64 KiB reads of the view, none of their replies read.
+    let (mut stuck, _) = connect_export(&d.sock, "vm@s");
+    let mut reqs = Vec::new();
+    for i in 0..3000u64 {
+        reqs.extend_from_slice(&request(0, CMD_READ, i, (i % 64) << 16, 64 << 10));
+    }
+    stuck.write_all(&reqs).unwrap();
+    let unread = || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD stores one int into a local.
+        unsafe { libc::ioctl(stuck.as_raw_fd(), libc::FIONREAD, &mut n) };
+        n
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), || unread() > 0),
+        "no replies came"
+    );
+
+    let control = d.control.clone();
+    let delete = std::thread::spawn(move || http(&control, "DELETE", "/v1/snapshots/vm@s?force=true", b"").0);
+    // Once the snapshot is gone from the registry it is detached (or about
+    // to be): overwrite everything it covered.
+    assert!(wait_for(Duration::from_secs(20), || d
+        .api("GET", "/v1/snapshots/vm@s", None)
+        .0
+        == 404));
+    qemu_io(&d.uri("vm"), &["write -P 0x42 0 4M"]);
+
+    // Drain while the delete still waits for the connection to close: the
+    // daemon answers what it had queued, and every reply that says success
+    // must carry the old data.
+    stuck.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (mut ok, mut failed) = (0, 0);
+    let mut data = vec![0u8; 64 << 10];
+    loop {
+        let mut h = [0u8; 16];
+        if stuck.read_exact(&mut h).is_err() {
+            break;
+        }
+        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        if err != 0 {
+            failed += 1;
+            continue;
+        }
+        if stuck.read_exact(&mut data).is_err() {
+            break;
+        }
+        assert!(
+            data.iter().all(|&b| b == 0x41),
+            "a successful read of the deleted snapshot carried data written after its instant"
+        );
+        ok += 1;
+    }
+    assert!(ok > 0, "no read succeeded before the delete ({failed} failed)");
+    assert_eq!(delete.join().unwrap(), 204);
+}

@@ -75,7 +75,8 @@ impl Snapshot {
         let mut g = self.lock();
         let mut c = first;
         while c <= last {
-            if g.broken.is_some() {
+            // Broken or deleted: nothing to save for it any more.
+            if g.broken.is_some() || g.retired {
                 return Ok(());
             }
             let s = self.states.get(c);
@@ -206,21 +207,33 @@ impl Snapshot {
                 format!("snapshot store limit of {limit} bytes reached"),
             ));
         }
-        let mut res = Ok(());
-        let mut a = c;
-        while a < end && res.is_ok() {
-            if zero[(a - c) as usize] {
-                a += 1;
-                continue;
+        // A panic in a device or store (a bug) must still settle the
+        // clusters: left COPYING, every later write to them would wait for
+        // a copy that never ends.
+        let saved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut res = Ok(());
+            let mut a = c;
+            while a < end && res.is_ok() {
+                if zero[(a - c) as usize] {
+                    a += 1;
+                    continue;
+                }
+                let mut b = a + 1;
+                while b < end && !zero[(b - c) as usize] {
+                    b += 1;
+                }
+                let run: u64 = (a..b).map(|x| self.cluster_len(x)).sum();
+                res = self.save_run(a, run);
+                a = b;
             }
-            let mut b = a + 1;
-            while b < end && !zero[(b - c) as usize] {
-                b += 1;
-            }
-            let run: u64 = (a..b).map(|x| self.cluster_len(x)).sum();
-            res = self.save_run(a, run);
-            a = b;
-        }
+            res
+        }));
+        let res = saved.unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Io,
+                "copy-before-write failed inside the server (a panic while saving)",
+            ))
+        });
         self.settle(c, end, bytes, res.is_ok().then_some(&zero[..]));
         res
     }

@@ -88,9 +88,14 @@ impl LiveDisk {
         snap
     }
 
-    /// Stops copy-before-write for a snapshot. Writes already in flight may
-    /// still copy into it; that is harmless.
+    /// Stops copy-before-write for a snapshot, retiring it first: its view
+    /// fails every read from then on (a read in flight included), since
+    /// later writes no longer keep its old data. Writes already in flight
+    /// may still copy into it; that is harmless.
     pub fn detach(&self, snap: &Arc<Snapshot>) {
+        // First: once detached, writes no longer copy for it or wait for its
+        // readers, so its view must not serve another byte.
+        snap.retire();
         let mut list = self.snapshots.write().unwrap_or_else(|p| p.into_inner());
         let v: Vec<_> = list.iter().filter(|s| !Arc::ptr_eq(s, snap)).cloned().collect();
         *list = Arc::new(v);

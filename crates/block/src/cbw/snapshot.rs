@@ -80,6 +80,8 @@ pub(super) struct Inner {
     /// Live-disk view reads in flight, per cluster.
     pub(super) readers: HashMap<u64, u32>,
     pub(super) broken: Option<String>,
+    /// Deleted: detached from its disk, nothing can be read any more.
+    pub(super) retired: bool,
     /// Highest usage alert sent (0, 80, 95).
     pub(super) alerted: u8,
     /// Writers waiting on each slot of `Snapshot::changed`.
@@ -133,6 +135,7 @@ impl Snapshot {
             inner: Mutex::new(Inner {
                 readers: HashMap::new(),
                 broken: None,
+                retired: false,
                 alerted: 0,
                 waiting: Waiting::new(),
             }),
@@ -236,12 +239,30 @@ impl Snapshot {
     }
 
     pub(super) fn check_readable(&self) -> Result<()> {
-        match &self.lock().broken {
+        let g = self.lock();
+        if g.retired {
+            return Err(Error::new(ErrorKind::Broken, "this snapshot was deleted"));
+        }
+        match &g.broken {
             Some(why) => Err(Error::new(
                 ErrorKind::Broken,
                 format!("snapshot is broken: {why}"),
             )),
             None => Ok(()),
         }
+    }
+
+    /// Ends the snapshot before it is detached from its disk: from now on
+    /// writes copy nothing for it, so every view read fails, also one in
+    /// flight (it checks again when done), rather than return data that
+    /// may have been written after the instant. No event: it is deleted,
+    /// not broken.
+    pub(super) fn retire(&self) {
+        let mut g = self.lock();
+        g.retired = true;
+        // The write fast path reads this: nothing to copy any more.
+        self.broken.store(true, Ordering::Release);
+        self.wake_all(&g);
+        drop(g);
     }
 }

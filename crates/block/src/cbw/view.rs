@@ -44,6 +44,9 @@ impl Snapshot {
         while c <= last {
             // Classify a run of clusters with the same source under the lock.
             let mut g = self.lock();
+            if g.retired {
+                return Err(Error::new(ErrorKind::Broken, "this snapshot was deleted"));
+            }
             if let Some(why) = &g.broken {
                 return Err(Error::new(
                     ErrorKind::Broken,

@@ -26,6 +26,8 @@ pub struct HookStore {
     /// Holds `forget` after the store has freed the slot.
     pub forget: Trap,
     fail: Mutex<Option<ErrorKind>>,
+    /// Saves panic (a bug in a store, as far as the engine can tell).
+    panic: std::sync::atomic::AtomicBool,
     /// Cluster indices saved, in order.
     saved: Mutex<Vec<u64>>,
     saved_cv: Condvar,
@@ -42,6 +44,7 @@ impl HookStore {
             load: Trap::default(),
             forget: Trap::default(),
             fail: Mutex::new(None),
+            panic: std::sync::atomic::AtomicBool::new(false),
             saved: Mutex::new(Vec::new()),
             saved_cv: Condvar::new(),
             forgets: Mutex::new(Vec::new()),
@@ -62,6 +65,11 @@ impl HookStore {
     /// Makes every later save fail with `kind` (`None`: saves work again).
     pub fn set_fail(&self, kind: Option<ErrorKind>) {
         *lock(&self.fail) = kind;
+    }
+
+    /// Makes every later save panic (`false`: saves work again).
+    pub fn set_panic(&self, on: bool) {
+        self.panic.store(on, Ordering::SeqCst);
     }
 
     /// Clusters saved so far, in order (a run saved at once counts each).
@@ -112,6 +120,9 @@ impl Store for Shared {
     fn save(&self, index: u64, cluster: u64, data: &[u8]) -> Result<()> {
         let s = &self.0;
         s.save.hit(index, data.len() as u64);
+        if s.panic.load(Ordering::SeqCst) {
+            panic!("injected store panic");
+        }
         if let Some(kind) = *lock(&s.fail) {
             return Err(Error::new(kind, "injected store failure"));
         }
@@ -130,6 +141,9 @@ impl Store for Shared {
         len: u64,
     ) -> Option<Result<()>> {
         let s = &self.0;
+        if s.panic.load(Ordering::SeqCst) {
+            panic!("injected store panic");
+        }
         if let Some(kind) = *lock(&s.fail) {
             return Some(Err(Error::new(kind, "injected store failure")));
         }

@@ -1646,3 +1646,66 @@ fn a_timed_copy_that_finds_every_copier_stuck_times_out_and_never_runs() {
     assert_view_exact(&view, &fx.img0, "after the copiers came free");
     assert!(fx.live_bytes(c * CL, 100).iter().all(|&b| b == 0xEF));
 }
+
+// ---------------------------------------------------------------------------
+// Deleting a snapshot under a reader.
+// ---------------------------------------------------------------------------
+
+/// Once a snapshot is detached (deleted), live writes no longer copy for it
+/// or wait for its readers: a view read in flight when that happens must
+/// fail rather than return data written after the instant, and so must
+/// every later read and block status.
+#[test]
+fn a_view_read_in_flight_when_its_snapshot_is_detached_fails_instead_of_returning_new_data() {
+    let fx = Fx::new(STORE);
+    let store = fx.store();
+    let snap = fx.snapshot(&store, opts());
+    let view = Arc::new(SnapshotView(snap.clone()));
+    let c = 4;
+    let (roff, rlen) = (c * CL, CL);
+    fx.dev.read.arm(1, move |o, l| o == roff && l == rlen);
+    let reader = spawn_read(&view, roff, rlen);
+    fx.dev.read.wait_caught(1);
+
+    fx.live.detach(&snap);
+    // Detached: the write neither copies nor waits for the reader.
+    let writer = spawn_write(&fx.live, vec![0xEE; CL as usize], roff);
+    done(&writer, "live write after detach").expect("live write");
+    assert!(store.saved().is_empty(), "a detached snapshot copies nothing");
+
+    fx.dev.read.release();
+    let got = done(&reader, "view read");
+    assert!(
+        got.is_err(),
+        "a read of a deleted snapshot returned data: {}",
+        brief(&got)
+    );
+    assert!(read(&*view, 0, CL).is_err(), "a later read must fail too");
+    assert!(view.block_status(0, CL).is_err());
+}
+
+/// A store that panics while saving (a bug) must not leave the clusters
+/// in flight: the write that needed the copy fails, and once the store
+/// works again a write to the same cluster copies and goes through,
+/// without waiting for the copy that never finished.
+#[test]
+fn a_store_that_panics_mid_copy_leaves_no_cluster_stuck_in_flight() {
+    let fx = Fx::new(STORE);
+    let store = fx.store();
+    let snap = fx.snapshot(&store, opts());
+    let view = Arc::new(SnapshotView(snap));
+    let c = 3;
+    store.set_panic(true);
+    let first = spawn_write(&fx.live, vec![0xEE; 4096], c * CL);
+    let res = match first.recv_timeout(Duration::from_secs(10)) {
+        Ok(r) => r,
+        // The panic unwound through the writer: that is a failed write too.
+        Err(RecvTimeoutError::Disconnected) => Err(fleece_block::Error::new(ErrorKind::Io, "writer panicked")),
+        Err(RecvTimeoutError::Timeout) => panic!("the write hung"),
+    };
+    assert!(res.is_err(), "the write whose copy panicked must fail");
+    store.set_panic(false);
+    let again = spawn_write(&fx.live, vec![0xEF; 4096], c * CL);
+    done(&again, "write after the store recovered").expect("write");
+    assert_view_exact(&*view, &fx.img0, "after a panicked copy");
+}

@@ -136,6 +136,12 @@ pub fn errno(kind: ErrorKind) -> u32 {
     }
 }
 
+/// The reply for a request that failed inside the server (a bug): EIO.
+pub fn internal_error(ctx: &Ctx, req: &Request, out: &mut Out) {
+    ctx.replies
+        .error(&mut out.tail, req, EIO, "internal error in the server");
+}
+
 /// What a request costs while it is in flight: the bytes it holds (a
 /// write's payload) or will produce (a read's data).
 pub fn cost(req: &Request) -> u64 {
@@ -289,9 +295,11 @@ fn read(ctx: &Ctx, req: &Request, out: &mut Out, exec: Exec) -> bool {
         Exec::Inline => IoFlags::NO_WAIT,
         Exec::Blocking => IoFlags::NONE,
     };
-    // None: declined, for a worker to run.
+    // None: declined, for a worker to run. Only an inline read may
+    // decline: a worker always answers (a device that says "would block"
+    // to a blocking read gets the client an EIO, not a lost reply).
     let fill = |buf: &mut [u8]| match dev.read_at(buf, req.offset, flags) {
-        Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+        Err(e) if e.kind() == ErrorKind::WouldBlock && exec == Exec::Inline => None,
         res => Some(res),
     };
     let res = if len >= DIRECT_READ {

@@ -64,6 +64,9 @@ pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, conns: Arc<Conn
         // Removed (or shrunk) between negotiation and now.
         return;
     };
+    // Forgotten however this function ends, a panic included: a connection
+    // left counted would hold its export (and its image's lock) forever.
+    let _attached = Attached { conns: &conns, id };
     let ready = stream
         .write_all(&last)
         .and_then(|_| stream.set_read_timeout(None))
@@ -85,7 +88,18 @@ pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, conns: Arc<Conn
         }
     };
     tracing::debug!(export = %export.name, %reason, "client disconnected");
-    conns.detach(id);
+}
+
+/// A counted connection; dropping it forgets the connection.
+struct Attached<'a> {
+    conns: &'a Connections,
+    id: u64,
+}
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        self.conns.detach(self.id);
+    }
 }
 
 /// What a finished handshake leaves: what was negotiated, what the client
@@ -302,8 +316,23 @@ impl Connection {
             self.reserved += cost;
             let shared = self.shared.clone();
             self.pool.submit(move || {
-                let mut out = Out::default();
-                command::run(&shared.ctx, &req, &payload, &mut out, Exec::Blocking);
+                // Whatever happens in the request, the connection gets a
+                // reply and its budget back: a panic must not leave the
+                // owner waiting for a completion forever.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let mut out = Out::default();
+                    command::run(&shared.ctx, &req, &payload, &mut out, Exec::Blocking);
+                    out
+                }));
+                let out = match run {
+                    Ok(out) if !out.is_empty() => out,
+                    _ => {
+                        tracing::error!(export = %shared.ctx.export.name, cmd = req.command, "request failed inside the server");
+                        let mut out = Out::default();
+                        command::internal_error(&shared.ctx, &req, &mut out);
+                        out
+                    }
+                };
                 drop(payload);
                 shared.complete(out, cost);
             });
