@@ -1,19 +1,59 @@
-//! Sans-IO engine of the NBD protocol as fleece speaks it.
+//! Sans-IO engine of the NBD protocol, both sides, as fleece speaks it.
 //!
 //! Nothing here opens a socket, spawns a thread or reads a clock: callers feed
-//! bytes in and send the bytes that come out. The daemon's server and (later)
-//! the push-backup client share this code, and tests and fuzzers drive it
-//! with slices. Spec: NetworkBlockDevice/nbd `doc/proto.md`, with the
-//! extended-headers extension that qemu 10 negotiates first.
+//! bytes in and send the bytes that come out. The daemon's server and the
+//! push-backup client (`fleece-backup`) share this code, and tests and
+//! fuzzers drive it with slices. Spec: NetworkBlockDevice/nbd `doc/proto.md`,
+//! with the extended-headers extension that qemu 10 negotiates first.
+//!
+//! | | server | client |
+//! | --- | --- | --- |
+//! | handshake | [`ServerHandshake`] over a [`Catalog`] | [`ClientHandshake`] |
+//! | requests | [`decode_request`] | [`encode_request`] |
+//! | replies | [`Replies`] | |
+//!
+//! A client in a few lines, with a server in memory standing in for the
+//! socket:
+//!
+//! ```
+//! use fleece_nbd::*;
+//! # struct One;
+//! # impl Catalog for One {
+//! #     fn list(&self) -> Vec<ExportInfo> { self.lookup("").into_iter().collect() }
+//! #     fn lookup(&self, _: &str) -> Option<ExportInfo> {
+//! #         Some(ExportInfo { name: "disk".into(), description: String::new(), size: 1 << 20,
+//! #             flags: 0, block_sizes: (1, 4096, 1 << 25), contexts: vec![] })
+//! #     }
+//! # }
+//! let (mut to_client, mut to_server) = (Vec::new(), Vec::new());
+//! let mut server = ServerHandshake::new(&mut to_client);
+//! let mut client = ClientHandshake::new(ClientOptions::new("disk")).unwrap();
+//! let negotiated = loop {
+//!     let (n, step) = client.process(&to_client, &mut to_server).unwrap();
+//!     to_client.drain(..n);
+//!     if let ClientStep::Ready(neg) = step {
+//!         break neg;
+//!     }
+//!     let (n, _) = server.process(&to_server, &One, &mut to_client).unwrap();
+//!     to_server.drain(..n);
+//! };
+//! assert_eq!(negotiated.size, 1 << 20);
+//! assert_eq!(negotiated.mode, ReplyMode::Extended);
+//! ```
 #![warn(missing_docs)]
 
 #[allow(missing_docs)]
 pub mod consts;
+mod error;
 mod handshake;
 mod transmission;
 mod wire;
 
-pub use handshake::{Catalog, ExportInfo, Negotiated, ServerHandshake, Step, MAX_OPTION_LEN};
+pub use error::{ProtocolError, Refusal};
+pub use handshake::{
+    BlockSizes, Catalog, ClientHandshake, ClientNegotiated, ClientOptions, ClientStep, ExportInfo,
+    Negotiated, ServerHandshake, Step, MAX_OPTION_LEN,
+};
 pub use transmission::{decode_request, encode_request, Extent, Replies, Request};
 
 /// Which reply headers a connection uses, fixed at the end of negotiation.
@@ -25,33 +65,6 @@ pub enum ReplyMode {
     Structured,
     /// `NBD_OPT_EXTENDED_HEADERS`: 32-byte requests and replies, 64-bit lengths.
     Extended,
-}
-
-/// A violation after which the connection cannot continue.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ProtocolError {
-    /// A message did not start with the magic number its position requires.
-    #[error("bad magic number: the client is not speaking NBD or lost framing")]
-    BadMagic,
-    /// The client set flag bits this server does not know.
-    #[error("unknown client flags {0:#x}")]
-    UnknownClientFlags(u32),
-    /// An unknown option from a client that did not negotiate fixed newstyle.
-    #[error("unknown option {0} from a client without fixed newstyle")]
-    UnknownOption(u32),
-    /// `NBD_OPT_EXPORT_NAME` for an export that does not exist; the protocol
-    /// has no error reply for it.
-    #[error("client asked for unknown export '{0}' with NBD_OPT_EXPORT_NAME")]
-    UnknownExport(String),
-    /// `NBD_OPT_EXPORT_NAME` after extended headers, which the spec forbids.
-    #[error("NBD_OPT_EXPORT_NAME after extended headers")]
-    ExportNameAfterExtendedHeaders,
-    /// An export name that is not UTF-8.
-    #[error("export name is not valid UTF-8")]
-    BadString,
-    /// Input fed after the handshake finished.
-    #[error("handshake already finished")]
-    HandshakeFinished,
 }
 
 #[cfg(test)]

@@ -1,27 +1,7 @@
 use crate::consts::*;
 use crate::*;
 
-struct OneExport;
-
-fn disk() -> ExportInfo {
-    ExportInfo {
-        name: "disk".into(),
-        description: "a test disk".into(),
-        size: 1 << 20,
-        flags: TF_SEND_FLUSH | TF_SEND_DF,
-        block_sizes: (1, 4096, 32 << 20),
-        contexts: vec![BASE_ALLOCATION.into(), "qemu:dirty-bitmap:b0".into()],
-    }
-}
-
-impl Catalog for OneExport {
-    fn list(&self) -> Vec<ExportInfo> {
-        vec![disk()]
-    }
-    fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        (name == "disk" || name.is_empty()).then(disk)
-    }
-}
+use super::OneExport;
 
 fn option(opt: u32, data: &[u8]) -> Vec<u8> {
     let mut v = IHAVEOPT.to_be_bytes().to_vec();

@@ -1,9 +1,7 @@
-//! Server side of the fixed-newstyle handshake ("option haggling").
-//!
-//! The state machine is sans-IO: the caller feeds it the bytes it has
-//! received and sends whatever it appends to `out`. It never blocks and never
-//! touches a socket, so unit tests and fuzzers drive it with plain slices.
+//! Server side of the handshake: answers a client's options from a
+//! [`Catalog`] of exports.
 
+use super::{put_option_reply as reply, take_string, truncate, OPTION_HEADER_LEN};
 use crate::consts::*;
 use crate::wire::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
 use crate::{ProtocolError, ReplyMode};
@@ -146,7 +144,7 @@ impl ServerHandshake {
                     reply_error(out, option, REP_ERR_TOO_BIG, "option is too long");
                 }
                 State::Options => {
-                    if rest.len() < 16 {
+                    if rest.len() < OPTION_HEADER_LEN {
                         return Ok((used, Step::NeedMore));
                     }
                     if get_u64(rest) != IHAVEOPT {
@@ -155,18 +153,18 @@ impl ServerHandshake {
                     let option = get_u32(&rest[8..]);
                     let len = get_u32(&rest[12..]);
                     if len > MAX_OPTION_LEN {
-                        used += 16;
+                        used += OPTION_HEADER_LEN;
                         self.state = State::Skipping {
                             option,
                             remaining: len as u64,
                         };
                         continue;
                     }
-                    let total = 16 + len as usize;
+                    let total = OPTION_HEADER_LEN + len as usize;
                     if rest.len() < total {
                         return Ok((used, Step::NeedMore));
                     }
-                    let data = &rest[16..total];
+                    let data = &rest[OPTION_HEADER_LEN..total];
                     used += total;
                     match self.option(option, data, catalog, out)? {
                         Step::NeedMore => {}
@@ -440,41 +438,6 @@ fn parse_meta_request(data: &[u8]) -> Option<(&str, Vec<&str>)> {
         rest = r;
     }
     rest.is_empty().then_some((name, queries))
-}
-
-/// A u32-length-prefixed UTF-8 string within the protocol's length limit.
-fn take_string(data: &[u8]) -> Option<(&str, &[u8])> {
-    if data.len() < 4 {
-        return None;
-    }
-    let len = get_u32(data) as usize;
-    if len > MAX_STRING || data.len() - 4 < len {
-        return None;
-    }
-    let s = std::str::from_utf8(&data[4..4 + len]).ok()?;
-    if s.contains('\0') {
-        return None;
-    }
-    Some((s, &data[4 + len..]))
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-fn reply(out: &mut Vec<u8>, option: u32, kind: u32, payload: &[u8]) {
-    put_u64(out, OPT_REPLY_MAGIC);
-    put_u32(out, option);
-    put_u32(out, kind);
-    put_u32(out, payload.len() as u32);
-    out.extend_from_slice(payload);
 }
 
 fn reply_error(out: &mut Vec<u8>, option: u32, kind: u32, message: &str) {
