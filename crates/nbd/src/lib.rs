@@ -10,7 +10,7 @@
 //! | --- | --- | --- |
 //! | handshake | [`ServerHandshake`] over a [`Catalog`] | [`ClientHandshake`] |
 //! | requests | [`decode_request`] | [`encode_request`] |
-//! | replies | [`Replies`] | |
+//! | replies | [`Replies`] | [`ReplyDecoder`] → [`ReplyEvent`] |
 //!
 //! A client in a few lines, with a server in memory standing in for the
 //! socket:
@@ -54,7 +54,9 @@ pub use handshake::{
     BlockSizes, Catalog, ClientHandshake, ClientNegotiated, ClientOptions, ClientStep, ExportInfo,
     Negotiated, ServerHandshake, Step, MAX_OPTION_LEN,
 };
-pub use transmission::{decode_request, encode_request, Extent, Replies, Request};
+pub use transmission::{
+    decode_request, encode_request, Extent, Replies, ReplyDecoder, ReplyEvent, Request, DEFAULT_REPLY_LIMIT,
+};
 
 /// Which reply headers a connection uses, fixed at the end of negotiation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,6 +2,8 @@
 //! crate talking to each other in memory.
 
 mod client;
+mod decoder;
+mod decoder_props;
 mod server;
 
 use crate::consts::*;

@@ -1,8 +1,11 @@
 //! Transmission phase: requests (encoded by clients, decoded by servers),
-//! replies (encoded by servers with [`Replies`]).
+//! replies (encoded by servers with [`Replies`], decoded by clients with
+//! [`ReplyDecoder`]).
 
+mod decoder;
 mod replies;
 
+pub use decoder::{ReplyDecoder, ReplyEvent, DEFAULT_REPLY_LIMIT};
 pub use replies::Replies;
 
 use crate::consts::*;
