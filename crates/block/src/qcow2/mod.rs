@@ -305,17 +305,14 @@ impl BlockDev for Qcow2Dev {
             return Ok(());
         }
         let end = offset + length;
-        if flags.fast_only {
-            // Zero clusters need v3, and a partial cluster would be written.
-            let (s, e) = self.inner_clusters(offset, end);
-            if !self.v3 || s != offset || e != end {
-                return Err(Error::new(
-                    ErrorKind::NotSupported,
-                    "qcow2 zeroes without writing need v3 and whole clusters",
-                ));
-            }
-        }
         let (s, e) = self.inner_clusters(offset, end);
+        // Zero clusters need v3, and a partial cluster would be written.
+        if flags.fast_only && (!self.v3 || s != offset || e != end) {
+            return Err(Error::new(
+                ErrorKind::NotSupported,
+                "qcow2 zeroes without writing need v3 and whole clusters",
+            ));
+        }
         if flags.may_unmap && self.v3 && s < e {
             {
                 let _x = self.ranges.exclusive(s, e - s);
