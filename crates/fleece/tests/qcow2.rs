@@ -673,3 +673,40 @@ fn stop_and_check_file(d: &mut Daemon, p: &Path) {
     assert!(d.sigterm(Duration::from_secs(20)).success(), "{}", d.log());
     check_image(p, false);
 }
+
+#[test]
+fn two_disks_over_one_backing_file_share_it_read_only() {
+    let mut d = Daemon::prepare(Server::Fleece, &[]);
+    let dir = d.dir.path().to_path_buf();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &p("base.qcow2"), "16M"],
+    );
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 9 0 1M", &p("base.qcow2")],
+    );
+    for top in ["a.qcow2", "b.qcow2"] {
+        let out = run_any(BIN, &["image", "create", &p(top), "--backing", "base.qcow2"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let base0 = std::fs::read(p("base.qcow2")).unwrap();
+    d.disks = vec![
+        ("a".into(), p("a.qcow2").into()),
+        ("b".into(), p("b.qcow2").into()),
+    ];
+    d.spawn();
+    qemu_io(&d.uri("a"), &["write -P 1 0 64k", "read -P 9 64k 960k"]);
+    qemu_io(&d.uri("b"), &["read -P 9 0 1M", "discard 0 1M", "read -P 0 0 1M"]);
+    let busy = run_any("qemu-io", &["-f", "qcow2", "-c", "write 0 512", &p("base.qcow2")]);
+    assert!(
+        !busy.status.success(),
+        "the shared backing file is locked against writers"
+    );
+    stop_and_check(&mut d);
+    assert!(
+        std::fs::read(p("base.qcow2")).unwrap() == base0,
+        "the backing file is unchanged"
+    );
+}

@@ -177,12 +177,15 @@ mod tests {
         let io = l.shared(0, 4096, false).unwrap();
         let other = l.shared(5 << 20, 4096, false).unwrap();
         let done = Arc::new(AtomicUsize::new(0));
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let t = {
             let (l, done) = (l.clone(), done.clone());
             std::thread::spawn(move || {
                 let _x = l.exclusive(0, 2 << 20);
                 done.store(1, SeqCst);
-                std::thread::sleep(Duration::from_millis(50));
+                held_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
                 done.store(2, SeqCst);
             })
         };
@@ -193,19 +196,27 @@ mod tests {
             "the discard waits for the read in its stripe"
         );
         drop(other); // not in its stripes: changes nothing
+        std::thread::sleep(Duration::from_millis(20));
         assert_eq!(done.load(SeqCst), 0);
         drop(io);
-        while done.load(SeqCst) == 0 {
-            std::thread::yield_now();
-        }
-        // I/O elsewhere goes on while it holds its range.
+        held_rx.recv().unwrap();
+        // I/O elsewhere goes on while it holds its range...
         drop(l.shared(3 << 20, 4096, true).unwrap());
-        // I/O in its range waits, or declines without waiting.
-        if done.load(SeqCst) == 1 {
-            assert!(l.shared(4096, 4096, true).is_err());
-        }
-        let _g = l.shared(4096, 4096, false).unwrap();
-        assert_eq!(done.load(SeqCst), 2, "the read waited for the discard");
+        // ...I/O in its range declines without waiting, or waits.
+        assert_eq!(
+            l.shared(4096, 4096, true).err().map(|e| e.kind()),
+            Some(crate::ErrorKind::WouldBlock)
+        );
+        let waiter = {
+            let (l, done) = (l.clone(), done.clone());
+            std::thread::spawn(move || {
+                let _g = l.shared(4096, 4096, false).unwrap();
+                done.load(SeqCst)
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        go_tx.send(()).unwrap();
+        assert_eq!(waiter.join().unwrap(), 2, "the read waited for the discard");
         t.join().unwrap();
     }
 }
