@@ -667,3 +667,73 @@ fn no_wait_requests_run_only_in_memory() {
         );
     }
 }
+
+#[test]
+fn v2_images_zero_by_writing_and_trim_as_qemu_does_without_a_zero_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            &d("base.qcow2"),
+            "1M",
+        ],
+    );
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 1 0 1M", &d("base.qcow2")],
+    );
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            &d("top.qcow2"),
+        ],
+    );
+    let img = open_rw(Path::new(&d("top.qcow2")));
+    let dev = img.device();
+    assert!(!dev.capabilities().fast_zero, "no zero flag in v2");
+    let k = 65536u64;
+    dev.write_at(&vec![2u8; 2 * k as usize], 0, IoFlags::NONE)
+        .unwrap();
+    let fast = ZeroFlags {
+        fast_only: true,
+        ..ZeroFlags::default()
+    };
+    assert_eq!(
+        dev.write_zeroes(0, k, fast).unwrap_err().kind(),
+        ErrorKind::NotSupported
+    );
+    let unmap = ZeroFlags {
+        may_unmap: true,
+        ..ZeroFlags::default()
+    };
+    dev.write_zeroes(0, k, unmap).unwrap();
+    // v2 trim: the cluster is unallocated again, the backing data shows.
+    dev.trim(k, k).unwrap();
+    let mut b = vec![9u8; 2 * k as usize];
+    dev.read_at(&mut b, 0, IoFlags::NONE).unwrap();
+    assert!(b[..k as usize].iter().all(|&x| x == 0), "zeroes written");
+    assert!(
+        b[k as usize..].iter().all(|&x| x == 1),
+        "backing data after a v2 trim"
+    );
+    dev.flush().unwrap();
+    drop(img);
+    check_clean(Path::new(&d("top.qcow2")));
+}

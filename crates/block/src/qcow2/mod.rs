@@ -27,6 +27,7 @@ use imago::qcow2::Qcow2;
 use imago::{FormatAccess, FormatCreateBuilder, FormatDriverBuilder, StorageOpenOptions};
 
 use crate::dev::{check_range, BlockDev, Capabilities, IoFlags, IoHints, ZeroFlags};
+use crate::ext::BlockDevExt;
 use crate::mapping::Extent;
 use crate::raw::RawFile;
 use crate::{Error, ErrorKind, Result};
@@ -373,10 +374,20 @@ impl BlockDev for Qcow2Dev {
 }
 
 impl Qcow2Dev {
-    /// Zeroes `[offset, end)` keeping allocations (imago's `write_zeroes`:
-    /// zero clusters where whole, zero data in partial clusters that are
-    /// not zero already).
+    /// Zeroes `[offset, end)` keeping allocations: imago's `write_zeroes`
+    /// on v3 (zero clusters where whole, zero data in partial clusters
+    /// that are not zero already); zero buffers on v2, which has no zero
+    /// flag (imago refuses there). Runs that read as zeroes for good are
+    /// skipped either way.
     fn zero_keep(&self, offset: u64, end: u64) -> Result<()> {
+        if !self.v3 {
+            // Each write holds its own range; holding it here too could
+            // wait behind a discard that waits for this very hold.
+            for (at, len) in self.runs_to_zero(offset, end)? {
+                self.fill_zeroes(at, len, ZeroFlags::default())?;
+            }
+            return Ok(());
+        }
         let _g = self.ranges.shared(offset, end - offset, false)?;
         for (at, len) in self.runs_to_zero(offset, end)? {
             self.img
