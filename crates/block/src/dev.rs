@@ -69,8 +69,9 @@ pub struct Capabilities {
     /// Write-zeroes can be done without writing buffers (it may still
     /// fail with `NotSupported` for a range the device cannot zero so).
     pub fast_zero: bool,
-    /// Writes with [`IoFlags::fua`] are durable on return without a flush
-    /// of the whole device.
+    /// Writes with [`IoFlags::fua`] are durable on return (natively, or,
+    /// as qcow2 does, by a flush of the device after the write), so an
+    /// export offers FUA.
     pub fua: bool,
     /// Offsets and lengths of requests are multiples of this (a power of
     /// two; 1 for byte-addressed devices).
@@ -82,6 +83,10 @@ pub struct Capabilities {
     /// and trims are not bound by it. [`BlockDevExt`](crate::BlockDevExt)
     /// splits longer requests.
     pub max_transfer: Option<u32>,
+    /// Block status tells where in a backing chain each range is
+    /// allocated ([`Extent::depth`](crate::Extent::depth)), so an export
+    /// may offer `qemu:allocation-depth`.
+    pub allocation_depth: bool,
 }
 
 impl Default for Capabilities {
@@ -95,6 +100,7 @@ impl Default for Capabilities {
             min_io: 1,
             preferred_io: 4096,
             max_transfer: None,
+            allocation_depth: false,
         }
     }
 }

@@ -5,19 +5,22 @@
 //! the image as a file: QEMU-compatible locks ([`LockMode`]), its current
 //! length (which another program may change), resize.
 //!
-//! Where a new format goes: a [`Format`] variant, its test in `detect`
-//! (qcow2: the magic `QFI\xfb` at offset 0), a `Driver` arm that wraps the
-//! image file (qcow2: imago over the [`RawFile`]), and its arm in
-//! [`Image::resize`]. Locks and the length stay on the file whatever the
-//! format, as in QEMU.
+//! Formats: raw (the file is the disk) and qcow2 ([`Qcow2Dev`], imago over
+//! the image file and its backing chain). Where a new format goes: a
+//! [`Format`] variant, its test in `detect`, a `Driver` arm that wraps the
+//! image file, and its arms in [`Image::resize`] and [`create`]. Locks and
+//! the length stay on the file whatever the format, as in QEMU; a qcow2
+//! image's backing files are locked read-only ([`Image::lock`]) and never
+//! written.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::dev::BlockDev;
 use crate::lock::LockMode;
+use crate::qcow2::{self, Qcow2Dev, Qcow2Options};
 use crate::raw::RawFile;
-use crate::Result;
+use crate::{Error, ErrorKind, Result};
 
 /// The format of an image's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +28,38 @@ use crate::Result;
 pub enum Format {
     /// The bytes are the disk.
     Raw,
+    /// QEMU's copy-on-write format (through imago).
+    Qcow2,
+}
+
+impl Format {
+    /// Its name, as QEMU spells it: `raw`, `qcow2`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Format> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            _ => Err(Error::new(
+                ErrorKind::Invalid,
+                format!("format '{s}' is unknown: use raw or qcow2"),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// How to open an image.
@@ -40,6 +75,8 @@ pub struct ImageOptions {
 enum Driver {
     /// The file is the disk.
     Raw,
+    /// imago reads the file (and its backing chain) as qcow2.
+    Qcow2(Arc<Qcow2Dev>),
 }
 
 /// An open image: its device, and the image file under it.
@@ -66,6 +103,10 @@ pub fn open(path: &Path, options: &ImageOptions) -> Result<Image> {
     };
     let (driver, dev): (Driver, Arc<dyn BlockDev>) = match format {
         Format::Raw => (Driver::Raw, file.clone()),
+        Format::Qcow2 => {
+            let q = Arc::new(Qcow2Dev::open(file.clone(), path, options.read_only)?);
+            (Driver::Qcow2(q.clone()), q)
+        }
     };
     Ok(Image {
         path: path.to_path_buf(),
@@ -76,12 +117,78 @@ pub fn open(path: &Path, options: &ImageOptions) -> Result<Image> {
     })
 }
 
-/// The format of an image file's bytes.
-fn detect(_file: &RawFile) -> Result<Format> {
-    // Every image is raw until a format driver exists, as fleece has always
-    // served it (a qcow2 file too, as its bytes). qcow2 goes here: read the
-    // first 4 bytes, `QFI\xfb` -> Format::Qcow2.
-    Ok(Format::Raw)
+/// The format of an image file's bytes: qcow2 by its magic (`QFI\xfb`),
+/// raw otherwise.
+fn detect(file: &RawFile) -> Result<Format> {
+    if qcow2::header::is_qcow2(file.std_file())? {
+        Ok(Format::Qcow2)
+    } else {
+        Ok(Format::Raw)
+    }
+}
+
+/// The format of the image at `path` (qcow2 by its magic, raw otherwise).
+pub fn detect_path(path: &Path) -> Result<Format> {
+    detect(&RawFile::open(path, true)?)
+}
+
+/// How to create an image ([`create`]).
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// The format.
+    pub format: Format,
+    /// Size of the disk; with a backing file, `None` takes its size.
+    pub size: Option<u64>,
+    /// qcow2: bytes per cluster (a power of two, 512 B to 2 MiB; 64 KiB if
+    /// `None`).
+    pub cluster_size: Option<u64>,
+    /// qcow2: the backing file, as written into the header: relative to
+    /// the new image's directory, or absolute. Its format is detected.
+    pub backing: Option<String>,
+}
+
+/// Creates an image at `path`, which must not exist: a sparse raw file,
+/// or a qcow2 image (optionally over a backing file, which is only read).
+pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    let refuse = |msg: &str| Err(Error::new(ErrorKind::Invalid, msg.to_string()));
+    match opts.format {
+        Format::Raw => {
+            if opts.backing.is_some() {
+                return refuse("a raw image has no backing file: use --format qcow2");
+            }
+            if opts.cluster_size.is_some() {
+                return refuse("a raw image has no cluster size: use --format qcow2");
+            }
+            let Some(size) = opts.size else {
+                return refuse("a raw image needs a size");
+            };
+            RawFile::create_new(path, size).map(drop)
+        }
+        Format::Qcow2 => {
+            let mut q = Qcow2Options {
+                cluster_size: opts.cluster_size,
+                backing: None,
+            };
+            let mut size = opts.size;
+            if let Some(name) = &opts.backing {
+                let bpath = qcow2::backing_path(path, name);
+                let base = open(
+                    &bpath,
+                    &ImageOptions {
+                        read_only: true,
+                        format: None,
+                    },
+                )
+                .map_err(|e| Error::new(e.kind(), format!("backing file {}: {e}", bpath.display())))?;
+                size = size.or(Some(base.size()));
+                q.backing = Some((name.clone(), base.format().name().to_string()));
+            }
+            let Some(size) = size else {
+                return refuse("a qcow2 image without a backing file needs a size");
+            };
+            qcow2::create(path, size, &q)
+        }
+    }
 }
 
 impl Image {
@@ -104,6 +211,7 @@ impl Image {
     pub fn format(&self) -> Format {
         match self.driver {
             Driver::Raw => Format::Raw,
+            Driver::Qcow2(_) => Format::Qcow2,
         }
     }
 
@@ -112,28 +220,56 @@ impl Image {
         self.dev.size()
     }
 
-    /// Locks the image file the way QEMU does (see [`LockMode`]).
+    /// Locks the image file the way QEMU does (see [`LockMode`]), and a
+    /// qcow2 image's backing files read-only, as QEMU locks a chain: other
+    /// programs may read them but not change them meanwhile. Locks already
+    /// taken are released if a later one fails.
     pub fn lock(&self, mode: LockMode) -> Result<()> {
-        self.file.lock(mode)
+        self.file.lock(mode)?;
+        for f in self.backing_files() {
+            if let Err(e) = f.lock(LockMode::ReadOnly) {
+                self.unlock();
+                return Err(Error::new(
+                    e.kind(),
+                    format!("backing file {}: {e}", f.path().display()),
+                ));
+            }
+        }
+        Ok(())
     }
 
-    /// Releases the image file's locks, so another program may take the
-    /// image at once, even while something still holds this image.
+    /// Releases the locks of the image file (and its backing files), so
+    /// another program may take the image at once, even while something
+    /// still holds this image.
     pub fn unlock(&self) {
-        self.file.unlock()
+        self.file.unlock();
+        for f in self.backing_files() {
+            f.unlock();
+        }
+    }
+
+    /// A qcow2 image's backing chain, top-down; empty for raw images.
+    pub fn backing_files(&self) -> &[Arc<RawFile>] {
+        match &self.driver {
+            Driver::Raw => &[],
+            Driver::Qcow2(q) => q.backing_files(),
+        }
     }
 
     /// The image file's current length, which another program may have
-    /// changed (see [`RawFile::file_len`]).
+    /// changed (see [`RawFile::file_len`]). Only a raw image's length is
+    /// its disk's size; a qcow2 file grows as clusters are allocated.
     pub fn file_len(&self) -> Result<u64> {
         self.file.file_len()
     }
 
     /// Changes the disk's size. The caller keeps I/O away (it freezes the
-    /// disk). See [`RawFile::resize`] for what fails how.
+    /// disk). See [`RawFile::resize`] for what fails how; a qcow2 image
+    /// only grows ([`Qcow2Dev::resize`]).
     pub fn resize(&self, size: u64) -> Result<()> {
-        match self.driver {
+        match &self.driver {
             Driver::Raw => self.file.resize(size),
+            Driver::Qcow2(q) => q.resize(size),
         }
     }
 }

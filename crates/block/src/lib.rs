@@ -54,6 +54,7 @@ mod ext;
 pub mod image;
 mod lock;
 mod mapping;
+mod qcow2;
 mod raw;
 mod store;
 #[cfg(feature = "testing")]
@@ -67,8 +68,9 @@ pub use cbw::{
 pub use dev::{check_range, next_data_by_status, BlockDev, Capabilities, IoFlags, IoHints, ZeroFlags};
 pub use error::{Error, ErrorKind, Result};
 pub use ext::BlockDevExt;
-pub use image::{Image, ImageOptions};
+pub use image::{Format, Image, ImageOptions};
 pub use lock::LockMode;
 pub use mapping::{Extent, Mapping};
+pub use qcow2::Qcow2Dev;
 pub use raw::RawFile;
-pub use store::{DeviceStore, FileStore, RamStore, Store};
+pub use store::{DeviceStore, FileStore, Qcow2Store, RamStore, Store};

@@ -17,10 +17,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
+use fleece_block::image::{self, CreateOptions};
 use fleece_block::testing::HookDev;
 use fleece_block::{
-    BlockDev, DeviceStore, DirtyBitmap, ErrorKind, FileStore, IoFlags, LiveDisk, Mapping, RamStore, RawFile,
-    Snapshot, SnapshotOptions, SnapshotView, Store, ZeroFlags,
+    BlockDev, DeviceStore, DirtyBitmap, ErrorKind, FileStore, Format, ImageOptions, IoFlags, LiveDisk,
+    Mapping, RamStore, RawFile, Snapshot, SnapshotOptions, SnapshotView, Store, ZeroFlags,
 };
 use proptest::prelude::*;
 
@@ -31,6 +32,42 @@ const CL: u64 = 4096;
 const SIZE: u64 = 15 * CL + 2048;
 const GRANULES: u64 = SIZE.div_ceil(CL);
 const MAX_SNAPS: usize = 3;
+/// Cluster size of the qcow2 live disks: the smallest, so that requests
+/// cross many qcow2 clusters and end inside them.
+const QCL: u64 = 512;
+
+/// The live disk: a raw file, or with `qcow2` a qcow2 image of `QCL`-byte
+/// clusters (through the image factory).
+fn live_disk(dir: &Path, size: u64, qcow2: bool) -> Arc<dyn BlockDev> {
+    if !qcow2 {
+        return Arc::new(RawFile::create(&dir.join("disk.raw"), size).unwrap());
+    }
+    let p = dir.join("disk.qcow2");
+    let opts = CreateOptions {
+        format: Format::Qcow2,
+        size: Some(size),
+        cluster_size: Some(QCL),
+        backing: None,
+    };
+    image::create(&p, &opts).unwrap();
+    image::open(&p, &ImageOptions::default())
+        .unwrap()
+        .device()
+        .clone()
+}
+
+/// What reads as zeroes after a trim of `[off, off+len)`: all of it on a
+/// raw file; on qcow2 only its whole clusters (and the partial last one
+/// when the range reaches the end), as in QEMU.
+fn trimmed(off: u64, len: u64, size: u64, qcow2: bool) -> std::ops::Range<usize> {
+    if !qcow2 {
+        return off as usize..(off + len) as usize;
+    }
+    let end = off + len;
+    let lo = off.next_multiple_of(QCL);
+    let hi = if end == size { end } else { end / QCL * QCL };
+    lo as usize..hi.max(lo) as usize
+}
 
 #[derive(Clone, Copy, Debug)]
 enum StoreKind {
@@ -194,6 +231,7 @@ impl Shadow {
 }
 
 struct Model {
+    qcow2: bool,
     dir: tempfile::TempDir,
     live: LiveDisk,
     shadow: Vec<u8>,
@@ -232,8 +270,13 @@ impl Model {
     /// A disk whose clusters are holes (`None`) or data: a per-cluster
     /// pattern that varies within the cluster.
     fn new(initial: &[Option<u8>]) -> Model {
+        Model::on(initial, false)
+    }
+
+    /// [`new`](Self::new) on a raw file, or a qcow2 image with `qcow2`.
+    fn on(initial: &[Option<u8>], qcow2: bool) -> Model {
         let dir = tempfile::tempdir().unwrap();
-        let file = RawFile::create(&dir.path().join("disk.raw"), SIZE).unwrap();
+        let file = live_disk(dir.path(), SIZE, qcow2);
         let mut shadow = vec![0u8; SIZE as usize];
         for (c, fill) in initial.iter().enumerate() {
             let Some(b) = fill else { continue };
@@ -249,8 +292,9 @@ impl Model {
                 .unwrap();
         }
         Model {
+            qcow2,
             dir,
-            live: LiveDisk::new(Arc::new(file)),
+            live: LiveDisk::new(file),
             shadow,
             snaps: Vec::new(),
             made: 0,
@@ -273,9 +317,10 @@ impl Model {
                 self.shadow[off as usize..(off + len) as usize].fill(0);
             }
             Op::Trim { off, len } => {
-                // Our raw files read trimmed ranges as zeroes.
+                // Raw files read trimmed ranges as zeroes, qcow2 images
+                // their whole clusters.
                 self.live.trim(off, len).unwrap();
-                self.shadow[off as usize..(off + len) as usize].fill(0);
+                self.shadow[trimmed(off, len, SIZE, self.qcow2)].fill(0);
             }
             Op::Read { snap, off, len } => {
                 if let Some(s) = self.snaps.get_mut(snap) {
@@ -458,7 +503,11 @@ fn check_status(s: &Shadow, off: u64, len: u64) {
 }
 
 fn run(initial: &[Option<u8>], first: &Op, ops: &[Op]) {
-    let mut m = Model::new(initial);
+    run_on(initial, first, ops, false)
+}
+
+fn run_on(initial: &[Option<u8>], first: &Op, ops: &[Op], qcow2: bool) {
+    let mut m = Model::on(initial, qcow2);
     // Every sequence starts with a snapshot, so copy-before-write is always on.
     m.apply(first);
     m.check(0);
@@ -478,6 +527,20 @@ proptest! {
         ops in prop::collection::vec(op(), 1..40),
     ) {
         run(&initial, &first, &ops);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// The same over a qcow2 live disk.
+    #[test]
+    fn views_of_a_qcow2_disk_match_the_model_under_any_sequence(
+        initial in prop::collection::vec(prop::option::weighted(0.7, any::<u8>()), GRANULES as usize),
+        first in take(),
+        ops in prop::collection::vec(op(), 1..40),
+    ) {
+        run_on(&initial, &first, &ops, true);
     }
 }
 
@@ -597,7 +660,9 @@ fn model_smoke_with_every_option() {
                 len: SIZE - 2048,
             },
         ];
-        run(&[Some(7); GRANULES as usize], &first, &ops);
+        for qcow2 in [false, true] {
+            run_on(&[Some(7); GRANULES as usize], &first, &ops, qcow2);
+        }
     }
 }
 
@@ -628,6 +693,11 @@ impl Rng {
 /// read must equal the image at its instant, and block status may not call
 /// data a hole.
 fn concurrent_run(store_kind: StoreKind, cluster: u64, seed: u64) {
+    concurrent_run_on(store_kind, cluster, seed, false)
+}
+
+/// [`concurrent_run`] on a raw file, or a qcow2 image with `qcow2`.
+fn concurrent_run_on(store_kind: StoreKind, cluster: u64, seed: u64, qcow2: bool) {
     const NCL: u64 = 64;
     const DISK: u64 = NCL * CL;
     const WRITERS: u64 = 3;
@@ -636,7 +706,7 @@ fn concurrent_run(store_kind: StoreKind, cluster: u64, seed: u64) {
     const ITERS: u64 = 300;
 
     let dir = tempfile::tempdir().unwrap();
-    let file = RawFile::create(&dir.path().join("disk.raw"), DISK).unwrap();
+    let file = live_disk(dir.path(), DISK, qcow2);
     let img0: Vec<u8> = (0..DISK)
         .map(|p| {
             if (p / CL) % 5 == 4 {
@@ -651,7 +721,7 @@ fn concurrent_run(store_kind: StoreKind, cluster: u64, seed: u64) {
     for c in (4..NCL).step_by(5) {
         file.trim(c * CL, CL).unwrap();
     }
-    let live = Arc::new(LiveDisk::new(Arc::new(file)));
+    let live = Arc::new(LiveDisk::new(file));
     let mk = |n: u32| -> Box<dyn Store> {
         match store_kind {
             StoreKind::File => Box::new(
@@ -694,7 +764,8 @@ fn concurrent_run(store_kind: StoreKind, cluster: u64, seed: u64) {
                     match rng.below(8) {
                         0 => {
                             live.trim(base + off, len).unwrap();
-                            mine[o].fill(0);
+                            let z = trimmed(base + off, len, DISK, qcow2);
+                            mine[z.start - base as usize..z.end - base as usize].fill(0);
                         }
                         1 => {
                             let flags = ZeroFlags {
@@ -826,4 +897,10 @@ fn concurrent_view_reads_always_see_the_instant_ram_store() {
 #[test]
 fn concurrent_view_reads_always_see_the_instant_device_store() {
     concurrent_run(StoreKind::Devices, 2 * CL, 0x5eed_0004);
+}
+
+#[test]
+fn concurrent_view_reads_of_a_qcow2_disk_always_see_the_instant() {
+    concurrent_run_on(StoreKind::Devices, 2 * CL, 0x5eed_0005, true);
+    concurrent_run_on(StoreKind::File, CL, 0x5eed_0006, true);
 }

@@ -25,11 +25,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use fleece_block::image;
 use fleece_block::testing::{HookDev, HookStore};
 use fleece_block::{
-    BlockDev, Capabilities, DeviceStore, DirtyBitmap, ErrorKind, Extent, FileStore, IoFlags, LiveDisk,
-    Mapping, OnCbwError, RamStore, RawFile, Result, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotView,
-    Store, Subscription, ZeroFlags,
+    BlockDev, Capabilities, DeviceStore, DirtyBitmap, ErrorKind, Extent, FileStore, Format, ImageOptions,
+    IoFlags, LiveDisk, Mapping, OnCbwError, RamStore, RawFile, Result, Snapshot, SnapshotEvent,
+    SnapshotOptions, SnapshotView, Store, Subscription, ZeroFlags,
 };
 
 /// Cluster size of every snapshot here.
@@ -62,6 +63,23 @@ fn pattern(pos: u64) -> u8 {
     }
 }
 
+/// What the live disk is.
+#[derive(Clone, Copy, Debug)]
+enum DiskKind {
+    /// A raw file.
+    Raw,
+    /// A qcow2 image with `CL`-byte clusters (imago through the image
+    /// factory).
+    Qcow2,
+}
+
+/// A fixture's disk and store.
+#[derive(Clone, Copy, Debug)]
+struct Kind {
+    disk: DiskKind,
+    store: StoreKind,
+}
+
 /// Which store `Fx::store` makes.
 #[derive(Clone, Copy, Debug)]
 enum StoreKind {
@@ -74,7 +92,7 @@ enum StoreKind {
 struct Fx {
     kind: StoreKind,
     dir: tempfile::TempDir,
-    dev: Arc<HookDev>,
+    dev: Arc<HookDev<Arc<dyn BlockDev>>>,
     live: Arc<LiveDisk>,
     img0: Vec<u8>,
     stores: Mutex<Vec<Arc<HookStore>>>,
@@ -82,13 +100,37 @@ struct Fx {
 }
 
 impl Fx {
-    fn new(kind: StoreKind) -> Fx {
+    fn new(kind: Kind) -> Fx {
         Self::with_size(kind, SIZE)
     }
 
-    fn with_size(kind: StoreKind, size: u64) -> Fx {
-        let dir = tempfile::tempdir().unwrap();
-        let file = RawFile::create(&dir.path().join("live.raw"), size).unwrap();
+    fn with_size(kind: Kind, size: u64) -> Fx {
+        // A qcow2 disk takes no-wait writes only in memory (cases write
+        // inline to saved clusters).
+        let dir = match kind.disk {
+            DiskKind::Qcow2 if std::path::Path::new("/dev/shm").is_dir() => {
+                tempfile::tempdir_in("/dev/shm").unwrap()
+            }
+            _ => tempfile::tempdir().unwrap(),
+        };
+        let file: Arc<dyn BlockDev> = match kind.disk {
+            DiskKind::Raw => Arc::new(RawFile::create(&dir.path().join("live.raw"), size).unwrap()),
+            DiskKind::Qcow2 => {
+                let p = dir.path().join("live.qcow2");
+                let create = image::CreateOptions {
+                    format: Format::Qcow2,
+                    size: Some(size),
+                    cluster_size: Some(CL),
+                    backing: None,
+                };
+                image::create(&p, &create).unwrap();
+                image::open(&p, &ImageOptions::default())
+                    .unwrap()
+                    .device()
+                    .clone()
+            }
+        };
+        let kind = kind.store;
         let img0: Vec<u8> = (0..size).map(pattern).collect();
         let data_end = (DATA_CLUSTERS * CL).min(size);
         file.write_at(&img0[..data_end as usize], 0, IoFlags::NONE)
@@ -277,13 +319,30 @@ fn eventually(what: &str, cond: impl Fn() -> bool) {
 /// The cases over a RAM store that spills into a file store.
 mod ram {
     use super::*;
-    const STORE: StoreKind = StoreKind::Ram;
+    const STORE: Kind = Kind {
+        disk: DiskKind::Raw,
+        store: StoreKind::Ram,
+    };
     include!("cbw_race/cases.rs");
 }
 
 /// The cases over a device store on devices that are not files.
 mod devices {
     use super::*;
-    const STORE: StoreKind = StoreKind::Devices;
+    const STORE: Kind = Kind {
+        disk: DiskKind::Raw,
+        store: StoreKind::Devices,
+    };
+    include!("cbw_race/cases.rs");
+}
+
+/// The cases with a qcow2 image as the live disk, over a device store (so
+/// every copy reads through the qcow2 device into a buffer).
+mod qcow2 {
+    use super::*;
+    const STORE: Kind = Kind {
+        disk: DiskKind::Qcow2,
+        store: StoreKind::Devices,
+    };
     include!("cbw_race/cases.rs");
 }

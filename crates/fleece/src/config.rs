@@ -31,8 +31,11 @@ pub struct FileConfig {
 pub struct DiskConfig {
     /// Export name.
     pub name: String,
-    /// Raw image path.
+    /// Image path (raw or qcow2).
     pub path: PathBuf,
+    /// The image's format (`raw` or `qcow2`); detected when absent.
+    #[serde(default)]
+    pub format: Option<String>,
 }
 
 impl FileConfig {
@@ -108,17 +111,32 @@ pub fn merge_disks(file: Vec<DiskConfig>, flags: Vec<DiskConfig>) -> Result<Vec<
     Ok(out)
 }
 
-/// Parses `NAME=PATH`.
+/// Parses `NAME=PATH` or `NAME=PATH,format=raw|qcow2` (without it the
+/// format is detected).
 pub fn parse_disk_arg(s: &str) -> Result<DiskConfig> {
-    let (name, path) = s.split_once('=').ok_or_else(|| {
+    let (name, rest) = s.split_once('=').ok_or_else(|| {
         Error::invalid(format!(
-            "--disk '{s}' must be NAME=PATH, as in --disk vm1=/images/vm1.raw"
+            "--disk '{s}' must be NAME=PATH or NAME=PATH,format=raw|qcow2, as in --disk vm1=/images/vm1.qcow2"
         ))
     })?;
+    let (path, format) = match rest.rsplit_once(",format=") {
+        Some((p, f)) => {
+            check_format(f)?;
+            (p, Some(f.to_string()))
+        }
+        None => (rest, None),
+    };
     Ok(DiskConfig {
         name: name.to_string(),
         path: PathBuf::from(path),
+        format,
     })
+}
+
+/// Checks a format name (`raw` or `qcow2`).
+pub fn check_format(f: &str) -> Result<fleece_block::Format> {
+    f.parse()
+        .map_err(|e: fleece_block::Error| Error::invalid(e.to_string()))
 }
 
 /// Parses listen addresses.
@@ -172,6 +190,7 @@ mod tests {
         let d = |n: &str| DiskConfig {
             name: n.into(),
             path: PathBuf::from(format!("/{n}")),
+            format: None,
         };
         let m = merge_disks(vec![d("a")], vec![d("b")]).unwrap();
         assert_eq!(m.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
@@ -189,5 +208,29 @@ mod tests {
     fn disk_argument_needs_name_and_path() {
         assert!(parse_disk_arg("novalue").is_err());
         assert_eq!(parse_disk_arg("a=/x=y").unwrap().path, PathBuf::from("/x=y"));
+        assert_eq!(parse_disk_arg("a=/x,y").unwrap().path, PathBuf::from("/x,y"));
+    }
+
+    #[test]
+    fn disk_argument_may_say_the_format() {
+        let d = parse_disk_arg("vm=/i/vm.img,format=qcow2").unwrap();
+        assert_eq!(
+            (d.path, d.format.as_deref()),
+            (PathBuf::from("/i/vm.img"), Some("qcow2"))
+        );
+        assert_eq!(
+            parse_disk_arg("vm=/i/vm.img,format=raw")
+                .unwrap()
+                .format
+                .as_deref(),
+            Some("raw")
+        );
+        let e = parse_disk_arg("vm=/i/vm.img,format=vmdk")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("raw or qcow2"), "{e}");
+        let c: FileConfig =
+            toml::from_str("[[disk]]\nname = \"a\"\npath = \"/a\"\nformat = \"qcow2\"\n").unwrap();
+        assert_eq!(c.disk[0].format.as_deref(), Some("qcow2"));
     }
 }

@@ -103,11 +103,12 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         disks.push(DiskConfig {
             name: "demo".into(),
             path,
+            format: Some("raw".into()),
         });
     }
     for d in &disks {
         disk_service
-            .add(&d.name, &d.path)
+            .add(&d.name, &d.path, d.format.as_deref())
             .map_err(|e| Error::new(e.kind, format!("disk '{}': {}", d.name, e.message)))?;
     }
 
@@ -217,6 +218,11 @@ fn watch_image_sizes(registry: &Registry, stop: &std::sync::mpsc::Receiver<()>) 
                 } else {
                     gone.remove(&d.name);
                 }
+            }
+            // A qcow2 file's length is not its disk's size (it grows as
+            // clusters are allocated).
+            if d.image.format() != fleece_block::Format::Raw {
+                continue;
             }
             let served = d.image.size();
             let Ok(now) = d.image.file_len() else { continue };

@@ -34,11 +34,13 @@ impl Disks {
         }
     }
 
-    /// Opens the image at `path` (in whatever format the image factory finds,
-    /// locked as QEMU locks its images) and exports it as `name`, with the
+    /// Opens the image at `path` (in `format`, `raw` or `qcow2`, or the
+    /// one the image factory finds; locked as QEMU locks its images, a
+    /// qcow2 backing chain read-only) and exports it as `name`, with the
     /// dirty bitmaps saved beside it.
-    pub fn add(&self, name: &str, path: &Path) -> Result<Arc<Disk>> {
+    pub fn add(&self, name: &str, path: &Path, format: Option<&str>) -> Result<Arc<Disk>> {
         check_name("disk", name)?;
+        let format = format.map(crate::config::check_format).transpose()?;
         let _change = self.registry.change();
         if self.registry.disk(name).is_ok() {
             return Err(Error::new(Kind::Exists, format!("disk '{name}' already exists")));
@@ -49,7 +51,11 @@ impl Disks {
                 path.display()
             )));
         }
-        let image = image::open(path, &ImageOptions::default()).map_err(|e| Error::invalid(e.to_string()))?;
+        let opts = ImageOptions {
+            read_only: false,
+            format,
+        };
+        let image = image::open(path, &opts).map_err(|e| Error::invalid(e.to_string()))?;
         // Two names for one file would let writes through one name skip the
         // other's snapshots and bitmaps.
         if let Some(other) = self.registry.disk_by_id(image.id()) {

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleece_block::{
-    BlockDev, FileStore, IoHints, OnCbwError, RamStore, SnapshotEvent, SnapshotOptions, SnapshotView, Store,
+    BlockDev, FileStore, IoHints, OnCbwError, Qcow2Store, RamStore, SnapshotEvent, SnapshotOptions,
+    SnapshotView, Store,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -124,6 +125,7 @@ pub struct CreateSnapshot {
 
 enum StoreSpec {
     File(Option<PathBuf>),
+    Qcow2(PathBuf),
     Ram(u64),
 }
 
@@ -133,11 +135,13 @@ fn parse_store(s: &Option<String>) -> Result<StoreSpec> {
         Some(s) => {
             if let Some(p) = s.strip_prefix("file:") {
                 Ok(StoreSpec::File(Some(PathBuf::from(p))))
+            } else if let Some(p) = s.strip_prefix("qcow2:").filter(|p| !p.is_empty()) {
+                Ok(StoreSpec::Qcow2(PathBuf::from(p)))
             } else if let Some(sz) = s.strip_prefix("ram:") {
                 Ok(StoreSpec::Ram(parse_size(sz)?))
             } else {
                 Err(Error::invalid(format!(
-                    "store '{s}' must be file:PATH or ram:SIZE"
+                    "store '{s}' must be file:PATH, qcow2:PATH or ram:SIZE"
                 )))
             }
         }
@@ -220,7 +224,7 @@ impl Snapshots {
             }
         };
         let spec = parse_store(&req.store)?;
-        if let (StoreSpec::File(Some(_)), true) = (&spec, names.len() > 1) {
+        if let (StoreSpec::File(Some(_)) | StoreSpec::Qcow2(_), true) = (&spec, names.len() > 1) {
             return Err(Error::invalid(
                 "one store path cannot serve several disks; leave --store out to get one store per disk",
             ));
@@ -292,6 +296,16 @@ impl Snapshots {
                         .unwrap_or_else(|| dir.join(format!("{}@{}.store", d.name, req.name)));
                     let mut record = self.state.record_store(&path, size)?;
                     let store = FileStore::create(&path, size).map_err(|e| Error::invalid(e.to_string()))?;
+                    record.created();
+                    Box::new(Recorded {
+                        store: Box::new(store),
+                        _record: record,
+                    })
+                }
+                StoreSpec::Qcow2(path) => {
+                    let mut record = self.state.record_qcow2_store(path, size)?;
+                    let store =
+                        Qcow2Store::create(path, size, cluster).map_err(|e| Error::invalid(e.to_string()))?;
                     record.created();
                     Box::new(Recorded {
                         store: Box::new(store),

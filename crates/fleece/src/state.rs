@@ -131,6 +131,17 @@ impl StateDir {
     /// `path`. Durable before it returns, so a crash right after the file is
     /// made still finds the record. Drop the record after the store.
     pub fn record_store(&self, path: &Path, size: u64) -> Result<StoreRecord> {
+        self.record(path, size, false)
+    }
+
+    /// [`record_store`](Self::record_store) for a qcow2 store: its file's
+    /// length is not `size` (the disk's), so before its inode is noted it is
+    /// recognised by the virtual size in its header.
+    pub fn record_qcow2_store(&self, path: &Path, size: u64) -> Result<StoreRecord> {
+        self.record(path, size, true)
+    }
+
+    fn record(&self, path: &Path, size: u64, qcow2: bool) -> Result<StoreRecord> {
         let dir = self.records();
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::invalid(format!("cannot create {}: {e}", dir.display())))?;
@@ -142,6 +153,7 @@ impl StateDir {
             size,
             dev: None,
             ino: None,
+            qcow2,
         };
         write_record(&file, &rec)?;
         sync_dir(&dir);
@@ -158,6 +170,9 @@ struct Record {
     size: u64,
     dev: Option<u64>,
     ino: Option<u64>,
+    /// A qcow2 image: `size` is its virtual size, not its length.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    qcow2: bool,
 }
 
 /// A store's record; dropping it removes the record (drop it after the
@@ -220,9 +235,11 @@ fn remove_recorded(r: &Record) {
     let Ok(m) = std::fs::symlink_metadata(&r.path) else {
         return; // gone already
     };
-    let ours = match (r.dev, r.ino) {
-        (Some(dev), Some(ino)) => m.dev() == dev && m.ino() == ino && m.len() == r.size,
-        _ => m.is_file() && m.len() == r.size,
+    let ours = match (r.dev, r.ino, r.qcow2) {
+        (Some(dev), Some(ino), false) => m.dev() == dev && m.ino() == ino && m.len() == r.size,
+        (Some(dev), Some(ino), true) => m.dev() == dev && m.ino() == ino,
+        (_, _, false) => m.is_file() && m.len() == r.size,
+        (_, _, true) => m.is_file() && qcow2_virtual_size(&r.path) == Some(r.size),
     };
     if !ours {
         tracing::warn!(
@@ -237,6 +254,14 @@ fn remove_recorded(r: &Record) {
         }
         Err(e) => tracing::warn!(file = %r.path.display(), error = %e, "cannot remove stale store"),
     }
+}
+
+/// The virtual size in a qcow2 header, if the file is a qcow2 image.
+fn qcow2_virtual_size(path: &Path) -> Option<u64> {
+    use std::io::Read;
+    let mut h = [0u8; 32];
+    File::open(path).ok()?.read_exact(&mut h).ok()?;
+    (h[..4] == *b"QFI\xfb").then(|| u64::from_be_bytes(h[24..32].try_into().unwrap()))
 }
 
 fn sync_dir(dir: &Path) {
@@ -297,6 +322,41 @@ mod tests {
         assert_eq!(std::fs::read(&b).unwrap(), b"user data");
         assert_eq!(std::fs::read(&c).unwrap(), b"abcdefghi");
         assert_eq!(std::fs::read_dir(dir.path().join(RECORDS)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn recorded_qcow2_stores_are_known_by_inode_or_virtual_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let state = StateDir::lock(dir.path()).unwrap();
+        let mk = |p: &Path, size: u64| {
+            let opts = fleece_block::image::CreateOptions {
+                format: fleece_block::Format::Qcow2,
+                size: Some(size),
+                cluster_size: None,
+                backing: None,
+            };
+            fleece_block::image::create(p, &opts).unwrap();
+        };
+        // Made and noted (its length is not the disk's size).
+        let a = other.path().join("a.qcow2");
+        let mut ra = state.record_qcow2_store(&a, 1 << 30).unwrap();
+        mk(&a, 1 << 30);
+        ra.created();
+        std::mem::forget(ra);
+        // Made, not noted: its header's size says it is ours.
+        let b = other.path().join("b.qcow2");
+        std::mem::forget(state.record_qcow2_store(&b, 1 << 20).unwrap());
+        mk(&b, 1 << 20);
+        // Not noted, and the file there is another image.
+        let c = other.path().join("c.qcow2");
+        std::mem::forget(state.record_qcow2_store(&c, 1 << 20).unwrap());
+        mk(&c, 2 << 20);
+        drop(state);
+        let state = StateDir::lock(dir.path()).unwrap();
+        state.remove_stale_stores();
+        assert!(!a.exists() && !b.exists());
+        assert!(c.exists());
     }
 
     #[test]

@@ -407,7 +407,7 @@ fn bad_snapshot_requests_get_clear_errors() {
         ),
         (
             vec!["snapshot", "create", "disk", "--name", "s", "--store", "tape:1"],
-            "file:PATH or ram:SIZE",
+            "file:PATH, qcow2:PATH or ram:SIZE",
         ),
         (
             vec![

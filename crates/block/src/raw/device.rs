@@ -64,6 +64,7 @@ impl BlockDev for RawFile {
             min_io: 1,
             preferred_io: self.blksize,
             max_transfer: None,
+            allocation_depth: false,
         }
     }
 

@@ -186,6 +186,12 @@ impl RawFile {
         Ok(m.blocks() * 512)
     }
 
+    /// The open file, for format drivers that read or write it through
+    /// descriptors of their own (`try_clone`).
+    pub(crate) fn std_file(&self) -> &File {
+        &self.file
+    }
+
     /// Path the file was opened from.
     pub fn path(&self) -> &Path {
         &self.path

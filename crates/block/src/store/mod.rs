@@ -6,8 +6,8 @@
 //! Stores are adapters over devices: a [`DeviceStore`] lays clusters out on
 //! any [`BlockDev`]s (striped over several), a [`FileStore`] is one over raw
 //! files fleece makes, and a [`RamStore`] keeps clusters in memory and
-//! spills into a file store. A qcow2 or a remote store is a device store
-//! over that device.
+//! spills into a file store. A [`Qcow2Store`] is a device store over a
+//! qcow2 image fleece makes; a remote store will be one over its device.
 
 use std::path::PathBuf;
 
@@ -16,10 +16,12 @@ use crate::Result;
 
 mod device;
 mod file;
+mod qcow2;
 mod ram;
 
 pub use device::DeviceStore;
 pub use file::FileStore;
+pub use qcow2::Qcow2Store;
 pub use ram::RamStore;
 
 /// Storage for saved clusters.

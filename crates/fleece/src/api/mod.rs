@@ -85,6 +85,7 @@ impl Daemon {
         types::Disk {
             name: d.name.clone(),
             path: d.image.path().to_path_buf(),
+            format: d.image.format().name().to_string(),
             size: d.image.size(),
             export: d.export.name.clone(),
             uri: self.uri(&d.export.name),

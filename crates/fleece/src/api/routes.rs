@@ -218,7 +218,10 @@ async fn list_disks(d: Arc<Daemon>, _: Call) -> Reply {
 
 async fn add_disk(d: Arc<Daemon>, c: Call) -> Reply {
     let req: AddDisk = c.body()?;
-    let disk = blocking(&d, move |d| d.disks.add(&req.name, &req.path)).await?;
+    let disk = blocking(&d, move |d| {
+        d.disks.add(&req.name, &req.path, req.format.as_deref())
+    })
+    .await?;
     let disk = d.disk(&disk);
     d.events
         .emit("disk_added", serde_json::to_value(&disk).unwrap_or_default());

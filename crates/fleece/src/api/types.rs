@@ -49,6 +49,8 @@ pub struct Disk {
     pub name: String,
     /// Image path as given.
     pub path: PathBuf,
+    /// Image format: `raw` or `qcow2`.
+    pub format: String,
     /// Bytes.
     pub size: u64,
     /// NBD export name.
@@ -105,7 +107,7 @@ pub struct Snapshot {
 /// A snapshot's store.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Store {
-    /// `file` or `ram`.
+    /// `file`, `qcow2` or `ram`.
     pub kind: String,
     /// Its file, if it has one.
     pub path: Option<PathBuf>,
@@ -166,8 +168,12 @@ pub struct Bitmap {
 pub struct AddDisk {
     /// Export name.
     pub name: String,
-    /// Path of an existing raw image (absolute: the daemon may run elsewhere).
+    /// Path of an existing image (absolute: the daemon may run elsewhere).
     pub path: PathBuf,
+    /// Its format, `raw` or `qcow2`; detected when absent (qcow2 by its
+    /// magic, raw otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
 }
 
 /// Body of `POST /v1/disks/{name}/resize`.

@@ -125,14 +125,45 @@ pub enum Command {
     },
     /// Print daemon events as they happen (until interrupted).
     Events,
+    /// Make images (no daemon needed).
+    Image {
+        #[command(subcommand)]
+        action: ImageCommand,
+    },
+}
+
+/// `fleece image ...`
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Create an image file (refuses an existing PATH), with the code the
+    /// daemon uses for its qcow2 stores.
+    Create {
+        /// Where to create it.
+        path: PathBuf,
+        /// Disk size, e.g. 20G; with --backing, defaults to the backing
+        /// file's size.
+        #[arg(long)]
+        size: Option<String>,
+        /// raw or qcow2.
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+        /// qcow2 cluster size, a power of two from 512 to 2M [default: 64K].
+        #[arg(long, value_name = "SIZE")]
+        cluster_size: Option<String>,
+        /// qcow2 backing file (raw or qcow2, detected), only ever read;
+        /// a relative name is relative to PATH's directory, as in qcow2.
+        #[arg(long, value_name = "FILE")]
+        backing: Option<String>,
+    },
 }
 
 /// `fleece serve` flags.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// A raw image to serve read-write, as NAME=PATH (repeatable). None
-    /// here or in --config: a 1 GiB demo disk, STATE_DIR/demo.raw.
-    #[arg(long = "disk", value_name = "NAME=PATH")]
+    /// An image to serve read-write, as NAME=PATH (raw or qcow2, detected)
+    /// or NAME=PATH,format=raw|qcow2 (repeatable). None here or in
+    /// --config: a 1 GiB demo disk, STATE_DIR/demo.raw.
+    #[arg(long = "disk", value_name = "NAME=PATH[,format=F]")]
     pub disks: Vec<String>,
     /// TOML file with the same settings (flags win).
     #[arg(long, value_name = "FILE")]
@@ -155,12 +186,15 @@ pub struct ServeArgs {
 pub enum DiskCommand {
     /// List disks.
     List,
-    /// Serve another raw image as NAME.
+    /// Serve another image (raw or qcow2) as NAME.
     Add {
         /// Export name.
         name: String,
-        /// Path of an existing raw image.
+        /// Path of an existing image.
         path: PathBuf,
+        /// raw or qcow2 [default: detected: qcow2 by its magic, raw otherwise]
+        #[arg(long)]
+        format: Option<String>,
     },
     /// Grow or shrink a disk (its image and its export). Refused while the
     /// disk has snapshots; clients connected before keep the old size.
@@ -221,8 +255,8 @@ pub struct CreateArgs {
     /// Copy unit, e.g. 64K (rounded up to the store's granularity).
     #[arg(long, value_name = "SIZE")]
     pub cluster_size: Option<String>,
-    /// file:PATH (default: a sparse file in the state dir) or ram:SIZE
-    /// (memory, spilling to a file beyond SIZE).
+    /// file:PATH (default: a sparse file in the state dir), qcow2:PATH (a
+    /// new qcow2 image) or ram:SIZE (memory, spilling to a file beyond SIZE).
     #[arg(long, value_name = "STORE")]
     pub store: Option<String>,
     /// Most bytes the store may hold, e.g. 10G.

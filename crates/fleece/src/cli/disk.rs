@@ -20,6 +20,7 @@ pub fn run(ctx: &Ctx, action: DiskCommand) -> Result<()> {
                     .map(|d| {
                         vec![
                             d.name,
+                            d.format,
                             human(d.size),
                             d.connections.to_string(),
                             d.path.display().to_string(),
@@ -27,15 +28,21 @@ pub fn run(ctx: &Ctx, action: DiskCommand) -> Result<()> {
                         ]
                     })
                     .collect();
-                table(&["NAME", "SIZE", "CONNS", "PATH", "URI"], &rows);
+                table(&["NAME", "FORMAT", "SIZE", "CONNS", "PATH", "URI"], &rows);
             })
         }
-        DiskCommand::Add { name, path } => {
+        DiskCommand::Add { name, path, format } => {
             // The daemon may run elsewhere in the tree: send an absolute path.
             let path = std::path::absolute(&path).unwrap_or(path);
-            let answer: Value = ctx.client.post("/v1/disks", &AddDisk { name, path })?;
+            let answer: Value = ctx.client.post("/v1/disks", &AddDisk { name, path, format })?;
             ctx.out.show(answer, |d: Disk| {
-                println!("added disk {} ({}): {}", d.name, human(d.size), d.uri);
+                println!(
+                    "added disk {} ({}, {}): {}",
+                    d.name,
+                    d.format,
+                    human(d.size),
+                    d.uri
+                );
             })
         }
         DiskCommand::Resize { name, size, shrink } => {

@@ -6,6 +6,7 @@ mod args;
 mod bitmap;
 mod client;
 mod disk;
+mod image;
 mod output;
 mod snapshot;
 mod status;
@@ -46,5 +47,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bitmap { action } => bitmap::run(&ctx, action),
         Command::Transaction { file } => status::transaction(&ctx, &file),
         Command::Events => status::events(&ctx),
+        Command::Image { action } => image::run(&ctx, action),
     }
 }

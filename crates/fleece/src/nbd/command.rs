@@ -8,7 +8,7 @@ use fleece_block::{AlignedBuf, ErrorKind, IoFlags, Mapping, ZeroFlags};
 use fleece_nbd::consts::*;
 use fleece_nbd::{Extent, Replies, Request};
 
-use super::exports::{max_payload, DIRTY_BITMAP_PREFIX, MAX_PAYLOAD};
+use super::exports::{max_payload, ALLOCATION_DEPTH, DIRTY_BITMAP_PREFIX, MAX_PAYLOAD};
 use super::frame::{give_buf, take_buf};
 use crate::registry::Export;
 
@@ -375,21 +375,30 @@ fn block_status(ctx: &Ctx, req: &Request, out: &mut Vec<u8>) {
                 }
             }
         } else {
+            let depth = name == ALLOCATION_DEPTH;
             match ctx.export.dev.block_status(req.offset, len) {
                 Ok(e) => e
                     .iter()
                     .map(|e| Extent {
                         length: e.length,
-                        flags: match e.mapping {
-                            // Unknown may be data: claim nothing.
-                            Mapping::Data | Mapping::Unknown => 0,
-                            Mapping::Zero => STATE_ZERO as u64,
-                            Mapping::Hole => (STATE_HOLE | STATE_ZERO) as u64,
-                            // Not part of a snapshot view (discarded, or
-                            // outside its bitmap): the spec's "hole" without
-                            // "zero" is a trimmed range of unknown contents,
-                            // which is what it is; reads of it fail.
-                            Mapping::Unavailable => STATE_HOLE as u64,
+                        flags: if depth {
+                            // Unallocated in the whole chain is 0, as qemu counts.
+                            match e.mapping {
+                                Mapping::Hole => 0,
+                                _ => e.depth.unwrap_or(0) as u64,
+                            }
+                        } else {
+                            match e.mapping {
+                                // Unknown may be data: claim nothing.
+                                Mapping::Data | Mapping::Unknown => 0,
+                                Mapping::Zero => STATE_ZERO as u64,
+                                Mapping::Hole => (STATE_HOLE | STATE_ZERO) as u64,
+                                // Not part of a snapshot view (discarded, or
+                                // outside its bitmap): the spec's "hole" without
+                                // "zero" is a trimmed range of unknown contents,
+                                // which is what it is; reads of it fail.
+                                Mapping::Unavailable => STATE_HOLE as u64,
+                            }
                         },
                     })
                     .collect(),

@@ -16,6 +16,12 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Prefix of dirty-bitmap metadata contexts (qemu's namespace).
 pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
+/// Where in a backing chain each range is allocated, as qemu-nbd serves
+/// it: 0 unallocated, N the depth of the image that holds it (1 for the
+/// top). Offered only by exports whose device can tell
+/// ([`Capabilities::allocation_depth`]).
+pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+
 /// Transmission flags of an export whose device can do `caps`.
 fn transmission_flags(caps: &Capabilities) -> u16 {
     let mut flags = TF_SEND_FLUSH | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
@@ -76,6 +82,7 @@ fn info(e: &Export) -> ExportInfo {
         flags: transmission_flags(&e.caps),
         block_sizes: block_sizes(&e.caps),
         contexts: std::iter::once(BASE_ALLOCATION.to_string())
+            .chain(e.caps.allocation_depth.then(|| ALLOCATION_DEPTH.to_string()))
             .chain(
                 e.bitmap_names()
                     .into_iter()

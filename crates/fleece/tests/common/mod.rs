@@ -47,6 +47,25 @@ impl Server {
     }
 }
 
+/// The format of the images a [`Daemon`] makes for its disks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Sparse raw files (every test so far).
+    Raw,
+    /// qcow2 images made by `qemu-img create` (64 KiB clusters).
+    Qcow2,
+}
+
+impl Format {
+    /// QEMU's name of it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
 /// A running NBD server in its own temp dir; killed on drop (its log is
 /// printed when the test is failing).
 pub struct Daemon {
@@ -60,6 +79,8 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     /// (export name, image path), in the order given.
     pub disks: Vec<(String, PathBuf)>,
+    /// The format of the images made for the disks.
+    pub format: Format,
     /// Extra arguments for `fleece serve`.
     pub extra_args: Vec<OsString>,
     /// `--nbd` listeners for fleece (default: `unix:SOCK`).
@@ -93,13 +114,34 @@ impl Daemon {
     /// Creates the temp dir and the images without starting anything; fill the
     /// images, then call [`Daemon::spawn`].
     pub fn prepare(server: Server, disks: &[(&str, u64)]) -> Daemon {
+        Daemon::prepare_in(server, disks, Format::Raw)
+    }
+
+    /// [`Daemon::prepare`] with images of `format` (qcow2: empty images made
+    /// by `qemu-img create`, 64 KiB clusters).
+    pub fn prepare_in(server: Server, disks: &[(&str, u64)], format: Format) -> Daemon {
         let dir = tempfile::Builder::new().prefix("fleece-test-").tempdir().unwrap();
         std::fs::create_dir(dir.path().join("disks")).unwrap();
         let disks = disks
             .iter()
             .map(|(name, size)| {
                 let p = dir.path().join("disks").join(name);
-                File::create(&p).unwrap().set_len(*size).unwrap();
+                match format {
+                    Format::Raw => File::create(&p).unwrap().set_len(*size).unwrap(),
+                    Format::Qcow2 => {
+                        run(
+                            "qemu-img",
+                            &[
+                                "create",
+                                "-q",
+                                "-f",
+                                "qcow2",
+                                p.to_str().unwrap(),
+                                &size.to_string(),
+                            ],
+                        );
+                    }
+                }
                 (name.to_string(), p)
             })
             .collect();
@@ -112,6 +154,7 @@ impl Daemon {
             dir,
             child: None,
             disks,
+            format,
             extra_args: Vec::new(),
             listeners: vec![format!("unix:{}", dir_sock.display())],
             bare: false,
@@ -250,9 +293,18 @@ impl Daemon {
             Server::QemuNbd if self.disks.len() == 1 => {
                 let (name, path) = &self.disks[0];
                 let mut cmd = Command::new("qemu-nbd");
-                cmd.args(["-k", sock, "-x", name, "-f", "raw", "--shared=0", "--persistent"])
-                    .args(["--discard=unmap"])
-                    .arg(path);
+                cmd.args([
+                    "-k",
+                    sock,
+                    "-x",
+                    name,
+                    "-f",
+                    self.format.name(),
+                    "--shared=0",
+                    "--persistent",
+                ])
+                .args(["--discard=unmap"])
+                .arg(path);
                 cmd
             }
             Server::QemuNbd | Server::QemuStorageDaemon => {
@@ -264,8 +316,10 @@ impl Daemon {
                         "driver=file,node-name=f{i},filename={},discard=unmap",
                         path.display()
                     ));
-                    cmd.arg("--blockdev")
-                        .arg(format!("driver=raw,node-name=d{i},file=f{i},discard=unmap"));
+                    cmd.arg("--blockdev").arg(format!(
+                        "driver={},node-name=d{i},file=f{i},discard=unmap",
+                        self.format.name()
+                    ));
                     cmd.arg("--export")
                         .arg(format!("type=nbd,id=e{i},node-name=d{i},name={name},writable=on"));
                 }
