@@ -28,6 +28,17 @@ pub enum ErrorKind {
     /// this request was acknowledged: it may or may not have taken effect.
     /// Every later request fails the same way until the caller reconnects.
     Disconnected,
+    /// A local target (a file) failed an I/O.
+    Io,
+    /// Reading the snapshot failed.
+    Source,
+    /// A job option or a target does not fit: a size mismatch, a read-only
+    /// target, a bad value.
+    Invalid,
+    /// The job was cancelled.
+    Cancelled,
+    /// The verify pass found the target differs from the snapshot.
+    Mismatch,
 }
 
 /// The one error type of the backup engine.
@@ -63,7 +74,8 @@ impl Error {
         self.errno
     }
 
-    pub(crate) fn io(kind: ErrorKind, context: impl std::fmt::Display, err: io::Error) -> Self {
+    /// An error of `kind` caused by an OS error.
+    pub fn io(kind: ErrorKind, context: impl std::fmt::Display, err: io::Error) -> Self {
         Error {
             kind,
             message: format!("{context}: {err}"),

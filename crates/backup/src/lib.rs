@@ -1,16 +1,27 @@
 //! The push-backup engine of fleece: copies a snapshot to a target.
 //!
-//! This step holds the NBD target ([`NbdTarget`]): a blocking,
-//! multi-threaded client that pushes to qemu-nbd, qemu-storage-daemon,
-//! nbdkit or another fleece, over `fleece-nbd`'s sans-IO protocol engine.
-//! No async runtime: like the daemon's data path, it runs on plain threads
-//! (a reader per connection; callers send their own requests). The job
-//! layer (copy order, workers, retries, progress) comes next and builds on
-//! [`Pending`] to know exactly what the target acknowledged.
+//! - [`target`]: where a job writes, behind one trait ([`Target`]): a raw
+//!   file, or a remote NBD server through the blocking, multi-connection
+//!   NBD client ([`NbdTarget`]) built on `fleece-nbd`'s sans-IO engine.
+//! - [`job`]: the copy engine ([`Copy`], one per disk, under a shared
+//!   [`Control`]): workers, retries and resume, speed limit, verify.
+//! - [`order`]: copy order (seed 004, item 7), also served to pull clients
+//!   as the `fleece:copy-order` NBD meta context.
+//!
+//! No async runtime: like the daemon's data path, it runs on plain threads.
+//! The daemon owns snapshots and bitmaps; this crate only copies and says
+//! exactly what the target acknowledged.
 #![warn(missing_docs)]
 
 mod error;
+pub mod job;
+pub mod order;
+mod rate;
 pub mod target;
 
 pub use error::{Error, ErrorKind, Result};
+pub use job::{Control, ControlStatus, Copy, CopyOptions, CopyStats, OnSourceError, OnTargetError};
+pub use order::{Hint, Order};
+pub use rate::RateLimit;
 pub use target::nbd::{ConnectOptions, NbdTarget, Pending, TargetInfo};
+pub use target::{OpenOptions, Target};

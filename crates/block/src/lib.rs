@@ -63,7 +63,8 @@ pub mod testing;
 pub use bitmap::{DirtyBitmap, NamedBitmap};
 pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use cbw::{
-    LiveDisk, OnCbwError, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotStats, SnapshotView, Subscription,
+    ClusterState, LiveDisk, OnCbwError, Snapshot, SnapshotEvent, SnapshotOptions, SnapshotStats,
+    SnapshotView, Subscription,
 };
 pub use dev::{check_range, next_data_by_status, BlockDev, Capabilities, IoFlags, IoHints, ZeroFlags};
 pub use error::{Error, ErrorKind, Result};

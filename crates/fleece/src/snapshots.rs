@@ -70,6 +70,9 @@ impl Store for Recorded {
     fn hints(&self) -> IoHints {
         self.store.hints()
     }
+    fn holds_in_memory(&self, index: u64) -> bool {
+        self.store.holds_in_memory(index)
+    }
 }
 
 /// Bytes of memory this host has.

@@ -474,6 +474,57 @@ impl NamedBitmap {
         Ok(())
     }
 
+    /// Clears the bits set in `mask` (same granularity and size), durably,
+    /// without touching the consistency flag: what a backup job does at its
+    /// end to drop what it copied. Call with the disk frozen (no marks may
+    /// run meanwhile). A crash part way leaves some of the bits set, which
+    /// only over-approximates; an inconsistent bitmap is left alone.
+    pub fn clear_bits(&self, mask: &DirtyBitmap) -> Result<()> {
+        if mask.granularity() != self.bits.granularity() || mask.size() != self.bits.size() {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                    "cannot clear bits of another granularity or size from '{}'",
+                    self.name
+                ),
+            ));
+        }
+        if !self.is_consistent() {
+            return Ok(());
+        }
+        let words = self.bits.bits().div_ceil(64);
+        let Some(s) = &self.sidecar else {
+            for w in 0..words {
+                let m = mask.word(w);
+                if m != 0 {
+                    self.bits.set_word(w, self.bits.word(w) & !m);
+                }
+            }
+            return Ok(());
+        };
+        let _ops = s.ops_exclusive();
+        let epoch = s.sync.epoch();
+        let mut r = Ok(());
+        for w in 0..words {
+            let m = mask.word(w);
+            if m == 0 {
+                continue;
+            }
+            // Memory first: a failed file write keeps extra bits on disk,
+            // and the next mark of a granule writes its word again.
+            self.bits.set_word(w, self.bits.word(w) & !m);
+            let v = s.staged.word(w) & !m;
+            s.staged.set_word(w, v);
+            if r.is_ok() {
+                r = s.write_word(w, v);
+            }
+        }
+        r.and_then(|_| s.sync(epoch)).map_err(|e| {
+            self.force_inconsistent(&format!("its sidecar file could not be synced: {e}"));
+            io_err("cannot clear bits of bitmap", &s.path, e)
+        })
+    }
+
     /// Like [`mark_inconsistent`](Self::mark_inconsistent), but writes the
     /// flag to the header even if the bitmap was inconsistent already (a
     /// failed header write may have lost it).

@@ -46,5 +46,5 @@ mod wait;
 
 pub use events::{SnapshotEvent, Subscription};
 pub use live::LiveDisk;
-pub use snapshot::{OnCbwError, Snapshot, SnapshotOptions, SnapshotStats};
+pub use snapshot::{ClusterState, OnCbwError, Snapshot, SnapshotOptions, SnapshotStats};
 pub use view::SnapshotView;

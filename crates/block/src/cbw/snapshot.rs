@@ -26,6 +26,25 @@ pub enum OnCbwError {
     BreakSnapshot,
 }
 
+/// Where one cluster's contents as of the instant are now: what a push job
+/// (and the `fleece:copy-order` hint) orders its copy by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterState {
+    /// Only on the live disk: copying it out now (and then discarding it)
+    /// spares the copy-before-write a later write would pay.
+    Unsaved,
+    /// A copy-before-write of it is in flight.
+    Saving,
+    /// Saved, in a store that keeps it in memory.
+    SavedInMemory,
+    /// Saved, in a store on disk.
+    Saved,
+    /// A hole (or zeroes) at the instant.
+    Zero,
+    /// Discarded, or outside the snapshot's bitmap: not readable.
+    Unavailable,
+}
+
 /// How a snapshot behaves.
 #[derive(Clone, Debug)]
 pub struct SnapshotOptions {
@@ -191,6 +210,35 @@ impl Snapshot {
             used_bytes: self.used.load(Ordering::Relaxed),
             broken: self.lock().broken.clone(),
         }
+    }
+
+    /// Number of clusters.
+    pub fn cluster_count(&self) -> u64 {
+        self.size.div_ceil(self.cluster)
+    }
+
+    /// Where cluster `c`'s contents as of the instant are now. Without a
+    /// lock: the answer may be stale by the time it is used (an unsaved
+    /// cluster may get saved), never wrong about the instant's contents.
+    pub fn cluster_state(&self, c: u64) -> ClusterState {
+        use super::state::{COPYING, MASK, NOT_COPIED, NOT_NEEDED, SAVED, ZEROED};
+        match self.states.get(c) & MASK {
+            SAVED if self.store.holds_in_memory(c) => ClusterState::SavedInMemory,
+            SAVED => ClusterState::Saved,
+            ZEROED => ClusterState::Zero,
+            NOT_NEEDED => ClusterState::Unavailable,
+            NOT_COPIED | COPYING if !self.in_scope(c) => ClusterState::Unavailable,
+            COPYING => ClusterState::Saving,
+            _ => ClusterState::Unsaved,
+        }
+    }
+
+    /// True when the store holds 80% of its limit or more: saved clusters
+    /// should then be copied out (and freed) first.
+    pub fn store_pressed(&self) -> bool {
+        self.opts
+            .store_limit
+            .is_some_and(|l| self.used.load(Ordering::Relaxed).saturating_mul(5) >= l.saturating_mul(4))
     }
 
     /// True once a copy failure broke it (break-snapshot policy).

@@ -55,4 +55,9 @@ pub trait Store: Send + Sync {
     fn hints(&self) -> IoHints {
         IoHints::default()
     }
+    /// True if cluster `index`, saved, is held in memory (reading it, or
+    /// freeing it, touches no disk): what a push job copies first.
+    fn holds_in_memory(&self, _index: u64) -> bool {
+        self.hints().in_memory
+    }
 }

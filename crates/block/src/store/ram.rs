@@ -115,6 +115,13 @@ impl Store for RamStore {
         }
     }
 
+    fn holds_in_memory(&self, index: u64) -> bool {
+        self.mem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&index)
+    }
+
     fn describe(&self) -> (&'static str, Option<PathBuf>) {
         (
             "ram",

@@ -302,3 +302,28 @@ fn concurrent_marks_share_syncs_and_all_land() {
         256 * G
     );
 }
+
+#[test]
+fn clear_bits_drops_only_the_masked_bits_durably_and_keeps_later_marks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, b) = new_bitmap(&dir, 1 << 30);
+    for g in [0, 1, 5, 64, 65, 700] {
+        b.mark(g * G, 1).unwrap();
+    }
+    let mask = DirtyBitmap::new(1 << 30, G);
+    for g in [1, 64, 700, 900] {
+        mask.set(g * G, 1);
+    }
+    b.clear_bits(&mask).unwrap();
+    let set = |b: &NamedBitmap| (0..1000).filter(|g| b.bits().any(g * G, 1)).collect::<Vec<u64>>();
+    assert_eq!(set(&b), vec![0, 5, 65]);
+    // A cleared granule is marked again by the next write to it, on disk too.
+    b.mark(64 * G, 1).unwrap();
+    assert!(b.is_consistent());
+    drop(b);
+    let b = NamedBitmap::open(&p, 1 << 30).unwrap();
+    assert_eq!(set(&b), vec![0, 5, 64, 65]);
+    assert!(b.is_consistent());
+    let other = DirtyBitmap::new(1 << 20, G);
+    assert_eq!(b.clear_bits(&other).err().unwrap().kind(), ErrorKind::Invalid);
+}
