@@ -321,7 +321,10 @@ impl Copy {
             ));
         }
         let cluster = opts.cluster;
-        if cluster == 0 || cluster % snap.cluster_size() != 0 || cluster % target.cluster_size().max(1) != 0 {
+        if cluster == 0
+            || !cluster.is_multiple_of(snap.cluster_size())
+            || !cluster.is_multiple_of(target.cluster_size().max(1))
+        {
             return Err(Error::new(
                 ErrorKind::Invalid,
                 format!(
