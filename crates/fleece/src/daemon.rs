@@ -14,6 +14,7 @@ use crate::config::{self, DiskConfig, FileConfig};
 use crate::disks::Disks;
 use crate::error::{Error, Kind, Result};
 use crate::events::Events;
+use crate::jobs::Jobs;
 use crate::nbd::{Connections, ListenAddr, Listener, Pool};
 use crate::registry::Registry;
 use crate::snapshots::Snapshots;
@@ -95,6 +96,12 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         events.clone(),
     ));
     let txn = Arc::new(Txn::new(registry.clone(), snapshots.clone(), events.clone()));
+    let jobs = Arc::new(Jobs::new(
+        registry.clone(),
+        txn.clone(),
+        snapshots.clone(),
+        events.clone(),
+    ));
     if disks.is_empty() {
         let path = state_dir.join("demo.raw");
         if !path.exists() {
@@ -141,6 +148,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         disks: disk_service.clone(),
         snapshots,
         txn,
+        jobs: jobs.clone(),
         clients,
         events,
         started: Instant::now(),
@@ -167,6 +175,9 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     })?;
     drop(rt);
 
+    // Running jobs end as failed-by-cancel: their bitmaps are settled as on
+    // a failure, their snapshots deleted.
+    jobs.shutdown(DRAIN_TIMEOUT);
     drop(watch_stop);
     let _ = watcher.join();
     for l in &mut listeners {

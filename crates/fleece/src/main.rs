@@ -10,6 +10,7 @@ mod daemon;
 mod disks;
 mod error;
 mod events;
+mod jobs;
 mod nbd;
 mod registry;
 mod snapshots;

@@ -58,7 +58,7 @@ impl Export {
         len: u64,
     ) -> std::result::Result<Vec<(u64, bool)>, String> {
         match &self.meta {
-            MetaSource::Live(live) => match live.bitmap(name) {
+            MetaSource::Live(live) => match live.bitmap(name).filter(|b| !is_hidden(b.name())) {
                 None => Err(format!("dirty bitmap '{name}' no longer exists")),
                 // Its clean bits may be wrong: a client must not skip them.
                 Some(b) if !b.is_consistent() => Err(format!(
@@ -84,7 +84,7 @@ impl Export {
             MetaSource::Live(live) => live
                 .bitmaps()
                 .iter()
-                .filter(|b| b.is_consistent())
+                .filter(|b| b.is_consistent() && !is_hidden(b.name()))
                 .map(|b| b.name().to_string())
                 .collect(),
             MetaSource::Snapshot(_, b) => b.iter().cloned().collect(),
@@ -153,6 +153,13 @@ pub struct Registry {
     /// Held by every change (disk add, remove and resize, transactions,
     /// snapshot deletes): never on the data path or by NBD handshakes.
     change: Mutex<()>,
+}
+
+/// True for names users cannot give (they start with '.'): the daemon's
+/// own objects, such as a backup job's successor bitmaps, which no
+/// listing shows and no command by name reaches.
+pub fn is_hidden(name: &str) -> bool {
+    name.starts_with('.')
 }
 
 /// Disk, snapshot and bitmap names: short, and safe in URIs and file names.

@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::bitmaps::{granularity, new_bitmap, DEFAULT_GRANULARITY};
 use crate::error::{Error, Kind, Result};
 use crate::events::Events;
-use crate::registry::{check_name, Disk, Registry, SnapshotEntry};
+use crate::registry::{check_name, is_hidden, Disk, Registry, SnapshotEntry};
 use crate::snapshots::{CreateSnapshot, PreparedSnapshot, Snapshots};
 use crate::units::Size;
 
@@ -169,7 +169,7 @@ impl Planned {
         {
             return Some(b.clone());
         }
-        d.live.bitmap(name)
+        d.live.bitmap(name).filter(|b| !is_hidden(b.name()))
     }
 
     fn get(&self, d: &Disk, name: &str) -> Result<Arc<NamedBitmap>> {
@@ -205,6 +205,18 @@ impl Txn {
     /// per snapshot action. Errors of a transaction of several actions say
     /// which action failed (`action 2 (bitmap-clear b0 on vm1): ...`).
     pub fn apply(&self, actions: Vec<Action>) -> Result<Vec<Vec<Arc<SnapshotEntry>>>> {
+        self.apply_with(actions, |_| {})
+    }
+
+    /// Like [`apply`](Self::apply), and runs `at_instant` with the
+    /// snapshots made, while every disk is still frozen, if everything
+    /// applied: what a backup job attaches to the instant (its successor
+    /// bitmaps) cannot then miss a write or catch one too early.
+    pub fn apply_with(
+        &self,
+        actions: Vec<Action>,
+        at_instant: impl FnOnce(&[Vec<Arc<SnapshotEntry>>]),
+    ) -> Result<Vec<Vec<Arc<SnapshotEntry>>>> {
         if actions.is_empty() {
             return Err(Error::invalid("a transaction needs at least one action"));
         }
@@ -321,6 +333,9 @@ impl Txn {
             if let Err(e) = res {
                 failure = Some(named(i, e));
             }
+        }
+        if failure.is_none() {
+            at_instant(&made);
         }
         drop(guards);
         for e in made.iter().flatten() {

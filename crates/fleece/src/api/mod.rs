@@ -30,6 +30,7 @@ use crate::clients::Clients;
 use crate::disks::Disks;
 use crate::error::{Error, Kind, Result};
 use crate::events::Events;
+use crate::jobs::Jobs;
 use crate::nbd::ListenAddr;
 use crate::registry::{self, Registry, SnapshotEntry};
 use crate::snapshots::Snapshots;
@@ -49,6 +50,8 @@ pub struct Daemon {
     pub snapshots: Arc<Snapshots>,
     /// Applies bitmap and snapshot actions at one instant.
     pub txn: Arc<Txn>,
+    /// Push-backup jobs.
+    pub jobs: Arc<Jobs>,
     /// Who is connected to which export.
     pub clients: Arc<dyn Clients>,
     /// Event fan-out.
@@ -132,6 +135,11 @@ impl Daemon {
             connections: self.clients.active(std::slice::from_ref(&e.export.name)),
         }
     }
+}
+
+/// True for bitmaps users see: not a job's hidden successor.
+fn visible(b: &NamedBitmap) -> bool {
+    !registry::is_hidden(b.name())
 }
 
 fn bitmap(b: &NamedBitmap) -> types::Bitmap {

@@ -13,10 +13,10 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::types::{
-    Action, AddBitmap, AddDisk, BitmapMerge, BitmapRef, CreateSnapshot, MergeSources, ResizeDisk,
-    Transaction, TransactionResult,
+    Action, AddBitmap, AddDisk, BitmapMerge, BitmapRef, CreateSnapshot, MergeSources, ResizeDisk, SetSpeed,
+    StartBackup, Transaction, TransactionResult,
 };
-use super::{bitmap, blocking, empty, error, error_with, events, json, ApiBody, Daemon};
+use super::{bitmap, blocking, empty, error, error_with, events, json, visible, ApiBody, Daemon};
 use crate::error::{Error, Result};
 use crate::registry::{split_id, SnapshotEntry};
 
@@ -98,6 +98,14 @@ pub static ROUTES: &[Route] = &[
     ),
     route!("POST", "/v1/disks/{name}/bitmaps/{bitmap}/merge", merge_bitmaps),
     route!("POST", "/v1/transactions", transaction),
+    route!("GET", "/v1/jobs", list_jobs),
+    route!("POST", "/v1/jobs", start_job),
+    route!("GET", "/v1/jobs/{name}", get_job),
+    route!("DELETE", "/v1/jobs/{name}", dismiss_job),
+    route!("POST", "/v1/jobs/{name}/pause", pause_job),
+    route!("POST", "/v1/jobs/{name}/resume", resume_job),
+    route!("POST", "/v1/jobs/{name}/cancel", cancel_job),
+    route!("POST", "/v1/jobs/{name}/speed", set_job_speed),
     route!("GET", "/v1/events", events),
 ];
 
@@ -282,7 +290,13 @@ async fn delete_snapshot(d: Arc<Daemon>, c: Call) -> Reply {
 
 async fn list_bitmaps(d: Arc<Daemon>, c: Call) -> Reply {
     let disk = d.registry.disk(c.param("name"))?;
-    let list: Vec<_> = disk.live.bitmaps().iter().map(|b| bitmap(b)).collect();
+    let list: Vec<_> = disk
+        .live
+        .bitmaps()
+        .iter()
+        .filter(|b| visible(b))
+        .map(|b| bitmap(b))
+        .collect();
     Ok(json(StatusCode::OK, &list))
 }
 
@@ -342,6 +356,47 @@ async fn transaction(d: Arc<Daemon>, c: Call) -> Reply {
     let made: Vec<_> = made.into_iter().flatten().collect();
     let snapshots = snapshots(&d, &made);
     Ok(json(StatusCode::OK, &TransactionResult { snapshots }))
+}
+
+async fn list_jobs(d: Arc<Daemon>, _: Call) -> Reply {
+    let list: Vec<_> = d.jobs.list().iter().map(|j| j.info()).collect();
+    Ok(json(StatusCode::OK, &list))
+}
+
+async fn start_job(d: Arc<Daemon>, c: Call) -> Reply {
+    let req: StartBackup = c.body()?;
+    // Connecting to a target and taking the instant both block.
+    let job = blocking(&d, move |d| d.jobs.start(req)).await?;
+    Ok(json(StatusCode::CREATED, &job.info()))
+}
+
+async fn get_job(d: Arc<Daemon>, c: Call) -> Reply {
+    Ok(json(StatusCode::OK, &d.jobs.get(c.param("name"))?.info()))
+}
+
+async fn dismiss_job(d: Arc<Daemon>, c: Call) -> Reply {
+    d.jobs.dismiss(c.param("name"))?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+async fn pause_job(d: Arc<Daemon>, c: Call) -> Reply {
+    Ok(json(StatusCode::OK, &d.jobs.pause(c.param("name"))?.info()))
+}
+
+async fn resume_job(d: Arc<Daemon>, c: Call) -> Reply {
+    Ok(json(StatusCode::OK, &d.jobs.resume(c.param("name"))?.info()))
+}
+
+async fn cancel_job(d: Arc<Daemon>, c: Call) -> Reply {
+    Ok(json(StatusCode::OK, &d.jobs.cancel(c.param("name"))?.info()))
+}
+
+async fn set_job_speed(d: Arc<Daemon>, c: Call) -> Reply {
+    let req: SetSpeed = c.body()?;
+    Ok(json(
+        StatusCode::OK,
+        &d.jobs.set_speed(c.param("name"), req.speed.bytes())?.info(),
+    ))
 }
 
 async fn events(d: Arc<Daemon>, c: Call) -> Reply {

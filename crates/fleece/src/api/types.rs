@@ -19,6 +19,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::jobs::{JobInfo, SetSpeed, StartBackup};
 pub use crate::snapshots::CreateSnapshot;
 pub use crate::txn::{Action, BitmapAdd, BitmapMerge, BitmapRef};
 pub use crate::units::Size;

@@ -117,6 +117,12 @@ pub enum Command {
         #[command(subcommand)]
         action: BitmapCommand,
     },
+    /// Push backups: copy a snapshot of disks to files or NBD servers, in
+    /// the daemon, full or incremental.
+    Backup {
+        #[command(subcommand)]
+        action: BackupCommand,
+    },
     /// Apply several bitmap and snapshot actions at one instant, all or none,
     /// from a JSON file (`{"actions": [...]}`, see docs/openapi.json) or `-`.
     Transaction {
@@ -130,6 +136,126 @@ pub enum Command {
         #[command(subcommand)]
         action: ImageCommand,
     },
+}
+
+/// `fleece backup ...`
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Snapshot DISKs at one instant and push each to its --target; the
+    /// snapshot goes when the job ends. Prints the job's name.
+    Start(Box<StartArgs>),
+    /// List jobs (finished ones stay until dismissed or a restart).
+    List,
+    /// Show one job.
+    Show {
+        /// Job name.
+        job: String,
+    },
+    /// Pause a job between requests.
+    Pause {
+        /// Job name.
+        job: String,
+    },
+    /// Resume a paused job (also one paused by --on-target-error stop).
+    Resume {
+        /// Job name.
+        job: String,
+    },
+    /// Cancel a job (its bitmaps are kept as on a failure).
+    Cancel {
+        /// Job name.
+        job: String,
+    },
+    /// Change a job's speed limit (bytes/s, e.g. 50M; 0: none).
+    SetSpeed {
+        /// Job name.
+        job: String,
+        /// Bytes per second.
+        rate: String,
+    },
+    /// Follow a job until it ends: a progress bar on a terminal, a line
+    /// every 10% otherwise; exits non-zero unless it completed.
+    Watch {
+        /// Job name.
+        job: String,
+    },
+    /// Forget a finished job.
+    Dismiss {
+        /// Job name.
+        job: String,
+    },
+}
+
+/// `fleece backup start` flags.
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    /// Disks to back up at one instant (or none, with --snapshot).
+    pub disks: Vec<String>,
+    /// Where each disk goes, in order: file:PATH (raw, created sparse if
+    /// missing), nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.
+    #[arg(long = "target", value_name = "TARGET", required = true)]
+    pub targets: Vec<String>,
+    /// Job name [default: backup-N].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Push this existing snapshot (DISK@NAME) instead; it stays afterwards.
+    #[arg(long = "snapshot", value_name = "DISK@NAME")]
+    pub snapshots: Vec<String>,
+    /// full or incremental (copies what --bitmap recorded).
+    #[arg(long, default_value = "full")]
+    pub sync: String,
+    /// Dirty bitmap: what an incremental backup copies; after the job it
+    /// holds the writes since the instant (a full backup creates it).
+    #[arg(long)]
+    pub bitmap: Option<String>,
+    /// on-success, never or always [default: on-success].
+    #[arg(long, value_name = "MODE")]
+    pub bitmap_mode: Option<String>,
+    /// Smallest copy unit [default: 64K, or the target's cluster if larger].
+    #[arg(long, value_name = "SIZE")]
+    pub min_cluster_size: Option<String>,
+    /// Where the snapshot keeps old data: file:PATH, qcow2:PATH or ram:SIZE
+    /// [default: a file in the state dir].
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Most bytes the store may hold.
+    #[arg(long, value_name = "SIZE")]
+    pub store_limit: Option<String>,
+    /// break-guest-write (default) or break-snapshot.
+    #[arg(long, value_name = "POLICY")]
+    pub on_cbw_error: Option<String>,
+    /// Seconds a copy-before-write may take before it counts as failed.
+    #[arg(long, value_name = "SECS")]
+    pub cbw_timeout: Option<f64>,
+    /// hinted (saves the guest the most copies) or offset (ascending).
+    #[arg(long, default_value = "hinted")]
+    pub order: String,
+    /// Requests in flight per disk [default: 8].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Bytes per write request [default: 1M].
+    #[arg(long, value_name = "SIZE")]
+    pub chunk_size: Option<String>,
+    /// Speed limit in bytes/s for the whole job, e.g. 50M [default: none].
+    #[arg(long, value_name = "RATE")]
+    pub speed: Option<String>,
+    /// report, stop (pause until resumed) or retry [default: retry for NBD
+    /// targets, report for files].
+    #[arg(long, value_name = "POLICY")]
+    pub on_target_error: Option<String>,
+    /// report or stop [default: report].
+    #[arg(long, value_name = "POLICY")]
+    pub on_source_error: Option<String>,
+    /// How long retry reconnects and resends, in seconds [default: 600].
+    #[arg(long, value_name = "SECS")]
+    pub retry_for: Option<f64>,
+    /// Read the target back after the copy and compare.
+    #[arg(long)]
+    pub verify: bool,
+    /// Wait for the job to end, showing progress; exit non-zero unless it
+    /// completed.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 /// `fleece image ...`

@@ -3,6 +3,7 @@
 //! answers as `api::types`.
 
 mod args;
+mod backup;
 mod bitmap;
 mod client;
 mod disk;
@@ -45,6 +46,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Disk { action } => disk::run(&ctx, action),
         Command::Snapshot { action } => snapshot::run(&ctx, action),
         Command::Bitmap { action } => bitmap::run(&ctx, action),
+        Command::Backup { action } => backup::run(&ctx, action),
         Command::Transaction { file } => status::transaction(&ctx, &file),
         Command::Events => status::events(&ctx),
         Command::Image { action } => image::run(&ctx, action),
