@@ -333,6 +333,8 @@ mod tests {
         check::<Snapshot>(&doc, "Snapshot", s("Snapshot"));
         check::<AddBitmap>(&doc, "AddBitmap", s("AddBitmap"));
         check::<Bitmap>(&doc, "Bitmap", s("Bitmap"));
+        check::<StartBackup>(&doc, "StartBackup", s("StartBackup"));
+        check::<JobInfo>(&doc, "Job", s("Job"));
         let body =
             |path: &str| &doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"];
         check::<MergeSources>(
@@ -343,6 +345,7 @@ mod tests {
         let applied = &doc["paths"]["/v1/transactions"]["post"]["responses"]["200"]["content"]
             ["application/json"]["schema"];
         check::<TransactionResult>(&doc, "transaction answer", applied);
+        check::<SetSpeed>(&doc, "speed body", body("/v1/jobs/{name}/speed"));
         // Action is a loose schema (its fields depend on `action`): the
         // tests below check each kind.
         let mut documented: Vec<&str> = schemas.keys().map(String::as_str).collect();
@@ -355,7 +358,10 @@ mod tests {
             "CreateSnapshot",
             "Disk",
             "Error",
+            "Job",
+            "JobDisk",
             "ResizeDisk",
+            "StartBackup",
             "Snapshot",
             "Status",
         ];
