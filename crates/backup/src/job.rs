@@ -595,7 +595,27 @@ impl Copy {
                 self.snap.read_at(data, off).map_err(|e| {
                     Failed::Source(Error::new(ErrorKind::Source, format!("at offset {off}: {e}")))
                 })?;
-                self.target.write(off, data).map_err(Failed::Target)?;
+                // Clusters that read as zeroes are not sent as data: a
+                // backup keeps holes where the disk reads as zeroes (raw
+                // images cannot tell allocated zeroes from data).
+                let c = self.opts.cluster as usize;
+                let mut i = 0usize;
+                while i < data.len() {
+                    let zero = is_zero(&data[i..(i + c).min(data.len())]);
+                    let mut j = i + c;
+                    while j < data.len() && is_zero(&data[j..(j + c).min(data.len())]) == zero {
+                        j += c;
+                    }
+                    let j = j.min(data.len());
+                    let at = off + i as u64;
+                    match (zero, self.target.known_zero()) {
+                        (false, _) => self.target.write(at, &data[i..j]),
+                        (true, false) => self.target.write_zeroes(at, (j - i) as u64),
+                        (true, true) => Ok(()),
+                    }
+                    .map_err(Failed::Target)?;
+                    i = j;
+                }
                 self.settle(first, count, len, true);
             }
             Task::Zero { first, count } => {
@@ -793,4 +813,11 @@ impl Copy {
         }
         Ok(())
     }
+}
+
+/// True if `b` is all zero bytes.
+fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: any bytes are valid u64s; align_to splits off unaligned ends.
+    let (head, body, tail) = unsafe { b.align_to::<u64>() };
+    head.iter().all(|&x| x == 0) && body.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
 }

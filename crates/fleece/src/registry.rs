@@ -77,6 +77,17 @@ impl Export {
         }
     }
 
+    /// Copy-order hints (`fleece:copy-order`) over the range, as (length,
+    /// value): only snapshot views have them.
+    pub fn copy_order(&self, offset: u64, len: u64) -> std::result::Result<Vec<(u64, u32)>, String> {
+        match &self.meta {
+            MetaSource::Snapshot(snap, _) => fleece_backup::order::hints(snap, offset, len)
+                .map(|runs| runs.into_iter().map(|(n, h)| (n, h as u32)).collect())
+                .map_err(|e| e.to_string()),
+            MetaSource::Live(_) => Err("fleece:copy-order is only offered on snapshot views".into()),
+        }
+    }
+
     /// The bitmaps a client may ask for: inconsistent ones are left out,
     /// as QEMU does not export them either.
     pub fn bitmap_names(&self) -> Vec<String> {

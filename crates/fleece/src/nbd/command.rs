@@ -8,7 +8,7 @@ use fleece_block::{AlignedBuf, ErrorKind, IoFlags, Mapping, ZeroFlags};
 use fleece_nbd::consts::*;
 use fleece_nbd::{Extent, Replies, Request};
 
-use super::exports::{max_payload, ALLOCATION_DEPTH, DIRTY_BITMAP_PREFIX, MAX_PAYLOAD};
+use super::exports::{max_payload, ALLOCATION_DEPTH, COPY_ORDER, DIRTY_BITMAP_PREFIX, MAX_PAYLOAD};
 use super::frame::{give_buf, take_buf};
 use crate::registry::Export;
 
@@ -366,6 +366,21 @@ fn block_status(ctx: &Ctx, req: &Request, out: &mut Vec<u8>) {
                     .map(|(length, dirty)| Extent {
                         length,
                         flags: dirty as u64,
+                    })
+                    .collect(),
+                Err(why) => {
+                    out.truncate(start);
+                    r.error(out, req, EINVAL, &why);
+                    return;
+                }
+            }
+        } else if name == COPY_ORDER {
+            match ctx.export.copy_order(req.offset, len) {
+                Ok(runs) => runs
+                    .into_iter()
+                    .map(|(length, hint)| Extent {
+                        length,
+                        flags: hint as u64,
                     })
                     .collect(),
                 Err(why) => {

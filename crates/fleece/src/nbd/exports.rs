@@ -22,6 +22,14 @@ pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 /// ([`Capabilities::allocation_depth`]).
 pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
+/// fleece's copy-order hint on snapshot views (seed 004, item 7): per
+/// range, which to copy first, as a push job does. Values (lower first):
+/// 0 saved in memory (or the store is nearly full): copy it now and trim
+/// it, which frees the store; 1 not yet saved: copying and trimming it
+/// spares the live disk a copy-before-write; 2 saved in a store on disk;
+/// 3 reads as zeroes; 4 not readable (trimmed, or outside the bitmap).
+pub const COPY_ORDER: &str = "fleece:copy-order";
+
 /// Transmission flags of an export whose device can do `caps`.
 fn transmission_flags(caps: &Capabilities) -> u16 {
     let mut flags = TF_SEND_FLUSH | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
@@ -83,6 +91,7 @@ fn info(e: &Export) -> ExportInfo {
         block_sizes: block_sizes(&e.caps),
         contexts: std::iter::once(BASE_ALLOCATION.to_string())
             .chain(e.caps.allocation_depth.then(|| ALLOCATION_DEPTH.to_string()))
+            .chain(matches!(e.meta, MetaSource::Snapshot(..)).then(|| COPY_ORDER.to_string()))
             .chain(
                 e.bitmap_names()
                     .into_iter()
