@@ -89,7 +89,10 @@ mod tests {
             assert!(r.take(1 << 20, || unreachable!("an unlimited take waited")));
         }
         r.set(1);
-        assert!(r.take(1 << 20, || true), "the first chunk at a new rate goes at once");
+        assert!(
+            r.take(1 << 20, || true),
+            "the first chunk at a new rate goes at once"
+        );
         assert!(!r.take(1 << 20, || true), "a stop ends the wait for the next");
     }
 }

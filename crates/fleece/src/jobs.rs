@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleece_backup::target::{self, OpenOptions, Target};
 use fleece_backup::{
-    Control, Copy, CopyOptions, ErrorKind as BackupKind, OnSourceError, OnTargetError, Order,
+    Control, Copy, CopyOptions, CopyStats, ErrorKind as BackupKind, OnSourceError, OnTargetError, Order,
 };
 use fleece_block::{DirtyBitmap, NamedBitmap};
 use serde::{Deserialize, Serialize};
@@ -227,18 +227,58 @@ enum End {
     Cancelled,
 }
 
-/// One disk of a running job.
+/// One disk of a job. What holds resources (the target's connections or
+/// image lock, the snapshot and its store) is let go when the job ends;
+/// the counters stay for the listing.
 struct Part {
     disk: Arc<Disk>,
     spec: String,
-    target: Arc<dyn Target>,
-    entry: Arc<SnapshotEntry>,
+    /// `DISK@NAME` and `NAME` of the snapshot pushed.
+    snapshot_id: String,
+    snapshot_name: String,
+    running: Mutex<Option<Running>>,
+    /// Counters and store use when the job ended.
+    last: Mutex<Option<(CopyStats, u64)>>,
     /// The job made the snapshot (and deletes it).
     owned: bool,
     /// The job's bitmap on this disk, and its successor.
     bitmap: Option<(Arc<NamedBitmap>, Arc<NamedBitmap>)>,
     copy: Mutex<Option<Arc<Copy>>>,
     cluster: u64,
+}
+
+/// What a part holds while its job runs.
+struct Running {
+    target: Arc<dyn Target>,
+    entry: Arc<SnapshotEntry>,
+}
+
+impl Part {
+    fn target(&self) -> Option<Arc<dyn Target>> {
+        lock(&self.running).as_ref().map(|r| r.target.clone())
+    }
+
+    fn entry(&self) -> Option<Arc<SnapshotEntry>> {
+        lock(&self.running).as_ref().map(|r| r.entry.clone())
+    }
+
+    /// Counters now, or as they were at the end.
+    fn stats(&self) -> (CopyStats, u64) {
+        if let Some(l) = &*lock(&self.last) {
+            return l.clone();
+        }
+        let s = lock(&self.copy).as_ref().map(|c| c.stats()).unwrap_or_default();
+        let used = self.entry().map_or(0, |e| e.snap.stats().used_bytes);
+        (s, used)
+    }
+
+    /// Lets go of the target, the snapshot and the copy, keeping counters.
+    fn release(&self) {
+        let last = self.stats();
+        *lock(&self.last) = Some(last);
+        *lock(&self.copy) = None;
+        *lock(&self.running) = None;
+    }
 }
 
 struct Status {
@@ -279,12 +319,9 @@ fn now_secs() -> u64 {
 
 impl Job {
     fn done_total(&self) -> (u64, u64) {
-        self.parts.iter().fold((0, 0), |(d, t), p| match &*lock(&p.copy) {
-            Some(c) => {
-                let s = c.stats();
-                (d + s.done_bytes, t + s.total_bytes)
-            }
-            None => (d, t),
+        self.parts.iter().fold((0, 0), |(d, t), p| {
+            let s = p.stats().0;
+            (d + s.done_bytes, t + s.total_bytes)
         })
     }
 
@@ -335,11 +372,11 @@ impl Job {
                 .parts
                 .iter()
                 .map(|p| {
-                    let s = lock(&p.copy).as_ref().map(|c| c.stats()).unwrap_or_default();
+                    let (s, used) = p.stats();
                     JobDiskInfo {
                         disk: p.disk.name.clone(),
                         target: p.spec.clone(),
-                        snapshot: p.entry.export.name.clone(),
+                        snapshot: p.snapshot_id.clone(),
                         cluster_size: p.cluster,
                         phase: if s.phase.is_empty() { "planning" } else { s.phase }.to_string(),
                         total_bytes: s.total_bytes,
@@ -347,7 +384,7 @@ impl Job {
                         copied_clusters: s.copied_clusters,
                         zeroed_clusters: s.zeroed_clusters,
                         skipped_clusters: s.skipped_clusters,
-                        store_used_bytes: p.entry.snap.stats().used_bytes,
+                        store_used_bytes: used,
                     }
                 })
                 .collect(),
@@ -713,7 +750,10 @@ impl Jobs {
 
     /// Refuses a file target that is a served image or a bitmap sidecar.
     fn check_target_path(&self, spec: &str) -> Result<()> {
-        let Some(path) = spec.strip_prefix("file:") else {
+        let Some(path) = spec.strip_prefix("file:").or_else(|| {
+            spec.strip_prefix("qcow2:")
+                .map(|p| p.split(',').next().unwrap_or(p))
+        }) else {
             return Ok(());
         };
         use std::os::unix::fs::MetadataExt;
@@ -908,8 +948,10 @@ impl Jobs {
             .map(|((((disk, entry), target), bitmap), spec)| Part {
                 disk,
                 spec: spec.clone(),
-                target,
-                entry,
+                snapshot_id: entry.export.name.clone(),
+                snapshot_name: entry.name.clone(),
+                running: Mutex::new(Some(Running { target, entry })),
+                last: Mutex::new(None),
                 owned,
                 bitmap,
                 copy: Mutex::new(None),
@@ -973,7 +1015,7 @@ impl Jobs {
                 p.disk.live.remove_bitmap(s.name());
             }
             if p.owned {
-                let _ = self.snapshots.delete(&p.disk.name, &p.entry.name, true);
+                let _ = self.snapshots.delete(&p.disk.name, &p.snapshot_name, true);
             }
         }
     }
@@ -988,13 +1030,21 @@ impl Jobs {
                 .iter()
                 .map(|p| {
                     let mut o = opts.clone();
-                    o.on_target_error = policy.unwrap_or(if p.target.retries_by_default() {
+                    let (Some(target), Some(entry)) = (p.target(), p.entry()) else {
+                        return s.spawn(|| {
+                            Err(fleece_backup::Error::new(
+                                BackupKind::Io,
+                                "the job lost its target",
+                            ))
+                        });
+                    };
+                    o.on_target_error = policy.unwrap_or(if target.retries_by_default() {
                         OnTargetError::Retry
                     } else {
                         OnTargetError::Report
                     });
                     s.spawn(move || {
-                        let copy = Copy::new(p.entry.snap.clone(), p.target.clone(), o)?;
+                        let copy = Copy::new(entry.snap.clone(), target, o)?;
                         *lock(&p.copy) = Some(copy.clone());
                         let r = copy.run(&job.ctl);
                         if r.is_err() {
@@ -1046,15 +1096,19 @@ impl Jobs {
         }
         for p in &job.parts {
             if p.owned {
-                if let Err(e) = self.snapshots.delete(&p.disk.name, &p.entry.name, true) {
+                if let Err(e) = self.snapshots.delete(&p.disk.name, &p.snapshot_name, true) {
                     if e.kind != Kind::NotFound {
                         tracing::warn!(job = %job.name, error = %e, "cannot delete the job's snapshot");
                     }
                 }
             }
             if end != End::Completed {
-                p.target.abandon();
+                if let Some(t) = p.target() {
+                    t.abandon();
+                }
             }
+            // Connections close, image locks go, the store is freed.
+            p.release();
         }
         {
             let mut st = lock(&job.status);

@@ -814,3 +814,112 @@ fn views_offer_the_copy_order_context() {
     let list = run("nbdinfo", &["--list", &d.uri("vm")]);
     assert_eq!(list.matches("fleece:copy-order").count(), 1, "{list}");
 }
+
+#[test]
+fn a_qcow2_chain_of_a_full_and_three_incrementals_restores_each_instant() {
+    for format in [Format::Raw, Format::Qcow2] {
+        let mut d = Daemon::prepare_in(Server::Fleece, &[("vm", 32 * MIB)], format);
+        d.spawn();
+        write(
+            &d,
+            "vm",
+            &["write -P 0x11 0 4M", "write -P 0x22 20M 1M", "write -z 8M 1M"],
+        );
+        let mut wants = vec![image_now(&d, "vm", "at0.raw")];
+        let full = d.path("b0.qcow2");
+        let j = backup(
+            &d,
+            &[
+                "vm",
+                "--target",
+                &format!("qcow2:{},cluster-size=128K", full.display()),
+                "--bitmap",
+                "b",
+            ],
+        );
+        // The copy unit is at least the target's cluster.
+        assert_eq!(j["disks"][0]["cluster_size"], 128 * KIB);
+        let mut chain = vec![full];
+        for round in 1..=3u64 {
+            write(
+                &d,
+                "vm",
+                &[
+                    &format!("write -P {} {}M 192k", round + 0x40, round * 3),
+                    // Zeroes over data the previous backup holds.
+                    &format!("write -z {}k 64k", round * 128),
+                    &format!("discard {}M 128k", 20),
+                ],
+            );
+            wants.push(image_now(&d, "vm", &format!("at{round}.raw")));
+            let inc = d.path(&format!("b{round}.qcow2"));
+            let prev = chain
+                .last()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            backup(
+                &d,
+                &[
+                    "vm",
+                    "--target",
+                    &format!("qcow2:{},backing={prev}", inc.display()),
+                    "--sync",
+                    "incremental",
+                    "--bitmap",
+                    "b",
+                ],
+            );
+            chain.push(inc);
+        }
+        for (i, img) in chain.iter().enumerate() {
+            let p = img.to_str().unwrap();
+            let check = run_any("qemu-img", &["check", p]);
+            assert!(check.status.success(), "{format:?} {p}: {}", text(&check.stdout));
+            let restored = d.path(&format!("restored{i}.raw"));
+            run(
+                "qemu-img",
+                &["convert", "-O", "raw", p, restored.to_str().unwrap()],
+            );
+            assert_same(&restored, &wants[i]);
+        }
+        let info = run(
+            "qemu-img",
+            &["info", "--backing-chain", chain[3].to_str().unwrap()],
+        );
+        assert_eq!(
+            info.lines()
+                .filter(|l| l.starts_with("file format: qcow2"))
+                .count(),
+            4,
+            "{info}"
+        );
+        // An incremental one writes only what changed.
+        let map = run("qemu-img", &["map", "--output=json", chain[2].to_str().unwrap()]);
+        let top: u64 = serde_json::from_str::<Value>(&map)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["depth"] == 0 && e["data"] == true)
+            .map(|e| e["length"].as_u64().unwrap())
+            .sum();
+        assert!(top <= MIB, "{format:?}: {top} bytes of data in the top image");
+        // A qcow2 target is always new.
+        let out = d.cli(&[
+            "backup",
+            "start",
+            "vm",
+            "--target",
+            &format!("qcow2:{}", chain[0].display()),
+        ]);
+        assert!(
+            text(&out.stderr).contains("always a new image"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+}

@@ -3,6 +3,8 @@
 //!
 //! - [`file::FileTarget`]: a raw image file (`file:PATH`), created sparse
 //!   if missing;
+//! - [`qcow2::Qcow2Target`]: a new qcow2 image (`qcow2:PATH`), over the
+//!   previous backup for an incremental one (`qcow2:PATH,backing=PREV`);
 //! - [`remote::RemoteTarget`]: a remote NBD server (`nbd://`,
 //!   `nbd+unix://`) over [`nbd::NbdTarget`], which reconnects when asked.
 //!
@@ -14,6 +16,7 @@ use crate::error::{Error, ErrorKind, Result};
 
 pub mod file;
 pub mod nbd;
+pub mod qcow2;
 pub mod remote;
 
 /// A place a job copies a disk to. Every call may come from several
@@ -71,7 +74,8 @@ impl Default for OpenOptions {
 }
 
 /// Opens the target named `spec` for a disk of `size` bytes:
-/// `file:PATH`, `nbd://HOST[:PORT]/EXPORT` or
+/// `file:PATH`, `qcow2:PATH[,backing=PREV][,cluster-size=SIZE]`,
+/// `nbd://HOST[:PORT]/EXPORT` or
 /// `nbd+unix:///EXPORT?socket=PATH`.
 pub fn open(spec: &str, size: u64, options: &OpenOptions) -> Result<Box<dyn Target>> {
     if let Some(path) = spec.strip_prefix("file:") {
@@ -83,13 +87,16 @@ pub fn open(spec: &str, size: u64, options: &OpenOptions) -> Result<Box<dyn Targ
         }
         return Ok(Box::new(file::FileTarget::open(path.as_ref(), size)?));
     }
+    if let Some(rest) = spec.strip_prefix("qcow2:") {
+        return Ok(Box::new(qcow2::Qcow2Target::create(rest, size)?));
+    }
     if spec.starts_with("nbd") {
         return Ok(Box::new(remote::RemoteTarget::connect(spec, size, options)?));
     }
     Err(Error::new(
         ErrorKind::InvalidTarget,
         format!(
-            "target '{spec}' must be file:PATH, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"
+            "target '{spec}' must be file:PATH, qcow2:PATH[,backing=PREV], nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"
         ),
     ))
 }

@@ -112,7 +112,17 @@ fn request(a: StartArgs) -> Result<StartBackup> {
     Ok(StartBackup {
         disks: a.disks,
         snapshots: a.snapshots,
-        targets: a.targets.into_iter().map(|t| absolute(t, "file:")).collect(),
+        targets: a
+            .targets
+            .into_iter()
+            .map(|t| {
+                if t.starts_with("qcow2:") {
+                    absolute(t, "qcow2:")
+                } else {
+                    absolute(t, "file:")
+                }
+            })
+            .collect(),
         name: a.name,
         sync: Some(a.sync),
         bitmap: a.bitmap,
