@@ -20,6 +20,10 @@ pub struct FileConfig {
     pub nbd: Vec<String>,
     /// I/O threads shared by all connections.
     pub io_threads: Option<usize>,
+    /// Seconds a client may take to negotiate, TLS included.
+    pub handshake_timeout: Option<u64>,
+    /// Connections still negotiating, at most.
+    pub max_handshakes: Option<usize>,
     /// Disks to serve.
     #[serde(default)]
     pub disk: Vec<DiskConfig>,

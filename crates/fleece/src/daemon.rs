@@ -14,6 +14,7 @@ use crate::config::{self, DiskConfig, FileConfig};
 use crate::disks::Disks;
 use crate::error::{Error, Kind, Result};
 use crate::events::Events;
+use crate::nbd::door::{self, FrontDoor};
 use crate::nbd::{Connections, ListenAddr, Listener, Pool};
 use crate::registry::Registry;
 use crate::snapshots::Snapshots;
@@ -40,6 +41,10 @@ pub struct ServeOptions {
     pub state_dir: Option<PathBuf>,
     /// `--io-threads`.
     pub io_threads: Option<usize>,
+    /// `--handshake-timeout` (seconds).
+    pub handshake_timeout: Option<u64>,
+    /// `--max-handshakes`.
+    pub max_handshakes: Option<usize>,
 }
 
 /// Runs the daemon until a signal arrives.
@@ -50,6 +55,18 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         None => FileConfig::default(),
     };
     let threads = config::check_io_threads(opts.io_threads.or(file.io_threads).unwrap_or(16))?;
+    let door = Arc::new(FrontDoor::new(
+        door::check_handshake_timeout(
+            opts.handshake_timeout
+                .or(file.handshake_timeout)
+                .unwrap_or(door::DEFAULT_HANDSHAKE_TIMEOUT),
+        )?,
+        door::check_max_handshakes(
+            opts.max_handshakes
+                .or(file.max_handshakes)
+                .unwrap_or(door::DEFAULT_MAX_HANDSHAKES),
+        )?,
+    ));
     let flag_disks = opts
         .disks
         .iter()
@@ -69,8 +86,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         .state_dir
         .or(file.state_dir)
         .unwrap_or_else(|| PathBuf::from("fleece-state"));
-    std::fs::create_dir_all(&state_dir)
-        .map_err(|e| Error::invalid(format!("cannot create state dir {}: {e}", state_dir.display())))?;
+    create_state_dir(&state_dir)?;
     let state_dir = state_dir.canonicalize().unwrap_or(state_dir);
     // Before anything in the directory is read or removed: a second daemon
     // must not delete the stores of a running one.
@@ -120,6 +136,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             registry.clone(),
             conns.clone(),
             pool.clone(),
+            door.clone(),
         )?);
     }
     let listen: Vec<ListenAddr> = listeners.iter().map(|l| l.addr.clone()).collect();
@@ -256,7 +273,32 @@ fn watch_image_sizes(registry: &Registry, stop: &std::sync::mpsc::Receiver<()>) 
     }
 }
 
+/// Creates the state dir owner-only (0700): it holds the control socket,
+/// snapshot stores (copies of disk data) and bitmaps. One that exists is
+/// left as it is (it may be a directory the admin shares on purpose, or
+/// `/tmp`), with a warning if others may enter it.
+fn create_state_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::metadata(dir) {
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => tracing::warn!(
+            state_dir = %dir.display(),
+            mode = format!("{:o}", m.permissions().mode() & 0o777),
+            "the state dir is open to other users (fleece makes it 0700); its stores hold copies of disk data"
+        ),
+        Ok(_) => {}
+        Err(_) => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Error::invalid(format!("cannot create state dir {}: {e}", dir.display())))?,
+    }
+    Ok(())
+}
+
+/// Binds the control socket owner-only (0600): whoever can connect to it
+/// can add, remove and snapshot every disk.
 fn bind_control(path: &Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(Error::new(
             Kind::Busy,
@@ -264,8 +306,23 @@ fn bind_control(path: &Path) -> Result<tokio::net::UnixListener> {
         ));
     }
     let _ = std::fs::remove_file(path);
-    tokio::net::UnixListener::bind(path)
-        .map_err(|e| Error::invalid(format!("cannot listen on control socket {}: {e}", path.display())))
+    // The socket file takes its mode from the umask at bind; a chmod after
+    // it would leave a moment in which others could connect. Nothing else
+    // creates files while this runs (the API is not up yet).
+    // SAFETY: umask only swaps the process's file mode mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = tokio::net::UnixListener::bind(path);
+    // SAFETY: as above, putting the previous mask back.
+    unsafe { libc::umask(old) };
+    let l = bound
+        .map_err(|e| Error::invalid(format!("cannot listen on control socket {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        Error::invalid(format!(
+            "cannot make control socket {} owner-only: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(l)
 }
 
 /// Prints where to connect. Write errors are ignored: a daemon whose

@@ -179,6 +179,14 @@ pub struct ServeArgs {
     /// I/O threads shared by all connections, 1 to 1024 [default: 16]
     #[arg(long, value_name = "N")]
     pub io_threads: Option<usize>,
+    /// A client that has not finished negotiating (TLS included) this many
+    /// seconds after it connected is disconnected, 1 to 3600 [default: 10]
+    #[arg(long, value_name = "SECS")]
+    pub handshake_timeout: Option<u64>,
+    /// Connections still negotiating, at most; more are closed at once
+    /// [default: 64]
+    #[arg(long, value_name = "N")]
+    pub max_handshakes: Option<usize>,
 }
 
 /// `fleece disk ...`

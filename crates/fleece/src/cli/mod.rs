@@ -40,6 +40,8 @@ pub fn run(cli: Cli) -> Result<()> {
             control: cli.control,
             state_dir: a.state_dir,
             io_threads: a.io_threads,
+            handshake_timeout: a.handshake_timeout,
+            max_handshakes: a.max_handshakes,
         }),
         Command::Status => status::status(&ctx),
         Command::Disk { action } => disk::run(&ctx, action),

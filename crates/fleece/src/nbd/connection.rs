@@ -17,18 +17,16 @@ use std::io::{self, IoSlice, Read, Write};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use fleece_nbd::consts::CMD_DISC;
 use fleece_nbd::{Negotiated, ReplyMode, Request, ServerHandshake, Step};
 
 use super::command::{self, Chunk, Ctx, Exec, Out};
+use super::door::{Deadline, Ticket};
 use super::frame::{Frame, Input, Payload};
 use super::{Connections, Pool, Stream};
 use crate::registry::Registry;
 
-/// A client that stalls mid-handshake is dropped after this long.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests one connection may have at the workers at once.
 const MAX_INFLIGHT: usize = 256;
 /// Reply bytes a connection may owe (queued, plus what its requests at the
@@ -46,8 +44,21 @@ const BATCH: usize = 256 << 10;
 const IOV_MAX: usize = 64;
 
 /// Serves one accepted client until it leaves.
-pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, conns: Arc<Connections>, pool: Arc<Pool>) {
-    let (neg, leftover, last) = match handshake(&mut stream, &registry) {
+pub(super) fn serve(
+    mut stream: Stream,
+    ticket: Ticket,
+    registry: Arc<Registry>,
+    conns: Arc<Connections>,
+    pool: Arc<Pool>,
+) {
+    let deadline = ticket.deadline;
+    let (neg, leftover, last) = match handshake(
+        &mut Deadline {
+            stream: &mut stream,
+            deadline,
+        },
+        &registry,
+    ) {
         Ok(Some(n)) => n,
         Ok(None) => return,
         Err(e) => {
@@ -55,6 +66,8 @@ pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, conns: Arc<Conn
             return;
         }
     };
+    // No longer negotiating: the client gets its place in transmission.
+    drop(ticket);
     let Ok(handle) = stream.try_clone() else {
         return;
     };
@@ -67,10 +80,14 @@ pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, conns: Arc<Conn
     // Forgotten however this function ends, a panic included: a connection
     // left counted would hold its export (and its image's lock) forever.
     let _attached = Attached { conns: &conns, id };
-    let ready = stream
-        .write_all(&last)
-        .and_then(|_| stream.set_read_timeout(None))
-        .and_then(|_| stream.set_nonblocking(true));
+    let ready = Deadline {
+        stream: &mut stream,
+        deadline,
+    }
+    .write_all(&last)
+    .and_then(|_| stream.set_read_timeout(None))
+    .and_then(|_| stream.set_write_timeout(None))
+    .and_then(|_| stream.set_nonblocking(true));
     let reason = match ready {
         Err(e) => format!("cannot finish the handshake: {e}"),
         Ok(()) => {
@@ -106,8 +123,7 @@ impl Drop for Attached<'_> {
 /// sent past it, and the last reply, not yet sent.
 type Handshaken = (Negotiated, Vec<u8>, Vec<u8>);
 
-fn handshake(stream: &mut Stream, registry: &Registry) -> io::Result<Option<Handshaken>> {
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+fn handshake(stream: &mut Deadline<'_>, registry: &Registry) -> io::Result<Option<Handshaken>> {
     let mut out = Vec::new();
     let mut hs = ServerHandshake::new(&mut out);
     stream.write_all(&out)?;
@@ -131,6 +147,8 @@ fn handshake(stream: &mut Stream, registry: &Registry) -> io::Result<Option<Hand
                 stream.write_all(&out)?;
                 return Ok(None);
             }
+            // Never without a TLS policy, which this handshake does not set.
+            Step::StartTls => return Err(io::Error::new(io::ErrorKind::InvalidData, "STARTTLS without TLS")),
         }
     }
 }

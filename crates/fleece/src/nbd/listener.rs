@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
 
+use super::door::FrontDoor;
 use super::{connection, Connections, Pool, Stream};
 use crate::error::{Error, Result};
 use crate::registry::Registry;
@@ -85,6 +86,7 @@ impl Listener {
         registry: Arc<Registry>,
         conns: Arc<Connections>,
         pool: Arc<Pool>,
+        door: Arc<FrontDoor>,
     ) -> Result<Listener> {
         let (sock, addr) = match addr {
             ListenAddr::Unix(p) => {
@@ -115,7 +117,7 @@ impl Listener {
         let name = addr.to_string();
         let thread = thread::Builder::new()
             .name("accept".into())
-            .spawn(move || accept_loop(sock, stop_r, registry, conns, pool, name))
+            .spawn(move || accept_loop(sock, stop_r, registry, conns, pool, door, name))
             .map_err(|e| Error::new(crate::error::Kind::Internal, format!("cannot start thread: {e}")))?;
         Ok(Listener {
             addr,
@@ -170,6 +172,7 @@ fn accept_loop(
     registry: Arc<Registry>,
     conns: Arc<Connections>,
     pool: Arc<Pool>,
+    door: Arc<FrontDoor>,
     name: String,
 ) {
     let lfd = match &sock {
@@ -206,11 +209,16 @@ fn accept_loop(
         };
         match stream {
             Ok(s) => {
+                // Beyond the cap, closed before it costs a thread.
+                let Some(ticket) = door.enter(&name) else {
+                    drop(s);
+                    continue;
+                };
                 set_send_buffer(&s);
                 let (reg, conns, pool) = (registry.clone(), conns.clone(), pool.clone());
                 let spawned = thread::Builder::new()
                     .name("nbd-conn".into())
-                    .spawn(move || connection::serve(s, reg, conns, pool));
+                    .spawn(move || connection::serve(s, ticket, reg, conns, pool));
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start a connection thread");
                 }
