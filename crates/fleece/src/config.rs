@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::nbd::access::AccessRule;
+use crate::nbd::tls::TlsFiles;
 use crate::nbd::ListenAddr;
 
 /// Contents of `--config FILE`; every field is optional and flags win.
@@ -24,6 +26,13 @@ pub struct FileConfig {
     pub handshake_timeout: Option<u64>,
     /// Connections still negotiating, at most.
     pub max_handshakes: Option<usize>,
+    /// `[tls]`: cert, key, ca, mode.
+    pub tls: Option<TlsFiles>,
+    /// Allow plaintext NBD on a TCP address that is not loopback.
+    pub insecure_tcp: Option<bool>,
+    /// `[[access]]`: who may open which export, and how.
+    #[serde(default)]
+    pub access: Vec<AccessRule>,
     /// Disks to serve.
     #[serde(default)]
     pub disk: Vec<DiskConfig>,
@@ -74,6 +83,11 @@ impl FileConfig {
         }
         for d in &mut self.disk {
             abs(&mut d.path);
+        }
+        if let Some(t) = self.tls.as_mut() {
+            for p in [&mut t.cert, &mut t.key, &mut t.ca].into_iter().flatten() {
+                abs(p);
+            }
         }
         for l in &mut self.nbd {
             if let Some(p) = l.strip_prefix("unix:") {

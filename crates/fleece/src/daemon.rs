@@ -14,7 +14,9 @@ use crate::config::{self, DiskConfig, FileConfig};
 use crate::disks::Disks;
 use crate::error::{Error, Kind, Result};
 use crate::events::Events;
+use crate::nbd::access::{AccessList, AccessRule};
 use crate::nbd::door::{self, FrontDoor};
+use crate::nbd::tls::{Tls, TlsFiles};
 use crate::nbd::{Connections, ListenAddr, Listener, Pool};
 use crate::registry::Registry;
 use crate::snapshots::Snapshots;
@@ -45,6 +47,10 @@ pub struct ServeOptions {
     pub handshake_timeout: Option<u64>,
     /// `--max-handshakes`.
     pub max_handshakes: Option<usize>,
+    /// `--tls-cert`, `--tls-key`, `--tls-ca`, `--tls`.
+    pub tls: TlsFiles,
+    /// `--insecure-tcp`.
+    pub insecure_tcp: bool,
 }
 
 /// Runs the daemon until a signal arrives.
@@ -55,7 +61,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         None => FileConfig::default(),
     };
     let threads = config::check_io_threads(opts.io_threads.or(file.io_threads).unwrap_or(16))?;
-    let door = Arc::new(FrontDoor::new(
+    let door = FrontDoor::new(
         door::check_handshake_timeout(
             opts.handshake_timeout
                 .or(file.handshake_timeout)
@@ -66,7 +72,13 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
                 .or(file.max_handshakes)
                 .unwrap_or(door::DEFAULT_MAX_HANDSHAKES),
         )?,
-    ));
+    );
+    let (tls, access) = security(&opts.tls, file.tls.unwrap_or_default(), file.access)?;
+    let insecure_tcp = opts.insecure_tcp || file.insecure_tcp.unwrap_or(false);
+    let tls_required = tls
+        .as_ref()
+        .is_some_and(|t| t.mode == fleece_nbd::TlsMode::Required);
+    let door = Arc::new(door.with_security(tls, access));
     let flag_disks = opts
         .disks
         .iter()
@@ -81,6 +93,10 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         nbd = file.nbd;
     }
     let mut listen = config::parse_listen(&nbd)?;
+    crate::nbd::check_exposure(&listen, tls_required, insecure_tcp)?;
+    if tls_required {
+        crate::nbd::use_tls_uris();
+    }
 
     let state_dir = opts
         .state_dir
@@ -199,6 +215,31 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let _ = std::fs::remove_file(&control);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// TLS (flags win over the `[tls]` table, key by key) and the access list.
+fn security(
+    flags: &TlsFiles,
+    file: TlsFiles,
+    rules: Vec<AccessRule>,
+) -> Result<(Option<Tls>, Option<AccessList>)> {
+    let files = TlsFiles {
+        cert: flags.cert.clone().or(file.cert),
+        key: flags.key.clone().or(file.key),
+        ca: flags.ca.clone().or(file.ca),
+        mode: flags.mode.clone().or(file.mode),
+    };
+    let tls = if files == TlsFiles::default() {
+        None
+    } else {
+        Some(Tls::load(&files)?)
+    };
+    let access = if rules.is_empty() {
+        None
+    } else {
+        Some(AccessList::new(rules)?)
+    };
+    Ok((tls, access))
 }
 
 /// How often served images are checked for a size change.

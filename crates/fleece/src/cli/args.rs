@@ -187,6 +187,23 @@ pub struct ServeArgs {
     /// [default: 64]
     #[arg(long, value_name = "N")]
     pub max_handshakes: Option<usize>,
+    /// NBD over TLS: the server's certificate chain (PEM)
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM)
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM): every client must present a certificate
+    /// signed by one (mutual TLS)
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// require: clients must start TLS before anything else; allow: they
+    /// may [default: require]
+    #[arg(long, value_name = "MODE")]
+    pub tls: Option<String>,
+    /// Serve plaintext NBD on TCP addresses that are not loopback
+    #[arg(long)]
+    pub insecure_tcp: bool,
 }
 
 /// `fleece disk ...`

@@ -42,6 +42,13 @@ pub fn run(cli: Cli) -> Result<()> {
             io_threads: a.io_threads,
             handshake_timeout: a.handshake_timeout,
             max_handshakes: a.max_handshakes,
+            tls: crate::nbd::tls::TlsFiles {
+                cert: a.tls_cert,
+                key: a.tls_key,
+                ca: a.tls_ca,
+                mode: a.tls,
+            },
+            insecure_tcp: a.insecure_tcp,
         }),
         Command::Status => status::status(&ctx),
         Command::Disk { action } => disk::run(&ctx, action),

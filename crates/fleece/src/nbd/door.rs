@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::access::AccessList;
+use super::tls::Tls;
 use super::Stream;
 use crate::error::{Error, Result};
 
@@ -51,6 +53,10 @@ pub struct FrontDoor {
     negotiating: AtomicUsize,
     /// When a refusal was last logged, and refusals since.
     refused: Mutex<(Option<Instant>, u64)>,
+    /// TLS, if configured.
+    pub tls: Option<Tls>,
+    /// Who may open what; `None`: everyone everything.
+    pub access: Option<AccessList>,
 }
 
 impl FrontDoor {
@@ -61,7 +67,14 @@ impl FrontDoor {
             max_handshakes,
             negotiating: AtomicUsize::new(0),
             refused: Mutex::new((None, 0)),
+            tls: None,
+            access: None,
         }
+    }
+
+    /// The same door with TLS and an access list.
+    pub fn with_security(self, tls: Option<Tls>, access: Option<AccessList>) -> FrontDoor {
+        FrontDoor { tls, access, ..self }
     }
 
     /// Lets a new connection in to negotiate, or says no (and logs it,
