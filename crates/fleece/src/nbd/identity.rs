@@ -215,7 +215,7 @@ fn string_value(tag: u8, body: &[u8]) -> Option<String> {
         // TeletexString: Latin-1 in practice.
         0x14 => Some(body.iter().map(|b| *b as char).collect()),
         // BMPString: UTF-16BE.
-        0x1e if body.len() % 2 == 0 => {
+        0x1e if body.len().is_multiple_of(2) => {
             let units: Vec<u16> = body.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
             String::from_utf16(&units).ok()
         }
