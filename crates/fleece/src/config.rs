@@ -59,8 +59,15 @@ impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::invalid(format!("cannot read config {}: {e}", path.display())))?;
-        let mut c: FileConfig =
-            toml::from_str(&text).map_err(|e| Error::invalid(format!("config {}: {e}", path.display())))?;
+        let mut c: FileConfig = toml::from_str(&text).map_err(|e| {
+            // One line, as every error is (toml's own display spans several).
+            let line = e.span().map_or(0, |s| text[..s.start].lines().count().max(1));
+            Error::invalid(format!(
+                "config {} line {line}: {}",
+                path.display(),
+                e.message().trim()
+            ))
+        })?;
         let base = std::path::absolute(path)
             .ok()
             .and_then(|p| p.parent().map(Path::to_path_buf))
