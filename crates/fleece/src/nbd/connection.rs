@@ -9,8 +9,9 @@
 //! waking the owner. So a client that does not read its replies only fills
 //! its own queue: the owner stops reading its requests once the replies it
 //! owes reach [`MAX_REPLY_BYTES`], and no worker ever waits on its socket.
-//! This is also where TLS will sit (a TLS session needs one owner), and
-//! where per-command counters belong.
+//! TLS sits here too: a session needs one owner, and the owner's
+//! transport is either the socket or a TLS session over it
+//! ([`Transport`]); per-command counters would belong here as well.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
