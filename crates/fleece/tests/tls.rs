@@ -127,6 +127,13 @@ fn nbdinfo_and_nbdcopy_work_over_tls_without_client_certificates() {
     let back = s.d.path("back.raw");
     run("nbdcopy", &[&s.unix_uri("disk", &creds), back.to_str().unwrap()]);
     assert_same_file(&src, &back);
+    // qemu without a client certificate too.
+    let (ok, out) = qemu_io_tls(
+        &creds,
+        &s.qemu_opts("disk"),
+        &["write -P 0x3c 2M 64k", "read -P 0x3c 2M 64k"],
+    );
+    assert!(ok, "{out}");
     // The daemon prints nbds URIs.
     let out = s.d.stdout();
     assert!(
@@ -134,6 +141,24 @@ fn nbdinfo_and_nbdcopy_work_over_tls_without_client_certificates() {
         "{out}"
     );
     assert!(out.contains("nbds+unix:///disk?socket="), "{out}");
+}
+
+#[test]
+fn with_tls_allowed_plaintext_and_tls_clients_are_both_served() {
+    let s = TlsServer::start(false, &["--tls", "allow"]);
+    let creds = s.client("client", None);
+    qemu_io(
+        &format!("nbd://127.0.0.1:{}/disk", s.port),
+        &["write -P 9 0 64k", "read -P 9 0 64k"],
+    );
+    let (ok, out) = qemu_io_tls(&creds, &s.qemu_opts("disk"), &["read -P 9 0 64k"]);
+    assert!(ok, "{out}");
+    let info: serde_json::Value =
+        serde_json::from_str(&run("nbdinfo", &["--json", &s.unix_uri("disk", &creds)])).unwrap();
+    assert_eq!(info["TLS"], true, "{info}");
+    // Plaintext works, so the printed URIs stay nbd://.
+    let out = s.d.stdout();
+    assert!(out.contains(&format!("nbd://127.0.0.1:{}/disk", s.port)), "{out}");
 }
 
 #[test]
