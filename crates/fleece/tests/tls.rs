@@ -201,7 +201,7 @@ fn qemu_img_and_qemu_io_work_over_tls_with_client_certificates() {
 
 #[test]
 fn with_a_ca_clients_without_a_certificate_or_with_one_from_another_ca_are_refused() {
-    let s = TlsServer::start(true, &["--log-level", "debug"]);
+    let s = TlsServer::start(true, &[]);
     let bare = s.client("bare", None);
     let other = Ca::new("another CA");
     let foreign = certs::client_dir(&s.d.path("foreign"), &s.ca, Some((&other, "mallory")));
@@ -215,7 +215,7 @@ fn with_a_ca_clients_without_a_certificate_or_with_one_from_another_ca_are_refus
         assert!(!ok, "qemu-io got in with {}: {out}", creds.display());
     }
     assert!(
-        wait_for(Duration::from_secs(5), || s.d.log().contains("handshake ended")),
+        wait_for(Duration::from_secs(5), || s.d.log().contains("TLS handshake failed")),
         "{}",
         s.d.log()
     );
@@ -320,6 +320,35 @@ fn starttls_once_then_negotiation_starts_over_inside_tls() {
     assert!(back == data, "read over TLS differs from what was written");
     t.write_all(&common::raw::request(0, common::raw::CMD_DISC, 3, 0, 0))
         .unwrap();
+}
+
+#[test]
+fn a_client_that_stalls_inside_the_tls_handshake_is_cut_off_at_the_deadline() {
+    let s = TlsServer::start(false, &["--handshake-timeout", "2"]);
+    let mut c = greet_tcp(s.port);
+    c.write_all(&option(OPT_STARTTLS, b"")).unwrap();
+    assert_eq!(option_reply(&mut c).1, REP_ACK);
+    // Half a TLS record header, then nothing.
+    c.write_all(&[0x16, 0x03]).unwrap();
+    let t = std::time::Instant::now();
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut buf = [0u8; 64];
+    let closed = loop {
+        match c.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    assert!(closed, "still open after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500) && t.elapsed() < Duration::from_secs(10),
+        "closed after {:?}, not at the 2 s deadline",
+        t.elapsed()
+    );
+    // Meanwhile and after, real clients are served.
+    run("nbdinfo", &[&s.tcp_uri("disk", &s.client("c", None))]);
 }
 
 #[test]

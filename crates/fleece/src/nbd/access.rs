@@ -7,14 +7,15 @@
 
 use serde::Deserialize;
 
-use super::identity::{normalize_dn, Identity};
+use super::identity::{normalize_dn, reverse_rdns, Identity};
 use crate::error::{Error, Result};
 
 /// One `[[access]]` table.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessRule {
-    /// Subject DN of a client certificate, as in `O=Example,CN=vm1`.
+    /// Subject DN of a client certificate, as in `O=Example,CN=vm1` (in
+    /// the certificate's order, or reversed as RFC 4514 writes it).
     pub cert: Option<String>,
     /// Uid of a client on a Unix socket.
     pub uid: Option<u32>,
@@ -42,6 +43,10 @@ pub enum Access {
 #[derive(Clone, Debug)]
 pub struct AccessList {
     rules: Vec<AccessRule>,
+    /// Each rule's DN with its RDNs in the other order: `openssl x509
+    /// -subject` prints a name in certificate order, RFC 4514 (and
+    /// `-nameopt RFC2253`) reversed; either names the same certificate.
+    reversed: Vec<Option<String>>,
 }
 
 impl AccessList {
@@ -68,18 +73,27 @@ impl AccessList {
             }
             r.cert = r.cert.as_deref().map(normalize_dn);
         }
-        Ok(AccessList { rules })
+        let reversed = rules
+            .iter()
+            .map(|r| r.cert.as_deref().map(reverse_rdns))
+            .collect();
+        Ok(AccessList { rules, reversed })
     }
 
     /// What `who` may do with export `name`: `None` if nothing.
     pub fn grant(&self, who: &Identity, name: &str) -> Option<Access> {
         self.rules
             .iter()
-            .filter(|r| {
-                let by_cert = matches!((&r.cert, &who.dn), (Some(a), Some(b)) if a == b);
+            .zip(&self.reversed)
+            .filter(|(r, rev)| {
+                let by_cert = match (&r.cert, &who.dn) {
+                    (Some(a), Some(b)) => a == b || rev.as_deref() == Some(b),
+                    _ => false,
+                };
                 let by_uid = r.uid.is_some() && r.uid == who.uid;
                 by_cert || by_uid
             })
+            .map(|(r, _)| r)
             .filter(|r| r.exports.iter().any(|g| glob(g, name)))
             .map(|r| r.mode)
             .max()
@@ -176,6 +190,21 @@ mod tests {
             uid: Some(0),
         };
         assert_eq!(acl.grant(&root, "anything@s"), Some(Access::ReadWrite));
+    }
+
+    #[test]
+    fn a_dn_may_be_written_in_either_rdn_order() {
+        let acl = rules("[[access]]\ncert = \"CN=vm1,OU=VMs+L=x,O=Example\"\nexports = [\"vm1\"]\n").unwrap();
+        let who = Identity {
+            dn: Some("O=Example,OU=VMs+L=x,CN=vm1".into()),
+            uid: None,
+        };
+        assert_eq!(acl.grant(&who, "vm1"), Some(Access::ReadOnly));
+        let other = Identity {
+            dn: Some("O=Example,CN=vm2".into()),
+            uid: None,
+        };
+        assert_eq!(acl.grant(&other, "vm1"), None);
     }
 
     #[test]

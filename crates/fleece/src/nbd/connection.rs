@@ -195,7 +195,11 @@ fn handshake(
                 let Some(tls) = door.tls.as_ref() else {
                     return Err(io::Error::other("STARTTLS without TLS"));
                 };
-                let conn = tls::accept(tls, io, &buf)?;
+                let conn = tls::accept(tls, io, &buf).inspect_err(|e| {
+                    // Worth an admin's eye: a certificate refused, a client
+                    // that does not trust ours.
+                    tracing::info!(client = %who, error = %e, "TLS handshake failed");
+                })?;
                 buf.clear();
                 who.dn = conn
                     .peer_certificates()

@@ -152,7 +152,10 @@ impl Catalog for ClientCatalog<'_> {
     fn permit(&self, name: &str) -> Result<(), String> {
         match self.grant(name) {
             Some(_) => Ok(()),
-            None => Err(format!("{} may not open export '{name}'", self.who)),
+            None => {
+                tracing::info!(client = %self.who, export = name, "access denied");
+                Err(format!("{} may not open export '{name}'", self.who))
+            }
         }
     }
 }

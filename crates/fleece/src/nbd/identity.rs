@@ -287,6 +287,29 @@ pub fn normalize_dn(dn: &str) -> String {
     out
 }
 
+/// A normalized DN with its RDNs in the opposite order (a multi-valued
+/// RDN, joined by `+`, stays as it is).
+pub fn reverse_rdns(dn: &str) -> String {
+    let mut rdns: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    let mut chars = dn.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                cur.push(c);
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            ',' => rdns.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    rdns.push(cur);
+    rdns.reverse();
+    rdns.join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,5 +356,6 @@ mod tests {
     fn written_dns_are_normalized_like_read_ones() {
         assert_eq!(normalize_dn(" o = Example , cn=vm1 "), "O=Example,CN=vm1");
         assert_eq!(normalize_dn("O=A\\, B,CN=x+UID=7"), "O=A\\, B,CN=x+UID=7");
+        assert_eq!(reverse_rdns("O=A\\, B,CN=x+UID=7"), "CN=x+UID=7,O=A\\, B");
     }
 }
