@@ -215,7 +215,10 @@ fn with_a_ca_clients_without_a_certificate_or_with_one_from_another_ca_are_refus
         assert!(!ok, "qemu-io got in with {}: {out}", creds.display());
     }
     assert!(
-        wait_for(Duration::from_secs(5), || s.d.log().contains("TLS handshake failed")),
+        wait_for(Duration::from_secs(5), || s
+            .d
+            .log()
+            .contains("TLS handshake failed")),
         "{}",
         s.d.log()
     );
