@@ -12,6 +12,9 @@
   limit               fio straight on the image file (io_uring, else libaio,
                       else psync) and nbdcopy from the file: the machine's limit
 
+and, over TLS (TCP on 127.0.0.1, certificates made with the openssl CLI),
+fleece against qemu-nbd with --tls-creds.
+
 Images, stores, pulled copies and Unix sockets live in one temp dir under
 /dev/shm, removed at the end (also on Ctrl-C and errors). Every measurement
 starts a fresh server process. A step that fails is reported as "n/a" with
@@ -57,6 +60,14 @@ FIO = [
     ("randwrite-4k-qd16", "randwrite", "4k", 16, "IOPS", "4 KiB random writes QD16"),
     ("seqwrite-1m-qd4", "write", "1M", 4, "MiB/s", "1 MiB sequential writes QD4"),
     ("randread-4k-qd16", "randread", "4k", 16, "IOPS", "4 KiB random reads QD16"),
+]
+
+
+# Over TLS: fleece and qemu-nbd, fio's nbd engine on nbds:// (TCP loopback).
+TLS_KINDS = ("fleece", "qemu")
+TLS_FIO = [
+    ("tls-seqread-1m-qd4", "read", "1M", 4, "MiB/s", "1 MiB sequential reads QD4 over TLS"),
+    ("tls-randwrite-4k-qd16", "randwrite", "4k", 16, "IOPS", "4 KiB random writes QD16 over TLS"),
 ]
 
 
@@ -193,12 +204,13 @@ def server_said(log_path, n=300):
 
 
 def wait_socket(path, proc, log_path, timeout):
+    """Waits until the server accepts on path: a Unix socket, or (host, port)."""
     end = time.time() + timeout
     while time.time() < end:
         if proc.poll() is not None:
             raise StepError("the server exited with %s at start: %s" % (proc.returncode,
                                                                        server_said(log_path) or "(no output)"))
-        s = socket.socket(socket.AF_UNIX)
+        s = socket.socket(socket.AF_INET if isinstance(path, tuple) else socket.AF_UNIX)
         try:
             s.connect(path)
             return
@@ -207,7 +219,7 @@ def wait_socket(path, proc, log_path, timeout):
         finally:
             s.close()
     raise StepError("the server did not listen on %s within %d s: %s" % (
-        os.path.basename(path), timeout, server_said(log_path) or "(no output)"))
+        path if isinstance(path, tuple) else os.path.basename(path), timeout, server_said(log_path) or "(no output)"))
 
 
 def same_file(a, b, timeout):
@@ -363,6 +375,56 @@ def qemu_server(bench, snapshot, store_path=None):
     return srv
 
 
+def free_port():
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def tls_server(bench, kind):
+    """fleece or qemu-nbd serving the image over TLS on 127.0.0.1 (server
+    certificate only: fio's nbd engine cannot point libnbd at a client
+    certificate directory)."""
+    pki = bench.pki()
+    port = free_port()
+    n = bench.counter()
+    if kind == "fleece":
+        ctl = bench.path("tf%d-ctl.sock" % n)
+        cmd = [bench.fleece_bin, "serve", "--disk", "disk=" + bench.image, "--nbd", "tcp:127.0.0.1:%d" % port,
+               "--control", ctl, "--state-dir", bench.path("tf%d-state" % n), "--log-level", "warn",
+               "--tls-cert", os.path.join(pki, "server-cert.pem"), "--tls-key", os.path.join(pki, "server-key.pem")]
+        ready = ctl
+    else:
+        cmd = ["qemu-nbd", "--object", "tls-creds-x509,id=tls0,dir=%s,endpoint=server,verify-peer=off" % pki,
+               "--tls-creds", "tls0", "-b", "127.0.0.1", "-p", str(port), "-x", "disk", "-f", "raw",
+               "--shared=0", "--persistent", bench.image]
+        ready = ("127.0.0.1", port)
+    srv = Server(bench, kind, cmd, None, ready, "disk")
+    srv.uri = lambda name: "nbds://localhost:%d/%s" % (port, name)
+    return srv
+
+
+def make_pki(d):
+    """A CA, and a server certificate for localhost signed by it, with the
+    key usages qemu wants: d/ca-cert.pem, server-cert.pem, server-key.pem."""
+    os.makedirs(d)
+    ossl = lambda *a: run(["openssl"] + list(a), timeout=60, cwd=d)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    ossl("req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "30",
+         "-subj", "/O=fleece bench/CN=bench CA", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    ossl("req", *ec, "-keyout", "server-key.pem", "-out", "server.csr", "-subj", "/O=fleece bench/CN=localhost")
+    with open(os.path.join(d, "server.ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                "extendedKeyUsage=serverAuth\n")
+    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+         "-out", "server-cert.pem", "-days", "30", "-extfile", "server.ext")
+    return d
+
+
 def nbdkit_server(bench):
     sock = bench.path("k%d.sock" % bench.counter())
     cmd = ["nbdkit", "-f", "--exit-with-parent", "-U", sock, "file", "file=" + bench.image]
@@ -444,6 +506,16 @@ class Bench:
 
     def path(self, name):
         return os.path.join(self.tmp, name)
+
+    def pki(self):
+        """The TLS credentials, made on first use."""
+        d = self.path("pki")
+        if not os.path.exists(os.path.join(d, "server-cert.pem")):
+            if not shutil.which("openssl"):
+                raise StepError("openssl is not installed (it makes the TLS certificates)")
+            shutil.rmtree(d, ignore_errors=True)
+            make_pki(d)
+        return d
 
     def cleanup(self):
         stop_all()
@@ -543,6 +615,21 @@ class Bench:
                     srv.snapshot_state()
                 r["store_allocated_mib"] = (allocated(srv.store, srv.proc.pid) or 0) / 2**20
             r.update(srv.info)
+            return r
+        except StepError as e:
+            raise srv.explain(e)
+        finally:
+            srv.stop()
+
+    def step_tls(self, kind, w):
+        if kind in self.skip:
+            raise StepError(self.skip[kind])
+        srv = tls_server(self, kind)
+        try:
+            _, cpu0 = srv.stats()
+            r = self.fio(srv.live, w, self.opts.runtime, self.opts.ramp)
+            rss, cpu1 = srv.stats()
+            r["server_rss_mib"], r["server_cpu_s"] = rss / 2**20, cpu1 - cpu0
             return r
         except StepError as e:
             raise srv.explain(e)
@@ -689,6 +776,10 @@ class Bench:
         for k in kinds:
             if k in SNAPSHOT_KINDS:
                 steps.append(("%s/pull/view-writes-file" % k, k, lambda k=k: self.step_view_writes(k, True)))
+        for w in TLS_FIO:
+            for k in kinds:
+                if k in TLS_KINDS:
+                    steps.append(("%s/tls/%s" % (k, w[0]), k, lambda k=k, w=w: self.step_tls(k, w)))
         return steps
 
     def go(self):
@@ -886,6 +977,23 @@ class Report:
         L.append("| **peak RSS over all runs (MiB)** | %s | - | - |" % " | ".join(peak))
         return L
 
+    def tls(self):
+        L = ["| over TLS (fio nbd engine, nbds:// on 127.0.0.1) | unit | fleece | qemu-nbd | fleece/qemu-nbd "
+             "| p50 / p99 µs fleece | p50 / p99 µs qemu-nbd | server CPU s fleece · qemu-nbd |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for w in TLS_FIO:
+            field = "iops" if w[4] == "IOPS" else "mib_s"
+            keys = {k: "%s/tls/%s" % (k, w[0]) for k in TLS_KINDS}
+            if not any(k in self.R for k in keys.values()):
+                continue
+            cells = [self.cell(keys[k], field) for k in TLS_KINDS]
+            lat = ["%s / %s" % (self.cell(keys[k], "p50_us"), self.cell(keys[k], "p99_us")) for k in TLS_KINDS]
+            cpu = " · ".join(self.cell(keys[k], "server_cpu_s", "%.1f") for k in TLS_KINDS)
+            L.append("| %s | %s | %s | %s | %s | %s |" % (
+                w[5], w[4], " | ".join(cells),
+                self.ratio(self.get(keys["fleece"], field), self.get(keys["qemu"], field)), " | ".join(lat), cpu))
+        return L if len(L) > 2 else []
+
     def correctness(self):
         L = []
         for key in sorted(k for k in self.R if "/pull/" in k):
@@ -984,6 +1092,11 @@ class Report:
         note = "" if self.size >= 1 << 30 else " (image %d MiB here, not 1 GiB: indicative only)" % (self.size >> 20)
         target("peak RSS <= 64 MiB serving a 1 GiB disk with a file store (max over fleece's snapshot runs)",
                fk or ["fleece/snapshot/*"], max(rss) if rss else None, lambda x: x <= 64, "%.1f MiB", note)
+        for w in TLS_FIO:
+            field = "iops" if w[4] == "IOPS" else "mib_s"
+            k = ("fleece/tls/" + w[0], "qemu/tls/" + w[0])
+            if k[0] in self.R or k[1] in self.R:
+                target("%s >= 1.0x qemu-nbd over TLS" % w[5], k, r(*k, field), lambda x: x >= 1.0, field=field)
         pulls = {key: v for key, v in self.R.items() if "/pull/" in key and "exact" in v}
         bad = [key for key, v in pulls.items() if not v["exact"]]
         if not pulls:
@@ -1015,6 +1128,10 @@ class Report:
         out.append("")
         out += self.resources()
         out.append("")
+        t = self.tls()
+        if t:
+            out += t
+            out.append("")
         out.append("Targets:")
         out.append("")
         out += self.targets()
@@ -1230,7 +1347,7 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
 
-    for tool in ("fio", "nbdcopy", "cmp") + (("qemu-storage-daemon",) if "qemu" in opts.only else ()) + \
+    for tool in ("fio", "nbdcopy", "cmp") + (("qemu-storage-daemon", "qemu-nbd") if "qemu" in opts.only else ()) + \
             (("nbdkit",) if "nbdkit" in opts.only or "null" in opts.only else ()):
         if not shutil.which(tool):
             sys.exit("bench: %s is not installed" % tool)

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::nbd::access::AccessRule;
+use crate::nbd::tls::TlsFiles;
 use crate::nbd::ListenAddr;
 
 /// Contents of `--config FILE`; every field is optional and flags win.
@@ -20,6 +22,17 @@ pub struct FileConfig {
     pub nbd: Vec<String>,
     /// I/O threads shared by all connections.
     pub io_threads: Option<usize>,
+    /// Seconds a client may take to negotiate, TLS included.
+    pub handshake_timeout: Option<u64>,
+    /// Connections still negotiating, at most.
+    pub max_handshakes: Option<usize>,
+    /// `[tls]`: cert, key, ca, mode.
+    pub tls: Option<TlsFiles>,
+    /// Allow plaintext NBD on a TCP address that is not loopback.
+    pub insecure_tcp: Option<bool>,
+    /// `[[access]]`: who may open which export, and how.
+    #[serde(default)]
+    pub access: Vec<AccessRule>,
     /// Disks to serve.
     #[serde(default)]
     pub disk: Vec<DiskConfig>,
@@ -46,8 +59,15 @@ impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::invalid(format!("cannot read config {}: {e}", path.display())))?;
-        let mut c: FileConfig =
-            toml::from_str(&text).map_err(|e| Error::invalid(format!("config {}: {e}", path.display())))?;
+        let mut c: FileConfig = toml::from_str(&text).map_err(|e| {
+            // One line, as every error is (toml's own display spans several).
+            let line = e.span().map_or(0, |s| text[..s.start].lines().count().max(1));
+            Error::invalid(format!(
+                "config {} line {line}: {}",
+                path.display(),
+                e.message().trim()
+            ))
+        })?;
         let base = std::path::absolute(path)
             .ok()
             .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -70,6 +90,11 @@ impl FileConfig {
         }
         for d in &mut self.disk {
             abs(&mut d.path);
+        }
+        if let Some(t) = self.tls.as_mut() {
+            for p in [&mut t.cert, &mut t.key, &mut t.ca].into_iter().flatten() {
+                abs(p);
+            }
         }
         for l in &mut self.nbd {
             if let Some(p) = l.strip_prefix("unix:") {

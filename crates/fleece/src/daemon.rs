@@ -15,6 +15,9 @@ use crate::disks::Disks;
 use crate::error::{Error, Kind, Result};
 use crate::events::Events;
 use crate::jobs::Jobs;
+use crate::nbd::access::{AccessList, AccessRule};
+use crate::nbd::door::{self, FrontDoor};
+use crate::nbd::tls::{Tls, TlsFiles};
 use crate::nbd::{Connections, ListenAddr, Listener, Pool};
 use crate::registry::Registry;
 use crate::snapshots::Snapshots;
@@ -41,6 +44,14 @@ pub struct ServeOptions {
     pub state_dir: Option<PathBuf>,
     /// `--io-threads`.
     pub io_threads: Option<usize>,
+    /// `--handshake-timeout` (seconds).
+    pub handshake_timeout: Option<u64>,
+    /// `--max-handshakes`.
+    pub max_handshakes: Option<usize>,
+    /// `--tls-cert`, `--tls-key`, `--tls-ca`, `--tls`.
+    pub tls: TlsFiles,
+    /// `--insecure-tcp`.
+    pub insecure_tcp: bool,
 }
 
 /// Runs the daemon until a signal arrives.
@@ -51,6 +62,24 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         None => FileConfig::default(),
     };
     let threads = config::check_io_threads(opts.io_threads.or(file.io_threads).unwrap_or(16))?;
+    let door = FrontDoor::new(
+        door::check_handshake_timeout(
+            opts.handshake_timeout
+                .or(file.handshake_timeout)
+                .unwrap_or(door::DEFAULT_HANDSHAKE_TIMEOUT),
+        )?,
+        door::check_max_handshakes(
+            opts.max_handshakes
+                .or(file.max_handshakes)
+                .unwrap_or(door::DEFAULT_MAX_HANDSHAKES),
+        )?,
+    );
+    let (tls, access) = security(&opts.tls, file.tls.unwrap_or_default(), file.access)?;
+    let insecure_tcp = opts.insecure_tcp || file.insecure_tcp.unwrap_or(false);
+    let tls_required = tls
+        .as_ref()
+        .is_some_and(|t| t.mode == fleece_nbd::TlsMode::Required);
+    let door = Arc::new(door.with_security(tls, access));
     let flag_disks = opts
         .disks
         .iter()
@@ -65,13 +94,16 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         nbd = file.nbd;
     }
     let mut listen = config::parse_listen(&nbd)?;
+    crate::nbd::check_exposure(&listen, tls_required, insecure_tcp)?;
+    if tls_required {
+        crate::nbd::use_tls_uris();
+    }
 
     let state_dir = opts
         .state_dir
         .or(file.state_dir)
         .unwrap_or_else(|| PathBuf::from("fleece-state"));
-    std::fs::create_dir_all(&state_dir)
-        .map_err(|e| Error::invalid(format!("cannot create state dir {}: {e}", state_dir.display())))?;
+    create_state_dir(&state_dir)?;
     let state_dir = state_dir.canonicalize().unwrap_or(state_dir);
     // Before anything in the directory is read or removed: a second daemon
     // must not delete the stores of a running one.
@@ -127,6 +159,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             registry.clone(),
             conns.clone(),
             pool.clone(),
+            door.clone(),
         )?);
     }
     let listen: Vec<ListenAddr> = listeners.iter().map(|l| l.addr.clone()).collect();
@@ -193,6 +226,31 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let _ = std::fs::remove_file(&control);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// TLS (flags win over the `[tls]` table, key by key) and the access list.
+fn security(
+    flags: &TlsFiles,
+    file: TlsFiles,
+    rules: Vec<AccessRule>,
+) -> Result<(Option<Tls>, Option<AccessList>)> {
+    let files = TlsFiles {
+        cert: flags.cert.clone().or(file.cert),
+        key: flags.key.clone().or(file.key),
+        ca: flags.ca.clone().or(file.ca),
+        mode: flags.mode.clone().or(file.mode),
+    };
+    let tls = if files == TlsFiles::default() {
+        None
+    } else {
+        Some(Tls::load(&files)?)
+    };
+    let access = if rules.is_empty() {
+        None
+    } else {
+        Some(AccessList::new(rules)?)
+    };
+    Ok((tls, access))
 }
 
 /// How often served images are checked for a size change.
@@ -267,7 +325,32 @@ fn watch_image_sizes(registry: &Registry, stop: &std::sync::mpsc::Receiver<()>) 
     }
 }
 
+/// Creates the state dir owner-only (0700): it holds the control socket,
+/// snapshot stores (copies of disk data) and bitmaps. One that exists is
+/// left as it is (it may be a directory the admin shares on purpose, or
+/// `/tmp`), with a warning if others may enter it.
+fn create_state_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::metadata(dir) {
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => tracing::warn!(
+            state_dir = %dir.display(),
+            mode = format!("{:o}", m.permissions().mode() & 0o777),
+            "the state dir is open to other users (fleece makes it 0700); its stores hold copies of disk data"
+        ),
+        Ok(_) => {}
+        Err(_) => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Error::invalid(format!("cannot create state dir {}: {e}", dir.display())))?,
+    }
+    Ok(())
+}
+
+/// Binds the control socket owner-only (0600): whoever can connect to it
+/// can add, remove and snapshot every disk.
 fn bind_control(path: &Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(Error::new(
             Kind::Busy,
@@ -275,8 +358,23 @@ fn bind_control(path: &Path) -> Result<tokio::net::UnixListener> {
         ));
     }
     let _ = std::fs::remove_file(path);
-    tokio::net::UnixListener::bind(path)
-        .map_err(|e| Error::invalid(format!("cannot listen on control socket {}: {e}", path.display())))
+    // The socket file takes its mode from the umask at bind; a chmod after
+    // it would leave a moment in which others could connect. Nothing else
+    // creates files while this runs (the API is not up yet).
+    // SAFETY: umask only swaps the process's file mode mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = tokio::net::UnixListener::bind(path);
+    // SAFETY: as above, putting the previous mask back.
+    unsafe { libc::umask(old) };
+    let l = bound
+        .map_err(|e| Error::invalid(format!("cannot listen on control socket {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        Error::invalid(format!(
+            "cannot make control socket {} owner-only: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(l)
 }
 
 /// Prints where to connect. Write errors are ignored: a daemon whose

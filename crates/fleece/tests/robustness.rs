@@ -142,15 +142,20 @@ fn huge_lengths_are_refused_without_harm() {
         raw::send_and_drop(&sock, &v);
     }
     let mut s = greet(&sock);
-    s.write_all(&option(0x7777, &vec![0x41; 1 << 20])).unwrap();
-    // An unknown option with 1 MiB of payload: refused (ERR_UNSUP, or
-    // ERR_TOO_BIG as fleece says), its payload consumed, and haggling goes on.
+    let _ = s.write_all(&option(0x7777, &vec![0x41; 1 << 20]));
+    // An unknown option with 1 MiB of payload: refused, either with
+    // ERR_UNSUP once its payload is consumed (haggling goes on), or with
+    // ERR_TOO_BIG from its header alone, after which fleece hangs up (the
+    // stream cannot be resynchronised without the bytes; see front_door.rs).
     let (opt, kind, _) = option_reply(&mut s);
     assert_eq!(opt, 0x7777);
     assert!(
         kind == REP_ERR_UNSUP || kind == REP_ERR_TOO_BIG,
         "reply {kind:#x}"
     );
+    if kind == REP_ERR_TOO_BIG {
+        s = greet(&sock);
+    }
     s.write_all(&option(OPT_LIST, b"")).unwrap();
     let (opt, kind, p) = option_reply(&mut s);
     assert_eq!(

@@ -22,6 +22,16 @@ pub enum ProtocolError {
     /// has no error reply for it.
     #[error("client asked for unknown export '{0}' with NBD_OPT_EXPORT_NAME")]
     UnknownExport(String),
+    /// `NBD_OPT_EXPORT_NAME` for an export this client may not open; the
+    /// protocol has no error reply for it.
+    #[error("client may not open export '{0}' ({1}); asked with NBD_OPT_EXPORT_NAME")]
+    Denied(String, String),
+    /// An option other than `NBD_OPT_STARTTLS` that cannot be refused
+    /// (`NBD_OPT_EXPORT_NAME`) before TLS, on a server that requires it.
+    #[error(
+        "client asked for an export with NBD_OPT_EXPORT_NAME before STARTTLS on a server that requires TLS"
+    )]
+    TlsRequired,
     /// `NBD_OPT_EXPORT_NAME` after extended headers, which the spec forbids.
     #[error("NBD_OPT_EXPORT_NAME after extended headers")]
     ExportNameAfterExtendedHeaders,

@@ -52,7 +52,7 @@ mod wire;
 pub use error::{ProtocolError, Refusal};
 pub use handshake::{
     BlockSizes, Catalog, ClientHandshake, ClientNegotiated, ClientOptions, ClientStep, ExportInfo,
-    Negotiated, ServerHandshake, Step, MAX_OPTION_LEN,
+    Negotiated, ServerHandshake, Step, TlsMode, MAX_OPTION_LEN,
 };
 pub use transmission::{
     decode_request, encode_request, Extent, Replies, ReplyDecoder, ReplyEvent, Request, DEFAULT_REPLY_LIMIT,

@@ -305,6 +305,31 @@ pub struct ServeArgs {
     /// I/O threads shared by all connections, 1 to 1024 [default: 16]
     #[arg(long, value_name = "N")]
     pub io_threads: Option<usize>,
+    /// A client that has not finished negotiating (TLS included) this many
+    /// seconds after it connected is disconnected, 1 to 3600 [default: 10]
+    #[arg(long, value_name = "SECS")]
+    pub handshake_timeout: Option<u64>,
+    /// Connections still negotiating, at most; more are closed at once
+    /// [default: 64]
+    #[arg(long, value_name = "N")]
+    pub max_handshakes: Option<usize>,
+    /// NBD over TLS: the server's certificate chain (PEM)
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM)
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM): every client must present a certificate
+    /// signed by one (mutual TLS)
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// require: clients must start TLS before anything else; allow: they
+    /// may [default: require]
+    #[arg(long, value_name = "MODE")]
+    pub tls: Option<String>,
+    /// Serve plaintext NBD on TCP addresses that are not loopback
+    #[arg(long)]
+    pub insecure_tcp: bool,
 }
 
 /// `fleece disk ...`

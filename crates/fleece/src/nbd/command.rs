@@ -22,6 +22,9 @@ pub struct Ctx {
     pub contexts: Vec<(u32, String)>,
     /// Structured (or extended) replies were negotiated.
     pub structured: bool,
+    /// The client may only read (its access rule says so): writes, zeroes
+    /// and trims (a view's discards too) are refused with EPERM.
+    pub read_only: bool,
 }
 
 /// Where a request runs.
@@ -178,6 +181,9 @@ pub fn run(ctx: &Ctx, req: &Request, payload: &[u8], out: &mut Out, exec: Exec) 
             EPERM,
             "export is read-only (snapshot views accept only reads and trim, which discards)",
         );
+    }
+    if ctx.read_only && matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) {
+        return fail(EPERM, "this client may only read this export");
     }
     let inline = exec == Exec::Inline;
     let result = match req.command {

@@ -9,26 +9,30 @@
 //! waking the owner. So a client that does not read its replies only fills
 //! its own queue: the owner stops reading its requests once the replies it
 //! owes reach [`MAX_REPLY_BYTES`], and no worker ever waits on its socket.
-//! This is also where TLS will sit (a TLS session needs one owner), and
-//! where per-command counters belong.
+//! TLS sits here too: a session needs one owner, and the owner's
+//! transport is either the socket or a TLS session over it
+//! ([`Transport`]); per-command counters would belong here as well.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use fleece_nbd::consts::CMD_DISC;
-use fleece_nbd::{Negotiated, ReplyMode, Request, ServerHandshake, Step};
+use fleece_nbd::{Negotiated, ReplyMode, Request, ServerHandshake, Step, TlsMode};
+use rustls::ServerConnection;
 
+use super::access::Access;
 use super::command::{self, Chunk, Ctx, Exec, Out};
+use super::door::{Deadline, FrontDoor, Ticket};
+use super::exports::ClientCatalog;
 use super::frame::{Frame, Input, Payload};
+use super::identity::{self, Identity};
+use super::tls::{self, TlsStream};
 use super::{Connections, Pool, Stream};
 use crate::registry::Registry;
 
-/// A client that stalls mid-handshake is dropped after this long.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests one connection may have at the workers at once.
 const MAX_INFLIGHT: usize = 256;
 /// Reply bytes a connection may owe (queued, plus what its requests at the
@@ -46,15 +50,37 @@ const BATCH: usize = 256 << 10;
 const IOV_MAX: usize = 64;
 
 /// Serves one accepted client until it leaves.
-pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, conns: Arc<Connections>, pool: Arc<Pool>) {
-    let (neg, leftover, last) = match handshake(&mut stream, &registry) {
+pub(super) fn serve(
+    mut stream: Stream,
+    ticket: Ticket,
+    door: Arc<FrontDoor>,
+    registry: Arc<Registry>,
+    conns: Arc<Connections>,
+    pool: Arc<Pool>,
+) {
+    let deadline = ticket.deadline;
+    let mut who = Identity::of_socket(&stream);
+    let mut io = Deadline {
+        stream: &mut stream,
+        deadline,
+    };
+    let (neg, leftover, last, session) = match handshake(&mut io, &door, &registry, &mut who) {
         Ok(Some(n)) => n,
         Ok(None) => return,
         Err(e) => {
-            tracing::debug!(error = %e, "handshake ended");
+            tracing::debug!(error = %e, client = %who, "handshake ended");
             return;
         }
     };
+    // No longer negotiating: the client gets its place in transmission.
+    drop(ticket);
+    let read_only = ClientCatalog {
+        registry: &registry,
+        access: door.access.as_ref(),
+        who: &who,
+    }
+    .grant(&neg.export.name)
+        != Some(Access::ReadWrite);
     let Ok(handle) = stream.try_clone() else {
         return;
     };
@@ -67,23 +93,40 @@ pub(super) fn serve(mut stream: Stream, registry: Arc<Registry>, conns: Arc<Conn
     // Forgotten however this function ends, a panic included: a connection
     // left counted would hold its export (and its image's lock) forever.
     let _attached = Attached { conns: &conns, id };
-    let ready = stream
-        .write_all(&last)
-        .and_then(|_| stream.set_read_timeout(None))
-        .and_then(|_| stream.set_nonblocking(true));
+    let mut session = session;
+    let mut io = Deadline {
+        stream: &mut stream,
+        deadline,
+    };
+    let ready = match session.as_mut() {
+        None => io.write_all(&last),
+        Some(tls) => tls::send(tls, &mut io, &last),
+    }
+    .and_then(|_| stream.set_read_timeout(None))
+    .and_then(|_| stream.set_write_timeout(None))
+    .and_then(|_| stream.set_nonblocking(true));
     let reason = match ready {
         Err(e) => format!("cannot finish the handshake: {e}"),
         Ok(()) => {
-            tracing::debug!(export = %export.name, mode = ?neg.mode, "client connected");
+            tracing::debug!(export = %export.name, mode = ?neg.mode, client = %who, tls = session.is_some(), read_only, "client connected");
             let ctx = Ctx {
                 replies: fleece_nbd::Replies::new(neg.mode),
                 export: export.clone(),
                 contexts: neg.contexts.clone(),
                 structured: neg.mode != ReplyMode::Simple,
+                read_only,
             };
-            match Connection::new(stream, ctx, pool, &leftover) {
-                Ok(mut c) => c.run(),
-                Err(e) => format!("cannot set up the connection: {e}"),
+            // One loop per transport, each compiled for its own: the
+            // plaintext one has no TLS in it at all.
+            match session {
+                None => match Connection::new(stream, ctx, pool, &leftover) {
+                    Ok(mut c) => c.run(),
+                    Err(e) => format!("cannot set up the connection: {e}"),
+                },
+                Some(tls) => match Connection::new(TlsStream::new(tls, stream), ctx, pool, &leftover) {
+                    Ok(mut c) => c.run(),
+                    Err(e) => format!("cannot set up the connection: {e}"),
+                },
             }
         }
     };
@@ -103,35 +146,124 @@ impl Drop for Attached<'_> {
 }
 
 /// What a finished handshake leaves: what was negotiated, what the client
-/// sent past it, and the last reply, not yet sent.
-type Handshaken = (Negotiated, Vec<u8>, Vec<u8>);
+/// sent past it, the last reply, not yet sent, and the TLS session if the
+/// client started one.
+type Handshaken = (Negotiated, Vec<u8>, Vec<u8>, Option<ServerConnection>);
 
-fn handshake(stream: &mut Stream, registry: &Registry) -> io::Result<Option<Handshaken>> {
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+fn handshake(
+    io: &mut Deadline<'_>,
+    door: &FrontDoor,
+    registry: &Registry,
+    who: &mut Identity,
+) -> io::Result<Option<Handshaken>> {
     let mut out = Vec::new();
-    let mut hs = ServerHandshake::new(&mut out);
-    stream.write_all(&out)?;
+    let mode = door.tls.as_ref().map_or(TlsMode::Off, |t| t.mode);
+    let mut hs = ServerHandshake::with_tls(&mut out, mode);
+    io.write_all(&out)?;
+    let mut session: Option<ServerConnection> = None;
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 16 << 10];
     loop {
-        let n = stream.read(&mut chunk)?;
+        let n = match session.as_mut() {
+            None => io.read(&mut chunk)?,
+            Some(tls) => tls::recv(tls, io, &mut chunk)?,
+        };
         if n == 0 {
             return Ok(None);
         }
         buf.extend_from_slice(&chunk[..n]);
         out.clear();
+        let catalog = ClientCatalog {
+            registry,
+            access: door.access.as_ref(),
+            who,
+        };
         let (used, step) = hs
-            .process(&buf, registry, &mut out)
+            .process(&buf, &catalog, &mut out)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         buf.drain(..used);
         match step {
-            Step::NeedMore => stream.write_all(&out)?,
-            Step::Ready(neg) => return Ok(Some((*neg, buf, out))),
+            Step::NeedMore => send(&mut session, io, &out)?,
+            Step::Ready(neg) => return Ok(Some((*neg, buf, out, session))),
             Step::Close => {
-                stream.write_all(&out)?;
+                send(&mut session, io, &out)?;
                 return Ok(None);
             }
+            Step::StartTls => {
+                // The ACK goes in plaintext; everything after it is TLS.
+                io.write_all(&out)?;
+                let Some(tls) = door.tls.as_ref() else {
+                    return Err(io::Error::other("STARTTLS without TLS"));
+                };
+                let conn = tls::accept(tls, io, &buf).inspect_err(|e| {
+                    // Worth an admin's eye: a certificate refused, a client
+                    // that does not trust ours.
+                    tracing::info!(client = %who, error = %e, "TLS handshake failed");
+                })?;
+                buf.clear();
+                who.dn = conn
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| identity::subject_dn(c));
+                tracing::debug!(client = %who, "TLS started");
+                session = Some(conn);
+            }
         }
+    }
+}
+
+/// Sends negotiation replies, through TLS once it started.
+fn send(session: &mut Option<ServerConnection>, io: &mut Deadline<'_>, out: &[u8]) -> io::Result<()> {
+    match session {
+        None => io.write_all(out),
+        Some(tls) => tls::send(tls, io, out),
+    }
+}
+
+/// What a connection's owner reads requests from and writes replies to:
+/// the socket itself, or a TLS session over it.
+trait Transport: Read + Write {
+    /// The socket, for `poll`.
+    fn fd(&self) -> RawFd;
+    /// Output the transport holds that has not reached the socket yet.
+    fn has_pending(&self) -> bool {
+        false
+    }
+    /// Hands held output to the socket, as far as it takes it now; true if
+    /// anything went.
+    fn push(&mut self) -> io::Result<bool> {
+        Ok(false)
+    }
+    /// Stops the connection both ways.
+    fn shutdown_both(&self);
+    /// The connection is over: say goodbye if the protocol has a way.
+    fn close(&mut self) {}
+}
+
+impl Transport for Stream {
+    fn fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+    fn shutdown_both(&self) {
+        Stream::shutdown_both(self)
+    }
+}
+
+impl Transport for TlsStream {
+    fn fd(&self) -> RawFd {
+        self.socket().as_raw_fd()
+    }
+    fn has_pending(&self) -> bool {
+        TlsStream::has_pending(self)
+    }
+    fn push(&mut self) -> io::Result<bool> {
+        TlsStream::push(self)
+    }
+    fn shutdown_both(&self) {
+        self.socket().shutdown_both()
+    }
+    fn close(&mut self) {
+        TlsStream::close(self)
     }
 }
 
@@ -166,8 +298,8 @@ impl Shared {
     }
 }
 
-struct Connection {
-    sock: Stream,
+struct Connection<T: Transport> {
+    sock: T,
     input: Input,
     shared: Arc<Shared>,
     pool: Arc<Pool>,
@@ -186,8 +318,8 @@ struct Connection {
     broken: bool,
 }
 
-impl Connection {
-    fn new(sock: Stream, ctx: Ctx, pool: Arc<Pool>, leftover: &[u8]) -> io::Result<Connection> {
+impl<T: Transport> Connection<T> {
+    fn new(sock: T, ctx: Ctx, pool: Arc<Pool>, leftover: &[u8]) -> io::Result<Connection<T>> {
         let mode = ctx.replies.mode();
         Ok(Connection {
             sock,
@@ -219,7 +351,8 @@ impl Connection {
                 progress |= self.read_requests();
             }
             progress |= self.write();
-            if self.ended.is_some() && self.inflight == 0 && (self.queue.is_empty() || self.broken) {
+            let flushed = self.queue.is_empty() && !self.sock.has_pending();
+            if self.ended.is_some() && self.inflight == 0 && (flushed || self.broken) {
                 break;
             }
             if !progress {
@@ -229,6 +362,8 @@ impl Connection {
         if self.broken {
             // Also unblocks a registry waiting on this connection.
             self.sock.shutdown_both();
+        } else {
+            self.sock.close();
         }
         self.ended.take().unwrap_or_default()
     }
@@ -348,6 +483,13 @@ impl Connection {
     /// was written.
     fn write(&mut self) -> bool {
         let mut any = false;
+        // TLS records that the socket did not take last time go first.
+        if self.sock.has_pending() && !self.broken {
+            match self.sock.push() {
+                Ok(pushed) => any |= pushed,
+                Err(e) => self.fail(&format!("reply write failed: {e}")),
+            }
+        }
         while !self.queue.is_empty() && !self.broken {
             let r = match &self.queue[0] {
                 // Large read data goes alone, from its start (see Chunk).
@@ -414,14 +556,14 @@ impl Connection {
             if self.may_read() {
                 events |= libc::POLLIN;
             }
-            if !self.queue.is_empty() && !self.broken {
+            if (!self.queue.is_empty() || self.sock.has_pending()) && !self.broken {
                 events |= libc::POLLOUT;
             }
             let mut fds = [
                 libc::pollfd {
                     // A negative descriptor is skipped: with nothing wanted
                     // of the socket, only a worker can wake us.
-                    fd: if events == 0 { -1 } else { self.sock.as_raw_fd() },
+                    fd: if events == 0 { -1 } else { self.sock.fd() },
                     events,
                     revents: 0,
                 },

@@ -6,6 +6,8 @@ use fleece_block::Capabilities;
 use fleece_nbd::consts::*;
 use fleece_nbd::{Catalog, ExportInfo};
 
+use super::access::{Access, AccessList};
+use super::identity::Identity;
 use crate::registry::{Export, MetaSource, Registry};
 
 /// Largest payload of one request (reads and writes) that fleece takes,
@@ -108,6 +110,62 @@ impl Catalog for Registry {
 
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
         self.export(name).map(|e| info(&e))
+    }
+}
+
+/// The catalog as one client sees it: with an access list, only the
+/// exports it may open, read-only ones flagged so.
+pub struct ClientCatalog<'a> {
+    /// Every export.
+    pub registry: &'a Registry,
+    /// The rules; `None`: everyone may do everything.
+    pub access: Option<&'a AccessList>,
+    /// Who the client is.
+    pub who: &'a Identity,
+}
+
+impl ClientCatalog<'_> {
+    /// What this client may do with export `name` (its canonical name).
+    pub fn grant(&self, name: &str) -> Option<Access> {
+        match self.access {
+            None => Some(Access::ReadWrite),
+            Some(acl) => acl.grant(self.who, name),
+        }
+    }
+}
+
+/// An export's flags for a client that may only read it: read-only, and
+/// none of the write commands offered (a view's trim discards, so it goes
+/// too).
+fn read_only_flags(flags: u16) -> u16 {
+    (flags | TF_READ_ONLY) & !(TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FUA | TF_SEND_FAST_ZERO)
+}
+
+impl Catalog for ClientCatalog<'_> {
+    fn list(&self) -> Vec<ExportInfo> {
+        self.registry
+            .list()
+            .into_iter()
+            .filter(|e| self.grant(&e.name).is_some())
+            .collect()
+    }
+
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        let mut e = self.registry.lookup(name)?;
+        if self.grant(&e.name) == Some(Access::ReadOnly) {
+            e.flags = read_only_flags(e.flags);
+        }
+        Some(e)
+    }
+
+    fn permit(&self, name: &str) -> Result<(), String> {
+        match self.grant(name) {
+            Some(_) => Ok(()),
+            None => {
+                tracing::info!(client = %self.who, export = name, "access denied");
+                Err(format!("{} may not open export '{name}'", self.who))
+            }
+        }
     }
 }
 

@@ -5,9 +5,11 @@ use std::net::TcpListener;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
+use super::door::FrontDoor;
 use super::{connection, Connections, Pool, Stream};
 use crate::error::{Error, Result};
 use crate::registry::Registry;
@@ -55,13 +57,52 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// Every listener of this daemon requires TLS: URIs are `nbds`. One
+/// daemon per process, so a process-wide fact; set once at start.
+static TLS_URIS: AtomicBool = AtomicBool::new(false);
+
+/// Makes [`ListenAddr::uri`] give `nbds://` and `nbds+unix://` URIs.
+pub fn use_tls_uris() {
+    TLS_URIS.store(true, Ordering::Relaxed);
+}
+
 impl ListenAddr {
-    /// NBD URI of `export` on this address.
+    /// NBD URI of `export` on this address (`nbds` when TLS is required).
     pub fn uri(&self, export: &str) -> String {
+        let s = if TLS_URIS.load(Ordering::Relaxed) { "s" } else { "" };
         match self {
-            ListenAddr::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
-            ListenAddr::Tcp(a) => format!("nbd://{a}/{export}"),
+            ListenAddr::Unix(p) => format!("nbd{s}+unix:///{export}?socket={}", p.display()),
+            ListenAddr::Tcp(a) => format!("nbd{s}://{a}/{export}"),
         }
+    }
+
+    /// True for a TCP address that only this machine can reach (every
+    /// address the host resolves to is loopback), and for Unix sockets.
+    pub fn is_local(&self) -> bool {
+        use std::net::ToSocketAddrs;
+        match self {
+            ListenAddr::Unix(_) => true,
+            ListenAddr::Tcp(a) => a
+                .to_socket_addrs()
+                .map(|mut it| it.all(|s| s.ip().is_loopback()))
+                .unwrap_or(false),
+        }
+    }
+}
+
+/// Refuses plaintext NBD on a TCP address others can reach: anyone there
+/// could read and write every disk. `tls_required` is true when every
+/// client must start TLS.
+pub fn check_exposure(listen: &[ListenAddr], tls_required: bool, insecure_tcp: bool) -> Result<()> {
+    if tls_required || insecure_tcp {
+        return Ok(());
+    }
+    match listen.iter().find(|l| !l.is_local()) {
+        Some(l) => Err(Error::invalid(format!(
+            "{l} is not a loopback address: without TLS anyone who can reach it can read and write every \
+             disk; use --tls-cert FILE --tls-key FILE (with --tls require), or --insecure-tcp to allow it anyway"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -85,6 +126,7 @@ impl Listener {
         registry: Arc<Registry>,
         conns: Arc<Connections>,
         pool: Arc<Pool>,
+        door: Arc<FrontDoor>,
     ) -> Result<Listener> {
         let (sock, addr) = match addr {
             ListenAddr::Unix(p) => {
@@ -115,7 +157,7 @@ impl Listener {
         let name = addr.to_string();
         let thread = thread::Builder::new()
             .name("accept".into())
-            .spawn(move || accept_loop(sock, stop_r, registry, conns, pool, name))
+            .spawn(move || accept_loop(sock, stop_r, registry, conns, pool, door, name))
             .map_err(|e| Error::new(crate::error::Kind::Internal, format!("cannot start thread: {e}")))?;
         Ok(Listener {
             addr,
@@ -170,6 +212,7 @@ fn accept_loop(
     registry: Arc<Registry>,
     conns: Arc<Connections>,
     pool: Arc<Pool>,
+    door: Arc<FrontDoor>,
     name: String,
 ) {
     let lfd = match &sock {
@@ -206,11 +249,16 @@ fn accept_loop(
         };
         match stream {
             Ok(s) => {
+                // Beyond the cap, closed before it costs a thread.
+                let Some(ticket) = door.enter(&name) else {
+                    drop(s);
+                    continue;
+                };
                 set_send_buffer(&s);
-                let (reg, conns, pool) = (registry.clone(), conns.clone(), pool.clone());
+                let (reg, conns, pool, door) = (registry.clone(), conns.clone(), pool.clone(), door.clone());
                 let spawned = thread::Builder::new()
                     .name("nbd-conn".into())
-                    .spawn(move || connection::serve(s, reg, conns, pool));
+                    .spawn(move || connection::serve(s, ticket, door, reg, conns, pool));
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start a connection thread");
                 }

@@ -7,16 +7,20 @@
 //! never touch a socket. Replies go out in completion order, and a slow
 //! request or a client that does not read its replies holds up nobody else.
 
+pub mod access;
 mod clients;
 mod command;
 mod connection;
+pub mod door;
 mod exports;
 mod frame;
+pub mod identity;
 mod listener;
 mod pool;
+pub mod tls;
 
 pub use clients::Connections;
-pub use listener::{ListenAddr, Listener};
+pub use listener::{check_exposure, use_tls_uris, ListenAddr, Listener};
 pub use pool::Pool;
 
 use std::io::{self, Read, Write};
@@ -77,6 +81,13 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_read_timeout(t),
             Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn set_write_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
         }
     }
 

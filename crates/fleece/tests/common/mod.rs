@@ -10,6 +10,8 @@
 //! API use [`Daemon::start`], which is always fleece.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Write};

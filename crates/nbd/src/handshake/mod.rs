@@ -10,7 +10,7 @@ mod client;
 mod server;
 
 pub use client::{BlockSizes, ClientHandshake, ClientNegotiated, ClientOptions, ClientStep};
-pub use server::{Catalog, ExportInfo, Negotiated, ServerHandshake, Step, MAX_OPTION_LEN};
+pub use server::{Catalog, ExportInfo, Negotiated, ServerHandshake, Step, TlsMode, MAX_OPTION_LEN};
 
 use crate::consts::*;
 use crate::wire::{get_u32, put_u32, put_u64};

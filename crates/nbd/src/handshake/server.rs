@@ -6,8 +6,11 @@ use crate::consts::*;
 use crate::wire::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
 use crate::{ProtocolError, ReplyMode};
 
-/// Options longer than this are skipped and refused with `NBD_REP_ERR_TOO_BIG`,
-/// which bounds the memory a client can make the server buffer.
+/// Options longer than this are refused with `NBD_REP_ERR_TOO_BIG` as soon
+/// as their header arrives, and the connection is closed: waiting for (or
+/// skipping) up to 4 GiB that a client announced would let it hold the
+/// connection open for as long as it trickles them in, and the stream
+/// cannot be resynchronised without them.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 
 /// What a client can learn about one export.
@@ -35,6 +38,28 @@ pub trait Catalog {
     fn list(&self) -> Vec<ExportInfo>;
     /// One export by the name the client sent (`""` means the default export).
     fn lookup(&self, name: &str) -> Option<ExportInfo>;
+    /// Whether this client may open `name`, an export that [`lookup`](Self::lookup)
+    /// found: `Err(why)` is answered with `NBD_REP_ERR_POLICY` (and
+    /// `NBD_OPT_EXPORT_NAME`, which cannot say no, ends the connection).
+    /// Filtering [`list`](Self::list) is the catalog's own business. By
+    /// default every client may open every export.
+    fn permit(&self, name: &str) -> Result<(), String> {
+        let _ = name;
+        Ok(())
+    }
+}
+
+/// The server's TLS policy (proto.md, "TLS support").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// No TLS ("NOTLS"): `NBD_OPT_STARTTLS` is refused as unsupported.
+    Off,
+    /// TLS at the client's choice, no export TLS-only ("SELECTIVETLS").
+    Allowed,
+    /// TLS first ("FORCEDTLS"): every option but `NBD_OPT_STARTTLS` and
+    /// `NBD_OPT_ABORT` gets `NBD_REP_ERR_TLS_REQD` until TLS is on, and
+    /// `NBD_OPT_EXPORT_NAME`, which cannot be refused, ends the connection.
+    Required,
 }
 
 /// Result of a completed negotiation.
@@ -58,19 +83,21 @@ pub enum Step {
     NeedMore,
     /// Send `out`; the transmission phase starts with the next input byte.
     Ready(Box<Negotiated>),
-    /// Send `out`, then close the connection (client aborted).
+    /// Send `out`, then close the connection (client aborted, or a refusal
+    /// after which the stream cannot go on).
     Close,
+    /// Send `out` (the acknowledgement of `NBD_OPT_STARTTLS`) in plaintext,
+    /// then run a TLS handshake on the same stream: every byte after the
+    /// consumed input is TLS, and further input fed here must be the
+    /// plaintext from inside the TLS session. Negotiation starts over (what
+    /// was agreed before TLS is forgotten, as an attacker may have chosen it).
+    StartTls,
 }
 
 #[derive(Debug)]
 enum State {
     ClientFlags,
     Options,
-    /// Discarding an oversized option payload before refusing it.
-    Skipping {
-        option: u32,
-        remaining: u64,
-    },
     Finished,
 }
 
@@ -85,11 +112,22 @@ pub struct ServerHandshake {
     extended: bool,
     /// Export name and contexts of the last `NBD_OPT_SET_META_CONTEXT`.
     meta: Option<(String, Vec<(u32, String)>)>,
+    tls: TlsMode,
+    /// `NBD_OPT_STARTTLS` was acknowledged: input now comes from inside TLS.
+    tls_on: bool,
 }
 
 impl ServerHandshake {
-    /// Starts a handshake and appends the server greeting to `out`.
+    /// Starts a handshake without TLS and appends the server greeting to `out`.
     pub fn new(out: &mut Vec<u8>) -> Self {
+        Self::with_tls(out, TlsMode::Off)
+    }
+
+    /// Starts a handshake under a TLS policy and appends the server
+    /// greeting to `out`. The greeting is the same in every mode: NBD has
+    /// no handshake flag for TLS; a client learns of it from the replies
+    /// to its options (`NBD_REP_ERR_TLS_REQD`, or the ACK of STARTTLS).
+    pub fn with_tls(out: &mut Vec<u8>, tls: TlsMode) -> Self {
         put_u64(out, NBDMAGIC);
         put_u64(out, IHAVEOPT);
         put_u16(out, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
@@ -100,7 +138,14 @@ impl ServerHandshake {
             structured: false,
             extended: false,
             meta: None,
+            tls,
+            tls_on: false,
         }
+    }
+
+    /// True once `NBD_OPT_STARTTLS` was acknowledged.
+    pub fn tls_started(&self) -> bool {
+        self.tls_on
     }
 
     /// Consumes as much of `input` as forms complete messages, appends replies
@@ -130,19 +175,6 @@ impl ServerHandshake {
                     self.no_zeroes = flags & CLIENT_NO_ZEROES != 0;
                     self.state = State::Options;
                 }
-                State::Skipping { option, remaining } => {
-                    let n = remaining.min(rest.len() as u64);
-                    used += n as usize;
-                    if n < remaining {
-                        self.state = State::Skipping {
-                            option,
-                            remaining: remaining - n,
-                        };
-                        return Ok((used, Step::NeedMore));
-                    }
-                    self.state = State::Options;
-                    reply_error(out, option, REP_ERR_TOO_BIG, "option is too long");
-                }
                 State::Options => {
                     if rest.len() < OPTION_HEADER_LEN {
                         return Ok((used, Step::NeedMore));
@@ -154,11 +186,11 @@ impl ServerHandshake {
                     let len = get_u32(&rest[12..]);
                     if len > MAX_OPTION_LEN {
                         used += OPTION_HEADER_LEN;
-                        self.state = State::Skipping {
-                            option,
-                            remaining: len as u64,
-                        };
-                        continue;
+                        let msg =
+                            format!("option of {len} bytes is longer than the limit of {MAX_OPTION_LEN}");
+                        reply_error(out, option, REP_ERR_TOO_BIG, &msg);
+                        self.state = State::Finished;
+                        return Ok((used, Step::Close));
                     }
                     let total = OPTION_HEADER_LEN + len as usize;
                     if rest.len() < total {
@@ -168,6 +200,8 @@ impl ServerHandshake {
                     used += total;
                     match self.option(option, data, catalog, out)? {
                         Step::NeedMore => {}
+                        // The bytes after it are TLS records, not options.
+                        Step::StartTls => return Ok((used, Step::StartTls)),
                         done => {
                             self.state = State::Finished;
                             return Ok((used, done));
@@ -185,6 +219,19 @@ impl ServerHandshake {
         catalog: &dyn Catalog,
         out: &mut Vec<u8>,
     ) -> Result<Step, ProtocolError> {
+        if self.tls == TlsMode::Required && !self.tls_on && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+            if option == OPT_EXPORT_NAME {
+                // It has no error reply: the spec says to end the session.
+                return Err(ProtocolError::TlsRequired);
+            }
+            reply_error(
+                out,
+                option,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first",
+            );
+            return Ok(Step::NeedMore);
+        }
         match option {
             OPT_EXPORT_NAME => {
                 if self.extended {
@@ -196,6 +243,9 @@ impl ServerHandshake {
                 let export = catalog
                     .lookup(name)
                     .ok_or_else(|| ProtocolError::UnknownExport(name.to_string()))?;
+                catalog
+                    .permit(&export.name)
+                    .map_err(|why| ProtocolError::Denied(export.name.clone(), why))?;
                 let flags = self.transmission_flags(&export);
                 put_u64(out, export.size);
                 put_u16(out, flags);
@@ -254,7 +304,20 @@ impl ServerHandshake {
                 Ok(Step::NeedMore)
             }
             OPT_STARTTLS => {
-                reply_error(out, option, REP_ERR_UNSUP, "TLS is not configured on this server");
+                if self.tls == TlsMode::Off {
+                    reply_error(out, option, REP_ERR_UNSUP, "TLS is not configured on this server");
+                } else if self.tls_on {
+                    reply_error(out, option, REP_ERR_INVALID, "TLS is already on");
+                } else if !data.is_empty() {
+                    reply_error(out, option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+                } else {
+                    reply(out, option, REP_ACK, &[]);
+                    self.tls_on = true;
+                    self.structured = false;
+                    self.extended = false;
+                    self.meta = None;
+                    return Ok(Step::StartTls);
+                }
                 Ok(Step::NeedMore)
             }
             _ if !self.fixed => Err(ProtocolError::UnknownOption(option)),
@@ -281,6 +344,10 @@ impl ServerHandshake {
             reply_error(out, option, REP_ERR_UNKNOWN, &msg);
             return Ok(Step::NeedMore);
         };
+        if let Err(why) = catalog.permit(&export.name) {
+            reply_error(out, option, REP_ERR_POLICY, truncate(&why, 1000));
+            return Ok(Step::NeedMore);
+        }
         let flags = self.transmission_flags(&export);
         let mut p = Vec::with_capacity(16);
         put_u16(&mut p, INFO_EXPORT);
@@ -342,6 +409,10 @@ impl ServerHandshake {
             reply_error(out, option, REP_ERR_UNKNOWN, &msg);
             return;
         };
+        if let Err(why) = catalog.permit(&export.name) {
+            reply_error(out, option, REP_ERR_POLICY, truncate(&why, 1000));
+            return;
+        }
         let mut chosen: Vec<String> = Vec::new();
         if queries.is_empty() {
             if !set {

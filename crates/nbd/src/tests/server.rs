@@ -90,18 +90,160 @@ fn go_for_a_missing_export_answers_unknown_and_allows_retry() {
 }
 
 #[test]
-fn oversized_option_is_skipped_then_refused_as_too_big() {
+fn oversized_option_is_refused_from_its_header_alone_and_ends_the_negotiation() {
     let mut hs = start();
     let mut out = Vec::new();
-    let len = MAX_OPTION_LEN + 10;
+    // Only the header: the answer must not wait for 4 GiB to arrive.
     let mut input = IHAVEOPT.to_be_bytes().to_vec();
     input.extend_from_slice(&OPT_LIST.to_be_bytes());
-    input.extend_from_slice(&len.to_be_bytes());
-    input.extend(std::iter::repeat_n(7u8, len as usize));
+    input.extend_from_slice(&u32::MAX.to_be_bytes());
+    let (n, step) = hs.process(&input, &OneExport, &mut out).unwrap();
+    assert_eq!(n, input.len());
+    assert!(matches!(step, Step::Close));
+    assert_eq!(replies(&out)[0].1, REP_ERR_TOO_BIG);
+    // The limit itself is fine.
+    let mut hs = start();
+    let mut out = Vec::new();
+    let input = option(99, &vec![0; MAX_OPTION_LEN as usize]);
+    let (_, step) = hs.process(&input, &OneExport, &mut out).unwrap();
+    assert!(matches!(step, Step::NeedMore));
+    assert_eq!(replies(&out)[0].1, REP_ERR_UNSUP);
+}
+
+fn start_tls(mode: TlsMode) -> ServerHandshake {
+    let mut out = Vec::new();
+    let mut hs = ServerHandshake::with_tls(&mut out, mode);
+    // The greeting does not change with TLS.
+    let mut plain = Vec::new();
+    ServerHandshake::new(&mut plain);
+    assert_eq!(out, plain);
+    let (_, step) = hs.process(&3u32.to_be_bytes(), &OneExport, &mut out).unwrap();
+    assert!(matches!(step, Step::NeedMore));
+    hs
+}
+
+#[test]
+fn with_tls_required_every_option_before_starttls_is_told_tls_is_required() {
+    let mut hs = start_tls(TlsMode::Required);
+    let mut out = Vec::new();
+    let mut input = Vec::new();
+    for (opt, data) in [
+        (OPT_LIST, Vec::new()),
+        (OPT_INFO, go_data("disk")),
+        (OPT_GO, go_data("disk")),
+        (OPT_STRUCTURED_REPLY, Vec::new()),
+        (OPT_EXTENDED_HEADERS, Vec::new()),
+        (99, b"x".to_vec()),
+    ] {
+        input.extend(option(opt, &data));
+    }
     let (n, step) = hs.process(&input, &OneExport, &mut out).unwrap();
     assert_eq!(n, input.len());
     assert!(matches!(step, Step::NeedMore));
-    assert_eq!(replies(&out)[0].1, REP_ERR_TOO_BIG);
+    let r = replies(&out);
+    assert_eq!(r.len(), 6);
+    assert!(r.iter().all(|(_, kind, _)| *kind == REP_ERR_TLS_REQD), "{r:?}");
+    // EXPORT_NAME cannot be refused: the connection ends.
+    let err = hs
+        .process(&option(OPT_EXPORT_NAME, b"disk"), &OneExport, &mut out)
+        .unwrap_err();
+    assert_eq!(err, ProtocolError::TlsRequired);
+}
+
+#[test]
+fn starttls_is_acknowledged_once_and_negotiation_starts_over_inside() {
+    for mode in [TlsMode::Required, TlsMode::Allowed] {
+        let mut hs = start_tls(mode);
+        let mut out = Vec::new();
+        let mut input = Vec::new();
+        if mode == TlsMode::Allowed {
+            // Chosen in plaintext; must not survive the upgrade.
+            input.extend(option(OPT_STRUCTURED_REPLY, b""));
+        }
+        input.extend(option(OPT_STARTTLS, b""));
+        let tls_bytes = b"\x16\x03\x01 a ClientHello";
+        input.extend_from_slice(tls_bytes);
+        let (n, step) = hs.process(&input, &OneExport, &mut out).unwrap();
+        assert!(matches!(step, Step::StartTls), "{mode:?}");
+        assert_eq!(n, input.len() - tls_bytes.len(), "TLS bytes are not options");
+        assert_eq!(replies(&out).last().unwrap().1, REP_ACK);
+        assert!(hs.tls_started());
+        // Inside TLS: a second STARTTLS is invalid, other options work.
+        let mut out = Vec::new();
+        let mut input = option(OPT_STARTTLS, b"");
+        input.extend(option(OPT_GO, &go_data("disk")));
+        let (_, step) = hs.process(&input, &OneExport, &mut out).unwrap();
+        let r = replies(&out);
+        assert_eq!(r[0].1, REP_ERR_INVALID);
+        let Step::Ready(neg) = step else {
+            panic!("no GO inside TLS")
+        };
+        assert_eq!(
+            neg.mode,
+            ReplyMode::Simple,
+            "{mode:?}: structured replies survived STARTTLS"
+        );
+    }
+}
+
+#[test]
+fn starttls_without_tls_configured_is_unsupported_and_with_data_invalid() {
+    let mut hs = start();
+    let mut out = Vec::new();
+    hs.process(&option(OPT_STARTTLS, b""), &OneExport, &mut out)
+        .unwrap();
+    assert_eq!(replies(&out)[0].1, REP_ERR_UNSUP);
+    let mut hs = start_tls(TlsMode::Allowed);
+    let mut out = Vec::new();
+    let (_, step) = hs
+        .process(&option(OPT_STARTTLS, b"x"), &OneExport, &mut out)
+        .unwrap();
+    assert!(matches!(step, Step::NeedMore));
+    assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+    // In "allowed" mode plaintext negotiation works.
+    let mut out = Vec::new();
+    let (_, step) = hs
+        .process(&option(OPT_GO, &go_data("disk")), &OneExport, &mut out)
+        .unwrap();
+    assert!(matches!(step, Step::Ready(_)));
+}
+
+/// OneExport for a client that may not open it.
+struct Denied;
+
+impl Catalog for Denied {
+    fn list(&self) -> Vec<ExportInfo> {
+        Vec::new()
+    }
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        OneExport.lookup(name)
+    }
+    fn permit(&self, name: &str) -> Result<(), String> {
+        Err(format!("not for you: {name}"))
+    }
+}
+
+#[test]
+fn a_denied_export_gets_err_policy_on_info_go_and_meta_and_export_name_hangs_up() {
+    let mut hs = start();
+    let mut out = Vec::new();
+    let mut meta = go_data("disk");
+    meta.truncate(meta.len() - 2);
+    meta.extend_from_slice(&0u32.to_be_bytes());
+    let mut input = option(OPT_INFO, &go_data("disk"));
+    input.extend(option(OPT_GO, &go_data("disk")));
+    input.extend(option(OPT_STRUCTURED_REPLY, b""));
+    input.extend(option(OPT_SET_META_CONTEXT, &meta));
+    let (_, step) = hs.process(&input, &Denied, &mut out).unwrap();
+    assert!(matches!(step, Step::NeedMore));
+    let r = replies(&out);
+    let kinds: Vec<u32> = r.iter().map(|x| x.1).collect();
+    assert_eq!(kinds, [REP_ERR_POLICY, REP_ERR_POLICY, REP_ACK, REP_ERR_POLICY]);
+    assert!(String::from_utf8_lossy(&r[0].2).contains("not for you: disk"));
+    let err = hs
+        .process(&option(OPT_EXPORT_NAME, b"disk"), &Denied, &mut out)
+        .unwrap_err();
+    assert!(matches!(err, ProtocolError::Denied(..)), "{err:?}");
 }
 
 #[test]
