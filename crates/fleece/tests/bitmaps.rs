@@ -173,7 +173,8 @@ fn bitmap_commands_merge_clear_disable_and_remove(format: Format) {
         0
     );
     d.cli_ok(&["bitmap", "remove", "disk", "a"]);
-    let sidecar = |b: &str| std::path::PathBuf::from(format!("{}.fleece-bitmap-{b}", d.image("disk").display()));
+    let sidecar =
+        |b: &str| std::path::PathBuf::from(format!("{}.fleece-bitmap-{b}", d.image("disk").display()));
     assert!(sidecar("b").exists(), "no sidecar {}", sidecar("b").display());
     assert!(!sidecar("a").exists(), "the removed bitmap's sidecar is left");
     for (args, needle) in [

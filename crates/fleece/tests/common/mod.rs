@@ -484,9 +484,15 @@ impl Daemon {
     /// holds is on the image file for other readers: a qcow2 server keeps
     /// metadata in memory until a flush. Nothing happens when no server runs.
     pub fn flush_disk(&self, disk: &str) {
-        if self.child.is_some() {
-            qemu_io(&self.uri(disk), &["flush"]);
+        if self.child.is_none() {
+            return;
         }
+        // Through the first listener: a test may serve TCP only.
+        let uri = match self.listeners.first().and_then(|l| l.strip_prefix("tcp:")) {
+            Some(addr) if self.is_fleece() && !self.bare => format!("nbd://{addr}/{disk}"),
+            _ => self.uri(disk),
+        };
+        qemu_io(&uri, &["flush"]);
     }
 
     /// A raw file with the disk's bytes as they are now: the image itself
