@@ -742,3 +742,53 @@ fn v2_images_zero_by_writing_and_trim_as_qemu_does_without_a_zero_flag() {
     drop(img);
     check_clean(Path::new(&d("top.qcow2")));
 }
+
+#[test]
+fn missing_l2_tables_are_made_before_serving_without_changing_what_the_disk_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    // 64 KiB clusters: one L2 table per 512 MiB; 2 GiB + 1 cluster: five tables.
+    let base = new_image(dir.path(), "base.qcow2", (2 << 30) + 65536, 65536);
+    {
+        let b = open_rw(&base);
+        b.device()
+            .write_at(&pattern(65536, 1), 600 << 20, IoFlags::NONE)
+            .unwrap();
+        b.device().flush().unwrap();
+    }
+    let top = dir.path().join("top.qcow2");
+    image::create(
+        &top,
+        &CreateOptions {
+            format: Format::Qcow2,
+            size: None,
+            cluster_size: Some(65536),
+            backing: Some("base.qcow2".into()),
+        },
+    )
+    .unwrap();
+    let img = open_rw(&top);
+    img.lock(LockMode::ReadWrite).unwrap();
+    img.device()
+        .write_at(&pattern(4096, 2), 4096, IoFlags::NONE)
+        .unwrap();
+    img.device().flush().unwrap();
+    let len = || std::fs::metadata(&top).unwrap().len();
+    let before = len();
+    assert_eq!(img.prepare_for_serving().unwrap(), 4, "four ranges had no table");
+    // Four new L2 tables of one cluster each at the end of the file.
+    assert_eq!(len() - before, 4 * 65536);
+    let after = len();
+    assert_eq!(img.prepare_for_serving().unwrap(), 0);
+    assert_eq!(len(), after, "tables are made once");
+    // The backing data still shows through, the top's own write stays.
+    let mut buf = vec![0u8; 65536];
+    img.device().read_at(&mut buf, 600 << 20, IoFlags::NONE).unwrap();
+    assert_eq!(buf, pattern(65536, 1));
+    let mut small = vec![0u8; 4096];
+    img.device().read_at(&mut small, 4096, IoFlags::NONE).unwrap();
+    assert_eq!(small, pattern(4096, 2));
+    let st = img.device().block_status(600 << 20, 65536).unwrap();
+    assert_eq!(st[0].depth, Some(2), "{st:?}");
+    drop(img);
+    check_clean(&top);
+}
