@@ -20,13 +20,19 @@ Images, stores, pulled copies and Unix sockets live in one temp dir under
 starts a fresh server process. A step that fails is reported as "n/a" with
 its reason and the run goes on.
 
+Two sections: "raw" (everything above, on a raw image) and "qcow2" (fleece
+and qemu-storage-daemon serving the same qcow2 image, 64 KiB clusters: 4 KiB
+random writes and reads on an allocated image, allocating writes on a fresh
+one, writes during a fresh snapshot). --sections picks them (default both).
+
 Output: the report (Markdown tables, ratios, pass/fail targets) on stdout,
 bench/results/latest.json, and optionally --markdown FILE and
---update-benchmarks (rewrites the generated part of BENCHMARKS.md).
+--update-benchmarks (rewrites the generated parts of BENCHMARKS.md: one per
+section that ran).
 
 usage: python3 bench/run.py [--quick] [--only fleece,qemu,nbdkit,null,limit]
-                            [--fleece-bin PATH] [--rounds N] [--markdown FILE]
-                            [--update-benchmarks]
+                            [--sections raw,qcow2] [--fleece-bin PATH]
+                            [--rounds N] [--markdown FILE] [--update-benchmarks]
 """
 import argparse
 import ctypes
@@ -54,12 +60,29 @@ SNAPSHOT_KINDS = ("fleece", "qemu")
 # nbdkit null serves no data (reads are zeroes): the plain fio steps only, no pulls
 PULL_KINDS = ("fleece", "qemu", "nbdkit", "limit")
 BEGIN, END = "<!-- bench/run.py: begin generated -->", "<!-- bench/run.py: end generated -->"
+SECTIONS = ("raw", "qcow2")
+# generated blocks of BENCHMARKS.md, per section
+MARKERS = {"raw": (BEGIN, END),
+           "qcow2": ("<!-- bench/run.py: begin generated qcow2 -->", "<!-- bench/run.py: end generated qcow2 -->")}
+QCOW2_KINDS = ("fleece", "qemu")
+QCOW2_CLUSTER = 65536
 
 # key, fio rw, block size, queue depth, headline unit, description
 FIO = [
     ("randwrite-4k-qd16", "randwrite", "4k", 16, "IOPS", "4 KiB random writes QD16"),
     ("seqwrite-1m-qd4", "write", "1M", 4, "MiB/s", "1 MiB sequential writes QD4"),
     ("randread-4k-qd16", "randread", "4k", 16, "IOPS", "4 KiB random reads QD16"),
+]
+RANDWRITE, RANDREAD = FIO[0], FIO[2]
+# qcow2 section: (key, image state, snapshot, workload, description)
+QCOW2 = [
+    ("qcow2-allocated/randwrite-4k-qd16", "allocated", False, RANDWRITE,
+     "4 KiB random writes QD16, allocated image"),
+    ("qcow2-allocated/randread-4k-qd16", "allocated", False, RANDREAD, "4 KiB random reads QD16, allocated image"),
+    ("qcow2-fresh/randwrite-4k-qd16", "fresh", False, RANDWRITE,
+     "4 KiB random writes QD16, fresh image (allocating)"),
+    ("qcow2-snapshot/randwrite-4k-qd16", "allocated", True, RANDWRITE,
+     "4 KiB random writes QD16, allocated image, fresh snapshot"),
 ]
 
 
@@ -318,12 +341,13 @@ class Server:
 
 
 class FleeceServer(Server):
-    def __init__(self, bench, store_path=None):
+    def __init__(self, bench, store_path=None, image=None):
         n = bench.counter()
         self.bin = bench.fleece_bin
         self.ctl = bench.path("f%d-ctl.sock" % n)
         sock = bench.path("f%d.sock" % n)
-        cmd = [self.bin, "serve", "--disk", "disk=" + bench.image, "--nbd", "unix:" + sock,
+        # the format (raw or qcow2) is detected
+        cmd = [self.bin, "serve", "--disk", "disk=" + (image or bench.image), "--nbd", "unix:" + sock,
                "--control", self.ctl, "--state-dir", bench.path("f%d-state" % n), "--log-level", "warn"]
         super().__init__(bench, "fleece", cmd, sock, self.ctl, "disk")
         self.store = store_path
@@ -350,13 +374,13 @@ class FleeceServer(Server):
             run([self.bin, "snapshot", "delete", "disk@s", "--control", self.ctl], timeout=60)
 
 
-def qemu_server(bench, snapshot, store_path=None):
+def qemu_server(bench, snapshot, store_path=None, image=None, fmt="raw"):
     n = bench.counter()
     sock = bench.path("q%d.sock" % n)
     aio = bench.opts.qemu_aio
     cmd = ["qemu-storage-daemon",
-           "--blockdev", "file,node-name=f,filename=%s,aio=%s" % (bench.image, aio),
-           "--blockdev", "raw,node-name=d,file=f",
+           "--blockdev", "file,node-name=f,filename=%s,aio=%s" % (image or bench.image, aio),
+           "--blockdev", "%s,node-name=d,file=f" % fmt,
            "--nbd-server", "addr.type=unix,addr.path=%s,max-connections=0" % sock]
     if snapshot:
         with open(store_path, "wb") as f:  # the store must exist with the disk's size
@@ -535,7 +559,7 @@ class Bench:
         """The image at the instant: copied while nothing writes."""
         shutil.copyfile(self.image, self.reference)
 
-    def server(self, kind, snapshot=False, reference=False):
+    def server(self, kind, snapshot=False, reference=False, image=None, fmt="raw"):
         if kind in self.skip:
             raise StepError(self.skip[kind])
         store = self.path("%s-store.raw" % kind)
@@ -544,11 +568,11 @@ class Bench:
                 os.unlink(p)
         try:
             if kind == "fleece":
-                srv = FleeceServer(self, store)
+                srv = FleeceServer(self, store, image)
             elif kind == "qemu":
                 if reference:
                     self.take_reference()
-                srv = qemu_server(self, snapshot, store)
+                srv = qemu_server(self, snapshot, store, image, fmt)
             elif kind == "nbdkit":
                 srv = nbdkit_server(self)
             elif kind == "null":
@@ -635,6 +659,56 @@ class Bench:
             raise srv.explain(e)
         finally:
             srv.stop()
+
+    def qcow2_image(self, state):
+        """The qcow2 image for a step: "allocated" (every cluster allocated:
+        qemu-img convert of the random raw image, made once and reused, as
+        4 KiB writes allocate nothing in it), or "fresh" (qemu-img create,
+        made anew for every measurement). 64 KiB clusters."""
+        opts = ["-o", "cluster_size=%d" % QCOW2_CLUSTER]
+        if state == "fresh":
+            p = self.path("fresh.qcow2")
+            if os.path.exists(p):
+                os.unlink(p)
+            run(["qemu-img", "create", "-q", "-f", "qcow2"] + opts + [p, str(self.size)], timeout=60)
+            return p
+        p = self.path("allocated.qcow2")
+        if not os.path.exists(p):
+            log("making the allocated qcow2 image: qemu-img convert of the random raw image")
+            run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2"] + opts + [self.image, p], timeout=600)
+        return p
+
+    def check_qcow2(self, kind, image):
+        """qemu-img check after a server let go of the image: a note if not clean."""
+        rc, out, err = run(["qemu-img", "check", image], timeout=120, ok=None)
+        if rc != 0:
+            self.note("%s: qemu-img check of %s exited %d: %s" % (kind, os.path.basename(image), rc,
+                                                                 tail(out + err, 300)))
+        return rc == 0
+
+    def step_qcow2(self, kind, state, snapshot, w):
+        """fio on a qcow2 image served by fleece or qemu-storage-daemon. Fresh
+        images and fresh snapshots are measured from the first write (no ramp,
+        which would hide the allocations or copies), with an IOPS log."""
+        image = self.qcow2_image(state)
+        fresh = state == "fresh" or snapshot
+        runtime, ramp = self.opts.runtime, 0 if fresh else self.opts.ramp
+        log_prefix = self.path("iops-%d" % self.counter()) if fresh else None
+        srv = self.server(kind, snapshot, image=image, fmt="qcow2")
+        try:
+            _, cpu0 = srv.stats()
+            r = self.fio(srv.live, w, runtime, ramp, iops_log=log_prefix)
+            rss, cpu1 = srv.stats()
+            r["server_rss_mib"], r["server_cpu_s"] = rss / 2**20, cpu1 - cpu0
+            if snapshot and kind == "fleece":
+                srv.snapshot_state()
+            r.update(srv.info)
+        except StepError as e:
+            raise srv.explain(e)
+        finally:
+            srv.stop()
+        r["qemu_img_check_clean"] = self.check_qcow2(kind, image)
+        return r
 
     def nbdcopy(self, src, dst):
         t = time.time()
@@ -753,6 +827,15 @@ class Bench:
         to back, so that the machine's background noise hits them alike."""
         kinds = self.opts.only
         steps = []
+        if "qcow2" in self.opts.sections:
+            for key, state, snapshot, w, _ in QCOW2:
+                for k in kinds:
+                    if k in QCOW2_KINDS:
+                        steps.append(("%s/%s" % (k, key), k,
+                                      lambda k=k, state=state, snapshot=snapshot, w=w: self.step_qcow2(
+                                          k, state, snapshot, w)))
+        if "raw" not in self.opts.sections:
+            return steps
         for w in FIO:
             for k in kinds:
                 steps.append(("%s/plain/%s" % (k, w[0]), k, lambda k=k, w=w: self.step_fio(k, False, w)))
@@ -868,6 +951,10 @@ class Report:
         self.size = opts.size
         self.notes = []  # footnote reasons, in order
         self.kinds = opts.only
+        self.sections = getattr(opts, "sections", None) or ["raw"]
+
+    def ran(self, section):
+        return section in self.sections
 
     def get(self, key, field):
         v = self.R.get(key)
@@ -994,6 +1081,35 @@ class Report:
                 self.ratio(self.get(keys["fleece"], field), self.get(keys["qemu"], field)), " | ".join(lat), cpu))
         return L if len(L) > 2 else []
 
+    def qcow2(self):
+        """The qcow2 section: fleece and qemu-storage-daemon on the same qcow2 image."""
+        L = ["| qcow2 image, 64 KiB clusters | unit | fleece | qemu-storage-daemon | fleece/qemu "
+             "| p50 / p99 µs fleece | p50 / p99 µs qemu | server CPU s fleece · qemu | peak RSS MiB fleece · qemu |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for key, state, snapshot, w, desc in QCOW2:
+            fk, qk = "fleece/" + key, "qemu/" + key
+            cells = [self.cell(fk, "iops"), self.cell(qk, "iops"),
+                     self.ratio(self.get(fk, "iops"), self.get(qk, "iops"))]
+            for k in (fk, qk):
+                a, b = self.cell(k, "p50_us"), self.cell(k, "p99_us")
+                cells.append(a if a == b and not a[0].isdigit() else "%s / %s" % (a, b))
+            for field in ("server_cpu_s", "server_rss_mib"):
+                a, b = self.cell(fk, field, "%.1f"), self.cell(qk, field, "%.1f")
+                cells.append("%s · %s" % (a, b))
+            L.append("| %s | IOPS | %s |" % (desc, " | ".join(cells)))
+            if state == "fresh" or snapshot:
+                L.append("| &nbsp;&nbsp;… its first %g s (%s) | IOPS | %s | %s | %s | | | | |" % (
+                    self.opts.first_window, "most copies happen here" if snapshot else "most allocations happen here",
+                    self.cell(fk, "first_iops"), self.cell(qk, "first_iops"),
+                    self.ratio(self.get(fk, "first_iops"), self.get(qk, "first_iops"))))
+        checked = [(k, v) for k, v in sorted(self.R.items()) if "/qcow2-" in k and "qemu_img_check_clean" in v]
+        if checked:
+            bad = [k for k, v in checked if not v["qemu_img_check_clean"]]
+            L.append("")
+            L.append("`qemu-img check` after every qcow2 measurement (server stopped): %s." % (
+                "clean every time (%d steps)" % len(checked) if not bad else "NOT clean after " + ", ".join(bad)))
+        return L
+
     def correctness(self):
         L = []
         for key in sorted(k for k in self.R if "/pull/" in k):
@@ -1015,7 +1131,7 @@ class Report:
                 return "%s: %s" % (k, v["error"][:160])
         return "no value"
 
-    def targets(self):
+    def targets(self, section=None):
         T = []
         g = self.get
 
@@ -1057,6 +1173,15 @@ class Report:
                 out.append(a / b)
             return out
 
+        if self.ran("qcow2") and section in (None, "qcow2"):
+            for key, want in (("qcow2-allocated/randwrite-4k-qd16", 1.0), ("qcow2-allocated/randread-4k-qd16", 1.0),
+                              ("qcow2-fresh/randwrite-4k-qd16", 1.0), ("qcow2-snapshot/randwrite-4k-qd16", 2.0)):
+                desc = [q[4] for q in QCOW2 if q[0] == key][0]
+                k = ("fleece/" + key, "qemu/" + key)
+                target("qcow2: %s >= %gx qemu-storage-daemon" % (desc, want), k, r(*k, "iops"),
+                       lambda x, want=want: x >= want, field="iops")
+        if not (self.ran("raw") and section in (None, "raw")):
+            return T
         rw = "randwrite-4k-qd16"
         k = ("fleece/plain/" + rw, "nbdkit/plain/" + rw)
         worst = min(round_ratios(*k, "iops") or [float("inf")])
@@ -1107,8 +1232,11 @@ class Report:
                 "; different: " + ", ".join(bad) if bad else ""))
         return T
 
-    def render(self):
+    def render(self, section=None):
+        """The report: every section that ran (section None), or one."""
         m = self.meta
+        raw = self.ran("raw") and section in (None, "raw")
+        q = self.ran("qcow2") and section in (None, "qcow2")
         out = []
         out.append("Run: `%s` — %s" % (m["command"], m["date"]))
         out.append("")
@@ -1121,12 +1249,23 @@ class Report:
                    "qemu-storage-daemon file nodes aio=%s; the limit is %s." % (
                        self.size >> 20, self.opts.runtime, self.opts.ramp, self.opts.repeat, self.opts.rounds,
                        self.opts.qemu_aio, m["limit_desc"]))
-        out.append("")
-        out += self.throughput()
-        out.append("")
-        out += self.latency()
-        out.append("")
-        out += self.resources()
+        if q:
+            out.append("qcow2 section: fleece and qemu-storage-daemon (`--blockdev qcow2` over the file node) serve "
+                       "the same qcow2 image in /dev/shm, %d MiB, 64 KiB clusters: \"allocated\" is `qemu-img "
+                       "convert` of the random image (every cluster allocated), \"fresh\" is `qemu-img create` "
+                       "before every measurement; fresh images and fresh snapshots are measured from the first "
+                       "write (no ramp). Snapshot stores as in the raw section (fleece: file store; qemu: "
+                       "copy-before-write + snapshot-access with a raw target)." % (self.size >> 20))
+        if raw:
+            out.append("")
+            out += self.throughput()
+            out.append("")
+            out += self.latency()
+            out.append("")
+            out += self.resources()
+        if q:
+            out.append("")
+            out += self.qcow2()
         out.append("")
         t = self.tls()
         if t:
@@ -1134,9 +1273,9 @@ class Report:
             out.append("")
         out.append("Targets:")
         out.append("")
-        out += self.targets()
+        out += self.targets(section)
         out.append("")
-        c = self.correctness()
+        c = self.correctness() if raw else []
         if c:
             out.append("Pulled copies compared with the image at the instant:")
             out.append("")
@@ -1261,18 +1400,24 @@ def remove_stale_tmpdirs():
             pass
 
 
-def update_benchmarks(text):
+def update_benchmarks(rep):
+    """Rewrites the generated block of each section that ran (the others keep theirs)."""
     path = os.path.join(ROOT, "BENCHMARKS.md")
-    block = "%s\n%s\n%s" % (BEGIN, text.rstrip(), END)
     try:
         with open(path) as f:
             doc = f.read()
     except FileNotFoundError:
-        doc = "# Benchmarks\n\n" + BEGIN + "\n" + END + "\n"
-    if BEGIN in doc and END in doc:
-        doc = doc[:doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip() + "\n\n## Latest run\n\n" + block + "\n"
+        doc = "# Benchmarks\n"
+    for section in SECTIONS:
+        if not rep.ran(section):
+            continue
+        begin, end = MARKERS[section]
+        block = "%s\n%s\n%s" % (begin, rep.render(section).rstrip(), end)
+        if begin in doc and end in doc:
+            doc = doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end):]
+        else:
+            title = "Latest run" if section == "raw" else "Latest qcow2 run"
+            doc = doc.rstrip() + "\n\n## %s\n\n%s\n" % (title, block)
     with open(path, "w") as f:
         f.write(doc)
     log("updated %s" % path)
@@ -1286,20 +1431,24 @@ def report_from_json(opts):
     saved = argparse.Namespace(size=c["image_bytes"], runtime=c["runtime_s"], ramp=c["ramp_s"],
                                repeat=c["repeat"], rounds=c["rounds"], quick=c["quick"], only=c["servers"],
                                qemu_aio=c["qemu_aio"], first_window=c["first_window_s"],
-                               pull_write_rate=c.get("pull_write_rate", 5000))
-    text = Report(data["results"], saved, data["meta"], data.get("notes", ())).render()
+                               pull_write_rate=c.get("pull_write_rate", 5000),
+                               sections=c.get("sections", ["raw"]))
+    rep = Report(data["results"], saved, data["meta"], data.get("notes", ()))
+    text = rep.render()
     print(text)
     if opts.markdown:
         with open(opts.markdown, "w") as f:
             f.write(text + "\n")
     if opts.update_benchmarks:
-        update_benchmarks(text)
+        update_benchmarks(rep)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 256 MiB image, 3 s fio jobs (about 2 minutes)")
     ap.add_argument("--only", default=",".join(KINDS), help="servers to run, from %s" % ",".join(KINDS))
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help="sections to run, from %s (qcow2: fleece and qemu only)" % ",".join(SECTIONS))
     ap.add_argument("--fleece-bin", help="use this fleece binary (and do not build)")
     ap.add_argument("--no-build", action="store_true", help="use target/release/fleece as it is")
     ap.add_argument("--steps", help="run only steps whose key contains one of these comma-separated "
@@ -1324,6 +1473,10 @@ def main():
     bad = [k for k in opts.only if k not in KINDS]
     if bad:
         ap.error("unknown server(s) %s; choose from %s" % (",".join(bad), ",".join(KINDS)))
+    opts.sections = [x.strip() for x in opts.sections.split(",") if x.strip()]
+    bad = [x for x in opts.sections if x not in SECTIONS]
+    if bad or not opts.sections:
+        ap.error("unknown section(s) %s; choose from %s" % (",".join(bad), ",".join(SECTIONS)))
     if opts.steps and opts.update_benchmarks:
         ap.error("--update-benchmarks needs the whole run; drop --steps")
     opts.fleece_bin_given = bool(opts.fleece_bin)
@@ -1389,7 +1542,8 @@ def main():
                                      "repeat": opts.repeat, "rounds": opts.rounds, "quick": opts.quick,
                                      "servers": opts.only, "qemu_aio": opts.qemu_aio,
                                      "first_window_s": opts.first_window,
-                                     "pull_write_rate": opts.pull_write_rate},
+                                     "pull_write_rate": opts.pull_write_rate,
+                                     "sections": opts.sections},
             "results": results, "notes": b.notes}
     os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
 
@@ -1408,7 +1562,7 @@ def main():
         with open(opts.markdown, "w") as f:
             f.write(text + "\n")
     if opts.update_benchmarks:
-        update_benchmarks(text)
+        update_benchmarks(rep)
 
 
 if __name__ == "__main__":

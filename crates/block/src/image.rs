@@ -263,6 +263,17 @@ impl Image {
         self.file.file_len()
     }
 
+    /// Gets the image ready to be served read-write so that a crash of the
+    /// process cannot corrupt it: for qcow2, makes its missing L2 tables up
+    /// front ([`Qcow2Dev::make_l2_tables`]); nothing for raw. Returns how
+    /// many tables it made. Call after [`lock`](Self::lock), before I/O.
+    pub fn prepare_for_serving(&self) -> Result<u64> {
+        match &self.driver {
+            Driver::Raw => Ok(0),
+            Driver::Qcow2(q) => q.make_l2_tables(0),
+        }
+    }
+
     /// Changes the disk's size. The caller keeps I/O away (it freezes the
     /// disk). See [`RawFile::resize`] for what fails how; a qcow2 image
     /// only grows ([`Qcow2Dev::resize`]).

@@ -8,7 +8,10 @@ pub enum Mapping {
     Data,
     /// Allocated, reads as zeroes.
     Zero,
-    /// Not allocated, reads as zeroes.
+    /// Not allocated, reads as zeroes: a hole of a file, an unallocated
+    /// range or a zero cluster of a qcow2 image (no data behind it: a write
+    /// allocates). A zero cluster still hides its backing chain: its
+    /// [`Extent::depth`] says where it is allocated, 0 where nothing is.
     Hole,
     /// Readable, but the device cannot tell what it holds (a file system
     /// without `SEEK_DATA`, a remote without block status): may be data.

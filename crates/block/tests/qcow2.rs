@@ -161,9 +161,10 @@ fn zeroes_make_zero_clusters_and_fill_partial_ones_and_fast_zero_needs_whole_clu
             .mapping
     };
     assert_eq!(at(0), Mapping::Data);
-    assert_eq!(at(c), Mapping::Zero);
-    assert_eq!(at(5 * c), Mapping::Zero);
-    assert_eq!(at(10 * c), Mapping::Zero);
+    // Zero clusters: holes (no data), as qemu-nbd reports them.
+    assert_eq!(at(c), Mapping::Hole);
+    assert_eq!(at(5 * c), Mapping::Hole);
+    assert_eq!(at(10 * c), Mapping::Hole);
     assert_eq!(at(12 * c), Mapping::Data);
     // Zeroes where nothing is allocated allocate nothing.
     dev.write_zeroes(32 * c, 32 * c, unmap).unwrap();
@@ -234,8 +235,12 @@ fn trim_reads_as_zeroes_with_and_without_a_backing_file_as_in_qemu() {
         "no backing data comes back"
     );
     let st = dev.block_status(4 * c, 2 * c).unwrap();
-    assert_eq!(st[0].mapping, Mapping::Zero);
-    assert_eq!(st[0].depth, Some(1));
+    assert_eq!(st[0].mapping, Mapping::Hole);
+    assert_eq!(
+        st[0].depth,
+        Some(1),
+        "a zero cluster of the top hides the backing file"
+    );
     dev.flush().unwrap();
     drop(img);
     check_clean(&top);
@@ -310,7 +315,7 @@ fn block_status_gives_the_depth_of_each_range_on_a_three_deep_chain_made_by_qemu
         vec![
             e(k, Mapping::Data, 3),
             e(k, Mapping::Data, 2),
-            e(k, Mapping::Zero, 2),
+            e(k, Mapping::Hole, 2),
             e(k, Mapping::Data, 1),
             e((1 << 20) - 4 * k, Mapping::Hole, 0),
         ]
@@ -319,7 +324,7 @@ fn block_status_gives_the_depth_of_each_range_on_a_three_deep_chain_made_by_qemu
     assert_eq!(dev.block_status(100, 10).unwrap(), vec![e(10, Mapping::Data, 3)]);
     assert_eq!(
         dev.block_status(k + 5, k).unwrap(),
-        vec![e(k - 5, Mapping::Data, 2), e(5, Mapping::Zero, 2)]
+        vec![e(k - 5, Mapping::Data, 2), e(5, Mapping::Hole, 2)]
     );
     assert_eq!(dev.next_data(128 * 1024, 1 << 20).unwrap(), Some(192 * 1024));
     assert_eq!(dev.next_data(256 * 1024, 1 << 20).unwrap(), None);
@@ -736,4 +741,54 @@ fn v2_images_zero_by_writing_and_trim_as_qemu_does_without_a_zero_flag() {
     dev.flush().unwrap();
     drop(img);
     check_clean(Path::new(&d("top.qcow2")));
+}
+
+#[test]
+fn missing_l2_tables_are_made_before_serving_without_changing_what_the_disk_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    // 64 KiB clusters: one L2 table per 512 MiB; 2 GiB + 1 cluster: five tables.
+    let base = new_image(dir.path(), "base.qcow2", (2 << 30) + 65536, 65536);
+    {
+        let b = open_rw(&base);
+        b.device()
+            .write_at(&pattern(65536, 1), 600 << 20, IoFlags::NONE)
+            .unwrap();
+        b.device().flush().unwrap();
+    }
+    let top = dir.path().join("top.qcow2");
+    image::create(
+        &top,
+        &CreateOptions {
+            format: Format::Qcow2,
+            size: None,
+            cluster_size: Some(65536),
+            backing: Some("base.qcow2".into()),
+        },
+    )
+    .unwrap();
+    let img = open_rw(&top);
+    img.lock(LockMode::ReadWrite).unwrap();
+    img.device()
+        .write_at(&pattern(4096, 2), 4096, IoFlags::NONE)
+        .unwrap();
+    img.device().flush().unwrap();
+    let len = || std::fs::metadata(&top).unwrap().len();
+    let before = len();
+    assert_eq!(img.prepare_for_serving().unwrap(), 4, "four ranges had no table");
+    // Four new L2 tables of one cluster each at the end of the file.
+    assert_eq!(len() - before, 4 * 65536);
+    let after = len();
+    assert_eq!(img.prepare_for_serving().unwrap(), 0);
+    assert_eq!(len(), after, "tables are made once");
+    // The backing data still shows through, the top's own write stays.
+    let mut buf = vec![0u8; 65536];
+    img.device().read_at(&mut buf, 600 << 20, IoFlags::NONE).unwrap();
+    assert_eq!(buf, pattern(65536, 1));
+    let mut small = vec![0u8; 4096];
+    img.device().read_at(&mut small, 4096, IoFlags::NONE).unwrap();
+    assert_eq!(small, pattern(4096, 2));
+    let st = img.device().block_status(600 << 20, 65536).unwrap();
+    assert_eq!(st[0].depth, Some(2), "{st:?}");
+    drop(img);
+    check_clean(&top);
 }

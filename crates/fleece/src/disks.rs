@@ -76,6 +76,18 @@ impl Disks {
             };
             Error::new(kind, e.to_string())
         })?;
+        match image.prepare_for_serving() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                disk = name,
+                tables = n,
+                "made the qcow2 image's missing L2 tables"
+            ),
+            Err(e) => {
+                image.unlock();
+                return Err(Error::invalid(e.to_string()));
+            }
+        }
         let live = Arc::new(LiveDisk::new(image.device().clone()));
         for b in bitmaps::load_sidecars(path, image.size())? {
             live.add_bitmap(Arc::new(b));

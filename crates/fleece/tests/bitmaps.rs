@@ -1,5 +1,6 @@
 //! Dirty bitmaps end to end: incremental backups over several rounds,
-//! kill -9 under write load, and qemu/libnbd reading the bitmaps over NBD.
+//! kill -9 under write load, and qemu/libnbd reading the bitmaps over NBD,
+//! on raw and on qcow2 disks.
 
 mod common;
 
@@ -52,9 +53,9 @@ fn scribble(d: &Daemon, seed: u64, count: u64) {
     qemu_io(&d.uri("disk"), &refs);
 }
 
-#[test]
-fn incremental_snapshots_rebuild_the_disk_at_each_instant() {
-    let d = Daemon::start(&[("disk", 32 * MIB)]);
+both_formats!(incremental_snapshots_rebuild_the_disk_at_each_instant);
+fn incremental_snapshots_rebuild_the_disk_at_each_instant(format: Format) {
+    let d = Daemon::start_in(format, &[("disk", 32 * MIB)]);
     scribble(&d, 1, 40);
     // Full backup, and b0 starts recording at its instant.
     d.snapshot_create(&["disk"], "full", &["--rotate", "b0"]);
@@ -67,8 +68,7 @@ fn incremental_snapshots_rebuild_the_disk_at_each_instant() {
     let mut current = "b0";
     for round in 0..3u64 {
         scribble(&d, 10 + round, 12);
-        let reference = d.path(&format!("ref{round}.raw"));
-        std::fs::copy(d.image("disk"), &reference).unwrap();
+        let reference = d.copy_image_as_raw("disk", &format!("ref{round}.raw"));
         let next = if current == "b0" { "b1" } else { "b0" };
         let name = format!("inc{round}");
         d.snapshot_create(&["disk"], &name, &["--bitmap", current, "--rotate", next]);
@@ -111,9 +111,9 @@ fn incremental_snapshots_rebuild_the_disk_at_each_instant() {
     assert!(!same_file(&backup, &at_full));
 }
 
-#[test]
-fn reads_outside_the_bitmap_of_an_incremental_snapshot_fail() {
-    let d = Daemon::start(&[("disk", 8 * MIB)]);
+both_formats!(reads_outside_the_bitmap_of_an_incremental_snapshot_fail);
+fn reads_outside_the_bitmap_of_an_incremental_snapshot_fail(format: Format) {
+    let d = Daemon::start_in(format, &[("disk", 8 * MIB)]);
     d.cli_ok(&["bitmap", "add", "disk", "b0"]);
     qemu_io(&d.uri("disk"), &["write -P 0x11 1M 64k"]);
     d.snapshot_create(&["disk"], "inc", &["--bitmap", "b0"]);
@@ -125,9 +125,9 @@ fn reads_outside_the_bitmap_of_an_incremental_snapshot_fail() {
     assert_eq!(d.json(&["snapshot", "show", "disk@inc"])["copied_clusters"], 1);
 }
 
-#[test]
-fn qemu_img_and_nbdinfo_read_dirty_bitmaps_over_nbd() {
-    let d = Daemon::start(&[("disk", 16 * MIB)]);
+both_formats!(qemu_img_and_nbdinfo_read_dirty_bitmaps_over_nbd);
+fn qemu_img_and_nbdinfo_read_dirty_bitmaps_over_nbd(format: Format) {
+    let d = Daemon::start_in(format, &[("disk", 16 * MIB)]);
     d.cli_ok(&["bitmap", "add", "disk", "b0", "--granularity", "128K"]);
     qemu_io(&d.uri("disk"), &["write -P 1 4M 4k", "write -z 8M 256k"]);
     let map = run("nbdinfo", &["--map=qemu:dirty-bitmap:b0", &d.uri("disk")]);
@@ -147,9 +147,9 @@ fn qemu_img_and_nbdinfo_read_dirty_bitmaps_over_nbd() {
     );
 }
 
-#[test]
-fn bitmap_commands_merge_clear_disable_and_remove() {
-    let d = Daemon::start(&[("disk", 8 * MIB)]);
+both_formats!(bitmap_commands_merge_clear_disable_and_remove);
+fn bitmap_commands_merge_clear_disable_and_remove(format: Format) {
+    let d = Daemon::start_in(format, &[("disk", 8 * MIB)]);
     d.cli_ok(&["bitmap", "add", "disk", "a"]);
     d.cli_ok(&["bitmap", "add", "disk", "b", "--disabled"]);
     d.cli_ok(&["bitmap", "add", "disk", "t", "--transient"]);
@@ -173,7 +173,10 @@ fn bitmap_commands_merge_clear_disable_and_remove() {
         0
     );
     d.cli_ok(&["bitmap", "remove", "disk", "a"]);
-    assert!(!d.image("disk").with_extension("raw.fleece-bitmap-a").exists());
+    let sidecar =
+        |b: &str| std::path::PathBuf::from(format!("{}.fleece-bitmap-{b}", d.image("disk").display()));
+    assert!(sidecar("b").exists(), "no sidecar {}", sidecar("b").display());
+    assert!(!sidecar("a").exists(), "the removed bitmap's sidecar is left");
     for (args, needle) in [
         (vec!["bitmap", "add", "disk", "b"], "already exists"),
         (
@@ -194,9 +197,9 @@ fn bitmap_commands_merge_clear_disable_and_remove() {
     }
 }
 
-#[test]
-fn a_transaction_with_a_bad_action_applies_nothing() {
-    let d = Daemon::start(&[("disk", 8 * MIB)]);
+both_formats!(a_transaction_with_a_bad_action_applies_nothing);
+fn a_transaction_with_a_bad_action_applies_nothing(format: Format) {
+    let d = Daemon::start_in(format, &[("disk", 8 * MIB)]);
     let tx = d.path("tx.json");
     std::fs::write(
         &tx,
@@ -216,7 +219,8 @@ fn a_transaction_with_a_bad_action_applies_nothing() {
     );
     assert_eq!(d.json(&["bitmap", "list", "disk"]).as_array().unwrap().len(), 0);
     assert_eq!(d.json(&["snapshot", "list"]).as_array().unwrap().len(), 0);
-    assert!(!d.image("disk").with_extension("raw.fleece-bitmap-new").exists());
+    let sidecar = format!("{}.fleece-bitmap-new", d.image("disk").display());
+    assert!(!std::path::Path::new(&sidecar).exists(), "{sidecar} was made");
     // Without the bad action it all happens at once.
     std::fs::write(
         &tx,
@@ -230,9 +234,9 @@ fn a_transaction_with_a_bad_action_applies_nothing() {
     assert_eq!(d.json(&["snapshot", "list"]).as_array().unwrap().len(), 1);
 }
 
-#[test]
-fn kill_9_under_write_load_never_loses_an_acknowledged_write_from_a_bitmap() {
-    let mut d = Daemon::start(&[("disk", 64 * MIB)]);
+both_formats!(kill_9_under_write_load_never_loses_an_acknowledged_write_from_a_bitmap);
+fn kill_9_under_write_load_never_loses_an_acknowledged_write_from_a_bitmap(format: Format) {
+    let mut d = Daemon::start_in(format, &[("disk", 64 * MIB)]);
     d.cli_ok(&["bitmap", "add", "disk", "b0", "--granularity", "64K"]);
     let mut acked: Vec<u64> = Vec::new();
     for round in 0..4u64 {
@@ -289,10 +293,9 @@ fn kill_9_under_write_load_never_loses_an_acknowledged_write_from_a_bitmap() {
     );
 }
 
-#[test]
-fn pull_incremental_applies_only_the_dirty_extents_to_the_previous_backup() {
-    let d = Daemon::start(&[("vm", 64 * MIB)]);
-    let img = d.image("vm");
+both_formats!(pull_incremental_applies_only_the_dirty_extents_to_the_previous_backup);
+fn pull_incremental_applies_only_the_dirty_extents_to_the_previous_backup(format: Format) {
+    let d = Daemon::start_in(format, &[("vm", 64 * MIB)]);
     qemu_io(&d.uri("vm"), &["write -P 0x11 0 16M", "write -P 0x12 40M 4M"]);
     d.snapshot_create(&["vm"], "full", &["--rotate", "b0"]);
     let full = d.path("full.raw");
@@ -305,8 +308,7 @@ fn pull_incremental_applies_only_the_dirty_extents_to_the_previous_backup() {
     );
     d.snapshot_create(&["vm"], "inc1", &["--bitmap", "b0", "--rotate", "b1"]);
     // What the disk held at inc1's instant, and later writes that must not show.
-    let expected = d.path("expected.raw");
-    std::fs::copy(&img, &expected).unwrap();
+    let expected = d.copy_image_as_raw("vm", "expected.raw");
     qemu_io(&d.uri("vm"), &["write -P 0x33 0 16M"]);
     // A plain copy of the incremental view cannot work...
     let out = run_any("nbdcopy", &[&d.uri("vm@inc1"), d.path("x.raw").to_str().unwrap()]);
@@ -321,9 +323,9 @@ fn pull_incremental_applies_only_the_dirty_extents_to_the_previous_backup() {
     assert_same_file(&expected, &full);
 }
 
-#[test]
-fn removing_and_adding_one_bitmap_in_a_transaction_is_refused_and_deletes_nothing() {
-    let mut d = Daemon::start(&[("vm", 16 * MIB)]);
+both_formats!(removing_and_adding_one_bitmap_in_a_transaction_is_refused_and_deletes_nothing);
+fn removing_and_adding_one_bitmap_in_a_transaction_is_refused_and_deletes_nothing(format: Format) {
+    let mut d = Daemon::start_in(format, &[("vm", 16 * MIB)]);
     d.cli_ok(&["bitmap", "add", "vm", "b0"]);
     qemu_io(&d.uri("vm"), &["write 0 4k"]);
     let sidecar = format!("{}.fleece-bitmap-b0", d.image("vm").display());
@@ -343,9 +345,9 @@ fn removing_and_adding_one_bitmap_in_a_transaction_is_refused_and_deletes_nothin
     assert_eq!(list[0]["dirty_bytes"], 65536, "{list}");
 }
 
-#[test]
-fn a_copied_sidecar_file_does_not_come_back_as_a_second_bitmap() {
-    let mut d = Daemon::start(&[("vm", 16 * MIB)]);
+both_formats!(a_copied_sidecar_file_does_not_come_back_as_a_second_bitmap);
+fn a_copied_sidecar_file_does_not_come_back_as_a_second_bitmap(format: Format) {
+    let mut d = Daemon::start_in(format, &[("vm", 16 * MIB)]);
     d.cli_ok(&["bitmap", "add", "vm", "b2"]);
     let sidecar = format!("{}.fleece-bitmap-b2", d.image("vm").display());
     std::fs::copy(&sidecar, format!("{sidecar}.bak")).unwrap();

@@ -1,6 +1,7 @@
 //! Data survives the server: flushed writes are in the image file after
 //! kill -9 and are served after a restart; SIGTERM under load exits 0 with
-//! every acknowledged write in the file.
+//! every acknowledged write in the file. On raw and on qcow2 disks (read
+//! back as QEMU reads the image; the harness then runs `qemu-img check`).
 
 mod common;
 
@@ -10,9 +11,9 @@ use std::time::Duration;
 
 use common::*;
 
-#[test]
-fn flushed_writes_are_in_the_file_after_kill_9_and_served_after_restart() {
-    let mut d = Daemon::start_nbd(&[("disk", 8 * MIB)]);
+both_formats!(flushed_writes_are_in_the_file_after_kill_9_and_served_after_restart);
+fn flushed_writes_are_in_the_file_after_kill_9_and_served_after_restart(format: Format) {
+    let mut d = Daemon::start_nbd_in(format, &[("disk", 8 * MIB)]);
     qemu_io(
         &d.uri("disk"),
         &[
@@ -23,7 +24,7 @@ fn flushed_writes_are_in_the_file_after_kill_9_and_served_after_restart() {
         ],
     );
     d.kill9();
-    let img = d.image("disk");
+    let img = d.image_as_raw("disk");
     assert_file_bytes(&img, MIB, 4096, 0x6b);
     assert_file_bytes(&img, MIB + 4096, 4096, 0);
     assert_file_bytes(&img, MIB + 8192, 128 * 1024 - 8192, 0x6b);
@@ -44,12 +45,13 @@ fn flushed_writes_are_in_the_file_after_kill_9_and_served_after_restart() {
     qemu_io(&d.uri("disk"), &["write -P 0x6d 7M 1M", "flush"]);
     d.restart_after_kill9();
     qemu_io(&d.uri("disk"), &["read -P 0x6d 7M 1M", "read -P 0x6c 5000 3000"]);
-    assert_file_bytes(&img, 7 * MIB, MIB as usize, 0x6d);
+    d.kill9();
+    assert_file_bytes(&d.image_as_raw("disk"), 7 * MIB, MIB as usize, 0x6d);
 }
 
-#[test]
-fn kill_9_with_clients_connected_then_restart_serves_them_again() {
-    let mut d = Daemon::start_nbd(&[("disk", 16 * MIB)]);
+both_formats!(kill_9_with_clients_connected_then_restart_serves_them_again);
+fn kill_9_with_clients_connected_then_restart_serves_them_again(format: Format) {
+    let mut d = Daemon::start_nbd_in(format, &[("disk", 16 * MIB)]);
     let fio = spawn_fio(
         &d.uri("disk"),
         &[
@@ -70,9 +72,9 @@ fn kill_9_with_clients_connected_then_restart_serves_them_again() {
     run("nbdinfo", &[&d.uri("disk")]);
 }
 
-#[test]
-fn sigterm_under_load_exits_zero_with_acknowledged_writes_in_the_file() {
-    let mut d = Daemon::start_nbd(&[("disk", 32 * MIB)]);
+both_formats!(sigterm_under_load_exits_zero_with_acknowledged_writes_in_the_file);
+fn sigterm_under_load_exits_zero_with_acknowledged_writes_in_the_file(format: Format) {
+    let mut d = Daemon::start_nbd_in(format, &[("disk", 32 * MIB)]);
     qemu_io(&d.uri("disk"), &["write -P 0x3c 0 1M", "flush"]);
     // Load: fio on one range, two writers that report each acknowledged block.
     let fio = spawn_fio(
@@ -113,7 +115,7 @@ fn sigterm_under_load_exits_zero_with_acknowledged_writes_in_the_file() {
         d.log()
     );
     let _ = fio.wait_with_output();
-    let img = d.image("disk");
+    let img = d.image_as_raw("disk");
     assert_file_bytes(&img, 0, MIB as usize, 0x3c);
     let data = std::fs::read(&img).unwrap();
     let mut acked = 0;
@@ -137,9 +139,9 @@ fn sigterm_under_load_exits_zero_with_acknowledged_writes_in_the_file() {
     qemu_io(&d.uri("disk"), &["read -P 0x3c 0 1M"]);
 }
 
-#[test]
-fn sigint_while_idle_exits_zero() {
-    let mut d = Daemon::start_nbd(&[("disk", MIB)]);
+both_formats!(sigint_while_idle_exits_zero);
+fn sigint_while_idle_exits_zero(format: Format) {
+    let mut d = Daemon::start_nbd_in(format, &[("disk", MIB)]);
     qemu_io(&d.uri("disk"), &["write -P 0x21 0 4k"]);
     d.signal(libc::SIGINT);
     let status = d.wait_exit(Duration::from_secs(10));
@@ -148,5 +150,5 @@ fn sigint_while_idle_exits_zero() {
         "exited with {status} on SIGINT; stderr:\n{}",
         d.log()
     );
-    assert_file_bytes(&d.image("disk"), 0, 4096, 0x21);
+    assert_file_bytes(&d.image_as_raw("disk"), 0, 4096, 0x21);
 }

@@ -1,12 +1,13 @@
-//! fio's nbd engine: mixed random I/O at queue depth 16 with data verification.
+//! fio's nbd engine: mixed random I/O at queue depth 16 with data
+//! verification, on raw and on qcow2 disks.
 
 mod common;
 
 use common::*;
 
-#[test]
-fn fio_randrw_4k_iodepth_16_with_crc32c_verify_has_no_errors() {
-    let d = Daemon::start_nbd(&[("disk", 32 * MIB)]);
+both_formats!(fio_randrw_4k_iodepth_16_with_crc32c_verify_has_no_errors);
+fn fio_randrw_4k_iodepth_16_with_crc32c_verify_has_no_errors(format: Format) {
+    let d = Daemon::start_nbd_in(format, &[("disk", 32 * MIB)]);
     let child = spawn_fio(
         &d.uri("disk"),
         &[
@@ -39,7 +40,7 @@ fn fio_randrw_4k_iodepth_16_with_crc32c_verify_has_no_errors() {
     assert!(writes > MIB, "fio wrote only {writes} bytes");
     assert!(reads > MIB, "fio read only {reads} bytes");
     // The image now holds fio's data in its range and nothing outside it.
-    let img = std::fs::read(d.image("disk")).unwrap();
+    let img = std::fs::read(d.image_as_raw("disk")).unwrap();
     assert!(
         img[..4 * MIB as usize].iter().all(|&b| b == 0),
         "fio wrote before its offset"
@@ -50,9 +51,9 @@ fn fio_randrw_4k_iodepth_16_with_crc32c_verify_has_no_errors() {
     );
 }
 
-#[test]
-fn fio_sequential_write_then_verify_pass_reads_back_every_block() {
-    let d = Daemon::start_nbd(&[("disk", 16 * MIB)]);
+both_formats!(fio_sequential_write_then_verify_pass_reads_back_every_block);
+fn fio_sequential_write_then_verify_pass_reads_back_every_block(format: Format) {
+    let d = Daemon::start_nbd_in(format, &[("disk", 16 * MIB)]);
     let child = spawn_fio(
         &d.uri("disk"),
         &[

@@ -1,6 +1,6 @@
 //! nbdcopy (libnbd 1.14): whole-disk copies in both directions with two
 //! connections (only used when the export advertises CAN_MULTI_CONN), to
-//! stdout and to null:.
+//! stdout and to null:, on raw and on qcow2 disks.
 
 mod common;
 
@@ -49,13 +49,13 @@ fn nbdcopy_two_connections(from: &str, to: &str, nbd_side: &str) {
     }
 }
 
-#[test]
-fn nbdcopy_file_to_export_and_back_with_two_connections_is_byte_equal() {
-    let d = Daemon::start_nbd(&[("disk", 32 * MIB)]);
+both_formats!(nbdcopy_file_to_export_and_back_with_two_connections_is_byte_equal);
+fn nbdcopy_file_to_export_and_back_with_two_connections_is_byte_equal(format: Format) {
+    let d = Daemon::start_nbd_in(format, &[("disk", 32 * MIB)]);
     qemu_io(&d.uri("disk"), &["write -P 0xee 0 32M"]);
     let src = source(&d);
     nbdcopy_two_connections(src.to_str().unwrap(), &d.uri("disk"), "dst");
-    assert_same_file(&src, &d.image("disk"));
+    assert_same_file(&src, &d.image_as_raw("disk"));
     let back = d.path("back.raw");
     nbdcopy_two_connections(&d.uri("disk"), back.to_str().unwrap(), "src");
     assert_same_file(&src, &back);
@@ -75,20 +75,20 @@ fn nbdcopy_file_to_export_and_back_with_two_connections_is_byte_equal() {
     assert!(out.contains("Images are identical"), "{out}");
 }
 
-#[test]
-fn nbdcopy_between_two_exports_of_one_server() {
-    let d = Daemon::start_nbd(&[("a", 16 * MIB), ("b", 16 * MIB)]);
+both_formats!(nbdcopy_between_two_exports_of_one_server);
+fn nbdcopy_between_two_exports_of_one_server(format: Format) {
+    let d = Daemon::start_nbd_in(format, &[("a", 16 * MIB), ("b", 16 * MIB)]);
     qemu_io(&d.uri("a"), &["write -P 0x31 0 5M", "write -P 0x32 11M 3M"]);
     qemu_io(&d.uri("b"), &["write -P 0xff 0 16M"]);
     run("nbdcopy", &["--connections=2", &d.uri("a"), &d.uri("b")]);
-    assert_same_file(&d.image("a"), &d.image("b"));
+    assert_same_file(&d.image_as_raw("a"), &d.image_as_raw("b"));
 }
 
-#[test]
-fn nbdcopy_export_to_stdout_matches_the_image() {
-    let mut d = Daemon::prepare(Server::from_env(), &[("disk", 8 * MIB)]);
-    write_at(&d.image("disk"), 100, &pattern(3 * MIB as usize, 31));
-    write_at(&d.image("disk"), 7 * MIB, &pattern(MIB as usize, 32));
+both_formats!(nbdcopy_export_to_stdout_matches_the_image);
+fn nbdcopy_export_to_stdout_matches_the_image(format: Format) {
+    let mut d = Daemon::prepare_in(Server::from_env(), &[("disk", 8 * MIB)], format);
+    d.write_image("disk", 100, &pattern(3 * MIB as usize, 31));
+    d.write_image("disk", 7 * MIB, &pattern(MIB as usize, 32));
     d.spawn();
     let out = Command::new("nbdcopy")
         .args([&d.uri("disk"), "-"])
@@ -96,14 +96,14 @@ fn nbdcopy_export_to_stdout_matches_the_image() {
         .output()
         .unwrap();
     assert!(out.status.success(), "nbdcopy URI -: {}", text(&out.stderr));
-    let want = std::fs::read(d.image("disk")).unwrap();
+    let want = std::fs::read(d.image_as_raw("disk")).unwrap();
     assert_eq!(out.stdout.len(), want.len(), "bytes on stdout");
     assert!(out.stdout == want, "stdout differs from the image");
 }
 
-#[test]
-fn nbdcopy_export_to_null_reads_everything() {
-    let d = Daemon::start_nbd(&[("disk", 64 * MIB)]);
+both_formats!(nbdcopy_export_to_null_reads_everything);
+fn nbdcopy_export_to_null_reads_everything(format: Format) {
+    let d = Daemon::start_nbd_in(format, &[("disk", 64 * MIB)]);
     qemu_io(&d.uri("disk"), &["write -P 0x42 0 16M", "write -P 0x43 40M 8M"]);
     let out = run_any(
         "nbdcopy",

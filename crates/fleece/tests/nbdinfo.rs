@@ -1,18 +1,51 @@
 //! nbdinfo (libnbd 1.14) sees every export, its size, flags and block sizes,
-//! and a map of holes and data that is true to the image file.
+//! and a map of holes and data that is true to the image file, on raw and
+//! on qcow2 disks.
 
 mod common;
 
 use common::*;
+
+/// The data ranges of a disk's image: of the file (`SEEK_DATA`) for raw,
+/// of `qemu-img map` (after a flush) for qcow2.
+fn image_data_ranges(d: &Daemon, disk: &str) -> Vec<(u64, u64)> {
+    let img = d.image(disk);
+    if !is_qcow2(&img) {
+        return file_data_ranges(&img);
+    }
+    d.flush_disk(disk);
+    let out = run(
+        "qemu-img",
+        &["map", "-U", "--output=json", "-f", "qcow2", img.to_str().unwrap()],
+    );
+    let map: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    map.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
+/// The size QEMU gives an image: its length for raw, its virtual size for
+/// qcow2.
+fn image_size(img: &std::path::Path) -> u64 {
+    let out = run(
+        "qemu-img",
+        &["info", "-U", "--output=json", img.to_str().unwrap()],
+    );
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    info["virtual-size"].as_u64().unwrap()
+}
 
 fn info_json(uri: &str) -> serde_json::Value {
     let out = run("nbdinfo", &["--json", uri]);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("nbdinfo --json: {e}:\n{out}"))
 }
 
-#[test]
-fn nbdinfo_list_shows_every_disk() {
-    let d = Daemon::start_nbd(&[("alpha", 8 * MIB), ("beta", 4 * MIB), ("gamma", MIB)]);
+both_formats!(nbdinfo_list_shows_every_disk);
+fn nbdinfo_list_shows_every_disk(format: Format) {
+    let d = Daemon::start_nbd_in(format, &[("alpha", 8 * MIB), ("beta", 4 * MIB), ("gamma", MIB)]);
     let text = run("nbdinfo", &["--list", &d.uri("alpha")]);
     for name in ["alpha", "beta", "gamma"] {
         assert!(
@@ -45,9 +78,9 @@ fn nbdinfo_list_shows_every_disk() {
     );
 }
 
-#[test]
-fn nbdinfo_json_reports_size_flags_and_block_sizes() {
-    let d = Daemon::start_nbd(&[("disk", 24 * MIB + 4096)]);
+both_formats!(nbdinfo_json_reports_size_flags_and_block_sizes);
+fn nbdinfo_json_reports_size_flags_and_block_sizes(format: Format) {
+    let d = Daemon::start_nbd_in(format, &[("disk", 24 * MIB + 4096)]);
     let info = info_json(&d.uri("disk"));
     assert_eq!(info["protocol"], "newstyle-fixed", "{info}");
     assert_eq!(info["structured"], true, "{info}");
@@ -89,14 +122,13 @@ fn nbdinfo_json_reports_size_flags_and_block_sizes() {
     );
 }
 
-#[test]
-fn nbdinfo_map_reports_holes_and_data_true_to_the_file() {
+both_formats!(nbdinfo_map_reports_holes_and_data_true_to_the_file);
+fn nbdinfo_map_reports_holes_and_data_true_to_the_file(format: Format) {
     let size = 32 * MIB;
-    let mut d = Daemon::prepare(Server::from_env(), &[("disk", size)]);
-    let img = d.image("disk");
-    // Data put in the file before the server starts, and through NBD after.
-    write_at(&img, 2 * MIB, &pattern(64 * 1024, 1));
-    write_at(&img, 5 * MIB, &pattern(MIB as usize, 2));
+    let mut d = Daemon::prepare_in(Server::from_env(), &[("disk", size)], format);
+    // Data put in the image before the server starts, and through NBD after.
+    d.write_image("disk", 2 * MIB, &pattern(64 * 1024, 1));
+    d.write_image("disk", 5 * MIB, &pattern(MIB as usize, 2));
     d.spawn();
     qemu_io(
         &d.uri("disk"),
@@ -161,10 +193,10 @@ fn nbdinfo_map_reports_holes_and_data_true_to_the_file() {
             "offset {off} is a hole in the file but the map says otherwise:\n{map}"
         );
     }
-    // True to the file: nothing called a hole is data in the file, and
+    // True to the image: nothing called a hole is data in the image, and
     // everything called zero reads as zero.
-    let file_data = file_data_ranges(&img);
-    let bytes = std::fs::read(&img).unwrap();
+    let file_data = image_data_ranges(&d, "disk");
+    let bytes = std::fs::read(d.image_as_raw("disk")).unwrap();
     for &(off, len, kind) in &extents {
         if kind & 1 != 0 {
             for &(doff, dlen) in &file_data {
@@ -191,11 +223,12 @@ fn nbdinfo_map_reports_holes_and_data_true_to_the_file() {
     }
 }
 
-#[test]
-fn odd_sized_image_is_exported_at_its_size_and_its_last_bytes_work() {
-    let file_size = MIB + 100;
-    let mut d = Daemon::prepare(Server::from_env(), &[("odd", file_size)]);
-    write_at(&d.image("odd"), file_size - 10, &[0x4f; 10]);
+both_formats!(odd_sized_image_is_exported_at_its_size_and_its_last_bytes_work);
+fn odd_sized_image_is_exported_at_its_size_and_its_last_bytes_work(format: Format) {
+    // qcow2 rounds sizes up to 512 bytes: its image is 1 MiB + 512.
+    let mut d = Daemon::prepare_in(Server::from_env(), &[("odd", MIB + 100)], format);
+    let file_size = image_size(&d.image("odd"));
+    d.write_image("odd", file_size - 10, &[0x4f; 10]);
     d.spawn();
     let info = info_json(&d.uri("odd"));
     let size = info["exports"][0]["export-size"].as_u64().unwrap();
@@ -216,14 +249,10 @@ fn odd_sized_image_is_exported_at_its_size_and_its_last_bytes_work() {
         ],
     );
     assert_eq!(
-        read_at(&d.image("odd"), last, 10),
+        read_at(&d.image_as_raw("odd"), last, 10),
         [0x4f, 0x4f, 0x4f, 0x4f, 0x4f, 0x50, 0x50, 0x50, 0x50, 0x50]
     );
-    assert_eq!(
-        std::fs::metadata(d.image("odd")).unwrap().len(),
-        file_size,
-        "the image grew"
-    );
+    assert_eq!(image_size(&d.image("odd")), file_size, "the image grew");
     let out = run_any(
         "qemu-io",
         &[

@@ -1,12 +1,14 @@
-//! QEMU's NBD client (qemu-nbd -L, qemu-io, qemu-img 10) against the export.
+//! QEMU's NBD client (qemu-nbd -L, qemu-io, qemu-img 10) against the
+//! export, on raw and on qcow2 disks; what the image holds is read back as
+//! QEMU reads it.
 
 mod common;
 
 use common::*;
 
-#[test]
-fn qemu_nbd_list_mode_shows_exports_and_base_allocation() {
-    let d = Daemon::start_nbd(&[("first", 4 * MIB), ("second", 2 * MIB)]);
+both_formats!(qemu_nbd_list_mode_shows_exports_and_base_allocation);
+fn qemu_nbd_list_mode_shows_exports_and_base_allocation(format: Format) {
+    let d = Daemon::start_nbd_in(format, &[("first", 4 * MIB), ("second", 2 * MIB)]);
     let out = run("qemu-nbd", &["-L", "-k", d.sock_str()]);
     assert!(out.contains("exports available: 2"), "{out}");
     for (name, size) in [("first", 4 * MIB), ("second", 2 * MIB)] {
@@ -40,9 +42,9 @@ fn qemu_nbd_list_mode_shows_exports_and_base_allocation() {
     }
 }
 
-#[test]
-fn qemu_io_pattern_writes_read_back() {
-    let d = Daemon::start_nbd(&[("disk", 8 * MIB)]);
+both_formats!(qemu_io_pattern_writes_read_back);
+fn qemu_io_pattern_writes_read_back(format: Format) {
+    let d = Daemon::start_nbd_in(format, &[("disk", 8 * MIB)]);
     let u = d.uri("disk");
     qemu_io(&u, &["write -P 0xab 0 64k", "read -P 0xab 0 64k"]);
     // A new connection reads what the earlier one wrote.
@@ -59,14 +61,15 @@ fn qemu_io_pattern_writes_read_back() {
             "read -P 0 4268032 64k",
         ],
     );
-    assert_file_bytes(&d.image("disk"), 0, 65536, 0xab);
-    assert_file_bytes(&d.image("disk"), 3 * MIB, MIB as usize, 0x11);
-    assert_file_bytes(&d.image("disk"), 4 * MIB, 72 * 1024, 0x12);
+    let img = d.image_as_raw("disk");
+    assert_file_bytes(&img, 0, 65536, 0xab);
+    assert_file_bytes(&img, 3 * MIB, MIB as usize, 0x11);
+    assert_file_bytes(&img, 4 * MIB, 72 * 1024, 0x12);
 }
 
-#[test]
-fn qemu_io_unaligned_writes_keep_the_bytes_around_them() {
-    let d = Daemon::start_nbd(&[("disk", 4 * MIB)]);
+both_formats!(qemu_io_unaligned_writes_keep_the_bytes_around_them);
+fn qemu_io_unaligned_writes_keep_the_bytes_around_them(format: Format) {
+    let d = Daemon::start_nbd_in(format, &[("disk", 4 * MIB)]);
     let u = d.uri("disk");
     qemu_io(
         &u,
@@ -86,16 +89,16 @@ fn qemu_io_unaligned_writes_keep_the_bytes_around_them() {
             "read -P 0 8193 4095",
         ],
     );
-    let f = read_at(&d.image("disk"), 0, 8193);
+    let f = read_at(&d.image_as_raw("disk"), 0, 8193);
     assert!(f[..1000].iter().all(|&b| b == 0x11));
     assert!(f[1000..4000].iter().all(|&b| b == 0xcd));
     assert!(f[4000..8191].iter().all(|&b| b == 0x11));
     assert_eq!(&f[8191..], &[0xef, 0xef]);
 }
 
-#[test]
-fn qemu_io_write_zeroes_and_discard_read_back_as_zero() {
-    let d = Daemon::start_nbd(&[("disk", 8 * MIB)]);
+both_formats!(qemu_io_write_zeroes_and_discard_read_back_as_zero);
+fn qemu_io_write_zeroes_and_discard_read_back_as_zero(format: Format) {
+    let d = Daemon::start_nbd_in(format, &[("disk", 8 * MIB)]);
     let u = d.uri("disk");
     qemu_io(&u, &["write -P 0x55 1M 3M"]);
     qemu_io(
@@ -118,16 +121,16 @@ fn qemu_io_write_zeroes_and_discard_read_back_as_zero() {
             "read -P 0x55 3146828 1047476",
         ],
     );
-    let img = d.image("disk");
+    let img = d.image_as_raw("disk");
     assert_file_bytes(&img, MIB, 65536, 0);
     assert_file_bytes(&img, MIB + 65536, 448 * 1024, 0x55);
     assert_file_bytes(&img, 1536 * 1024, 1536 * 1024, 0);
     assert_file_bytes(&img, 3 * MIB + 1100, 1047476, 0x55);
 }
 
-#[test]
-fn qemu_io_through_image_opts_driver_nbd() {
-    let d = Daemon::start_nbd(&[("disk", 4 * MIB)]);
+both_formats!(qemu_io_through_image_opts_driver_nbd);
+fn qemu_io_through_image_opts_driver_nbd(format: Format) {
+    let d = Daemon::start_nbd_in(format, &[("disk", 4 * MIB)]);
     let opts = format!(
         "driver=nbd,server.type=unix,server.path={},export=disk",
         d.sock_str()
@@ -159,9 +162,9 @@ fn make_source(d: &Daemon, name: &str, size: u64) -> std::path::PathBuf {
     p
 }
 
-#[test]
-fn qemu_img_convert_to_the_export_then_compare_is_equal() {
-    let d = Daemon::start_nbd(&[("disk", 16 * MIB)]);
+both_formats!(qemu_img_convert_to_the_export_then_compare_is_equal);
+fn qemu_img_convert_to_the_export_then_compare_is_equal(format: Format) {
+    let d = Daemon::start_nbd_in(format, &[("disk", 16 * MIB)]);
     // Garbage first, so the convert must really write zeroes over it.
     qemu_io(&d.uri("disk"), &["write -P 0xff 0 16M"]);
     let src = make_source(&d, "src.raw", 16 * MIB);
@@ -175,7 +178,7 @@ fn qemu_img_convert_to_the_export_then_compare_is_equal() {
         &["compare", "-f", "raw", "-F", "raw", s, &d.uri("disk")],
     );
     assert!(out.contains("Images are identical"), "{out}");
-    assert_same_file(&src, &d.image("disk"));
+    assert_same_file(&src, &d.image_as_raw("disk"));
     // compare notices a one-byte change.
     qemu_io(&d.uri("disk"), &["write -P 0x01 9437191 1"]);
     let out = run_any(
@@ -198,12 +201,11 @@ fn qemu_img_convert_to_the_export_then_compare_is_equal() {
     assert!((9 * MIB..=9 * MIB + 7).contains(&off), "{msg}");
 }
 
-#[test]
-fn qemu_img_convert_from_the_export_to_a_file_is_byte_equal() {
-    let mut d = Daemon::prepare(Server::from_env(), &[("disk", 16 * MIB)]);
-    let img = d.image("disk");
-    write_at(&img, MIB, &pattern(3 * MIB as usize, 11));
-    write_at(&img, 9 * MIB + 1, &pattern(70_000, 12));
+both_formats!(qemu_img_convert_from_the_export_to_a_file_is_byte_equal);
+fn qemu_img_convert_from_the_export_to_a_file_is_byte_equal(format: Format) {
+    let mut d = Daemon::prepare_in(Server::from_env(), &[("disk", 16 * MIB)], format);
+    d.write_image("disk", MIB, &pattern(3 * MIB as usize, 11));
+    d.write_image("disk", 9 * MIB + 1, &pattern(70_000, 12));
     d.spawn();
     qemu_io(&d.uri("disk"), &["write -P 0x3c 14M 512k"]);
     let dst = d.path("dst.raw");
@@ -219,7 +221,7 @@ fn qemu_img_convert_from_the_export_to_a_file_is_byte_equal() {
             dst.to_str().unwrap(),
         ],
     );
-    assert_same_file(&img, &dst);
+    assert_same_file(&d.image_as_raw("disk"), &dst);
     let out = run(
         "qemu-img",
         &[
@@ -261,9 +263,9 @@ fn qemu_img_convert_from_the_export_to_a_file_is_byte_equal() {
     );
 }
 
-#[test]
-fn qemu_img_map_reports_data_and_zero_extents() {
-    let d = Daemon::start_nbd(&[("disk", 16 * MIB)]);
+both_formats!(qemu_img_map_reports_data_and_zero_extents);
+fn qemu_img_map_reports_data_and_zero_extents(format: Format) {
+    let d = Daemon::start_nbd_in(format, &[("disk", 16 * MIB)]);
     qemu_io(
         &d.uri("disk"),
         &["write -P 1 1M 1M", "write -P 2 8M 2M", "discard 9M 1M"],

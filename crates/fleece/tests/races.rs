@@ -1,6 +1,7 @@
 //! Races between control requests and clients: concurrent creates of one
 //! name, deleting a snapshot a client is reading, and removing a disk or
 //! snapshot the moment its last client has gone.
+//! Every test runs on raw and on qcow2 disks (`both_formats!`).
 
 mod common;
 
@@ -57,9 +58,9 @@ fn stores_under(dir: &Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-#[test]
-fn concurrent_creates_of_one_snapshot_name_make_exactly_one() {
-    let d = Daemon::start(&[("vm", 32 * MIB)]);
+both_formats!(concurrent_creates_of_one_snapshot_name_make_exactly_one);
+fn concurrent_creates_of_one_snapshot_name_make_exactly_one(format: Format) {
+    let d = Daemon::start_in(format, &[("vm", 32 * MIB)]);
     qemu_io(&d.uri("vm"), &["write -P 0x41 0 8M"]);
     let names: Vec<String> = (0..30).map(|i| format!("n{i}")).collect();
     for n in &names {
@@ -99,9 +100,9 @@ fn concurrent_creates_of_one_snapshot_name_make_exactly_one() {
     assert_eq!(d.json(&["snapshot", "list"]), json!([]));
 }
 
-#[test]
-fn concurrent_adds_of_one_bitmap_name_make_exactly_one() {
-    let d = Daemon::start(&[("vm", 16 * MIB)]);
+both_formats!(concurrent_adds_of_one_bitmap_name_make_exactly_one);
+fn concurrent_adds_of_one_bitmap_name_make_exactly_one(format: Format) {
+    let d = Daemon::start_in(format, &[("vm", 16 * MIB)]);
     let image = d.image("vm");
     let names: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
     for b in &names {
@@ -187,9 +188,9 @@ impl Holder {
     }
 }
 
-#[test]
-fn deleting_a_snapshot_with_a_connected_client_is_busy_unless_forced() {
-    let d = Daemon::start(&[("vm", 16 * MIB)]);
+both_formats!(deleting_a_snapshot_with_a_connected_client_is_busy_unless_forced);
+fn deleting_a_snapshot_with_a_connected_client_is_busy_unless_forced(format: Format) {
+    let d = Daemon::start_in(format, &[("vm", 16 * MIB)]);
     qemu_io(&d.uri("vm"), &["write -P 0x61 0 1M"]);
     d.snapshot_create(&["vm"], "s", &[]);
     d.snapshot_create(&["vm"], "t", &[]);
@@ -233,9 +234,9 @@ fn deleting_a_snapshot_with_a_connected_client_is_busy_unless_forced() {
 /// so the spec's 20 are raised to make a miss unlikely (each round is quick).
 const ROUNDS: usize = 100;
 
-#[test]
-fn removing_a_disk_right_after_its_last_client_left_never_reports_busy() {
-    let d = Daemon::start(&[("vm", 4 * MIB)]);
+both_formats!(removing_a_disk_right_after_its_last_client_left_never_reports_busy);
+fn removing_a_disk_right_after_its_last_client_left_never_reports_busy(format: Format) {
+    let d = Daemon::start_in(format, &[("vm", 4 * MIB)]);
     let image = d.image("vm");
     let img = image.to_str().unwrap();
     for round in 0..ROUNDS {
@@ -270,9 +271,9 @@ fn removing_a_disk_right_after_its_last_client_left_never_reports_busy() {
     }
 }
 
-#[test]
-fn deleting_a_snapshot_right_after_its_last_client_left_never_reports_busy() {
-    let d = Daemon::start(&[("vm", 4 * MIB)]);
+both_formats!(deleting_a_snapshot_right_after_its_last_client_left_never_reports_busy);
+fn deleting_a_snapshot_right_after_its_last_client_left_never_reports_busy(format: Format) {
+    let d = Daemon::start_in(format, &[("vm", 4 * MIB)]);
     qemu_io(&d.uri("vm"), &["write -P 0x71 0 64k"]);
     for round in 0..ROUNDS {
         let name = format!("s{round}");
@@ -309,15 +310,15 @@ fn deleting_a_snapshot_right_after_its_last_client_left_never_reports_busy() {
     assert_eq!(d.json(&["snapshot", "list"]), json!([]));
 }
 
+both_formats!(a_forced_delete_never_lets_a_queued_view_read_return_data_written_after_the_instant);
 /// A forced delete while a client has many reads of the view queued: the
 /// reads the daemon still answers after the snapshot is gone must fail,
 /// never carry data written to the live disk after the instant.
-#[test]
-fn a_forced_delete_never_lets_a_queued_view_read_return_data_written_after_the_instant() {
+fn a_forced_delete_never_lets_a_queued_view_read_return_data_written_after_the_instant(format: Format) {
     use common::raw::*;
     use std::io::Read as _;
     use std::os::fd::AsRawFd;
-    let d = Daemon::start(&[("vm", 16 * MIB)]);
+    let d = Daemon::start_in(format, &[("vm", 16 * MIB)]);
     qemu_io(&d.uri("vm"), &["write -P 0x41 0 4M"]);
     d.snapshot_create(&["vm"], "s", &[]);
 

@@ -1,5 +1,6 @@
 //! A client that sends requests and never reads its replies must cost only
 //! itself: other clients' requests, on the same disk or another, go on.
+//! Every test runs on raw and on qcow2 disks (`both_formats!`).
 
 mod common;
 
@@ -11,12 +12,16 @@ use std::time::Duration;
 use common::raw::*;
 use common::*;
 
-/// Writes `len` bytes of data at the start of an image, then drops them
-/// from the page cache, so that reads of it wait for the disk (and go to
-/// the daemon's worker threads, not the connection's own).
-fn uncached_data(path: &std::path::Path, len: usize) {
-    write_at(path, 0, &pattern(len, 3));
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+/// Writes `len` bytes of data at the start of a disk's image (the server
+/// not running), then drops them from the page cache, so that reads of it
+/// wait for the disk (and go to the daemon's worker threads, not the
+/// connection's own).
+fn uncached_data(d: &Daemon, disk: &str, len: usize) {
+    d.write_image(disk, 0, &pattern(len, 3));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.image(disk))
+        .unwrap();
     f.sync_all().unwrap();
     // SAFETY: fadvise on a descriptor we own; no memory is passed.
     unsafe {
@@ -46,10 +51,10 @@ fn qemu_io_within(secs: u32, target: &str, cmds: &[&str]) {
     );
 }
 
-#[test]
-fn a_client_that_never_reads_its_replies_does_not_hold_up_other_clients() {
-    let mut d = Daemon::prepare(Server::from_env(), &[("a", 64 * MIB), ("b", 16 * MIB)]);
-    uncached_data(&d.image("a"), 16 << 20);
+both_formats!(a_client_that_never_reads_its_replies_does_not_hold_up_other_clients);
+fn a_client_that_never_reads_its_replies_does_not_hold_up_other_clients(format: Format) {
+    let mut d = Daemon::prepare_in(Server::from_env(), &[("a", 64 * MIB), ("b", 16 * MIB)], format);
+    uncached_data(&d, "a", 16 << 20);
     d.spawn();
 
     // 128 reads of 1 MiB, far more than the workers and the socket buffers

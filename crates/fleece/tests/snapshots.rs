@@ -1,5 +1,5 @@
 //! Live snapshots driven end to end: the real daemon, qemu-io, nbdcopy,
-//! qemu-img and fio over Unix sockets.
+//! qemu-img and fio over Unix sockets, on raw and on qcow2 disks.
 
 mod common;
 
@@ -10,12 +10,12 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
+both_formats!(image_fleecing_view_keeps_old_patterns_while_live_disk_changes);
 /// QEMU's image-fleecing scenario: patterns, snapshot, overwrites that are
 /// full, partial-left, partial-right and adjacent; the view keeps the old
 /// patterns and zeroes, the live disk has the new data.
-#[test]
-fn image_fleecing_view_keeps_old_patterns_while_live_disk_changes() {
-    let d = Daemon::start(&[("disk", 64 * MIB)]);
+fn image_fleecing_view_keeps_old_patterns_while_live_disk_changes(format: Format) {
+    let d = Daemon::start_in(format, &[("disk", 64 * MIB)]);
     let live = d.uri("disk");
     qemu_io(
         &live,
@@ -84,16 +84,14 @@ fn fill_random(d: &Daemon, disk: &str, size: &str) {
     );
 }
 
-/// Copies the image file as it is now (no writes may be running).
+/// A raw copy of the disk as it is now (no writes may be running).
 fn reference(d: &Daemon, disk: &str, name: &str) -> std::path::PathBuf {
-    let r = d.path(name);
-    std::fs::copy(d.image(disk), &r).unwrap();
-    r
+    d.copy_image_as_raw(disk, name)
 }
 
-#[test]
-fn nbdcopy_pulls_during_random_writes_equal_the_image_at_the_instant() {
-    let d = Daemon::start(&[("disk", 64 * MIB)]);
+both_formats!(nbdcopy_pulls_during_random_writes_equal_the_image_at_the_instant);
+fn nbdcopy_pulls_during_random_writes_equal_the_image_at_the_instant(format: Format) {
+    let d = Daemon::start_in(format, &[("disk", 64 * MIB)]);
     fill_random(&d, "disk", "48M");
     let at_instant = reference(&d, "disk", "instant.raw");
     d.snapshot_create(&["disk"], "s", &[]);
@@ -124,7 +122,7 @@ fn nbdcopy_pulls_during_random_writes_equal_the_image_at_the_instant() {
     );
     wait_ok(load, "fio during pulls");
     assert!(
-        !same_file(&d.image("disk"), &at_instant),
+        !same_file(&d.image_as_raw("disk"), &at_instant),
         "the load did not change the live disk"
     );
     let snap = d.json(&["snapshot", "show", "disk@s"]);
@@ -133,9 +131,9 @@ fn nbdcopy_pulls_during_random_writes_equal_the_image_at_the_instant() {
     assert!(snap["store"]["used_bytes"].as_u64().unwrap() > 0);
 }
 
-#[test]
-fn block_status_of_the_view_is_true_to_the_instant() {
-    let d = Daemon::start(&[("disk", 16 * MIB)]);
+both_formats!(block_status_of_the_view_is_true_to_the_instant);
+fn block_status_of_the_view_is_true_to_the_instant(format: Format) {
+    let d = Daemon::start_in(format, &[("disk", 16 * MIB)]);
     qemu_io(&d.uri("disk"), &["write -P 0x11 4M 1M"]);
     d.snapshot_create(&["disk"], "s", &[]);
     // After the instant: data written into a hole, and the old data trimmed.
@@ -159,9 +157,9 @@ fn block_status_of_the_view_is_true_to_the_instant() {
     qemu_io(&d.uri("disk@s"), &["read -P 0 0 1M", "read -P 0x11 4M 1M"]);
 }
 
-#[test]
-fn consistency_group_snapshots_several_disks_at_one_instant() {
-    let d = Daemon::start(&[("a", 8 * MIB), ("b", 8 * MIB)]);
+both_formats!(consistency_group_snapshots_several_disks_at_one_instant);
+fn consistency_group_snapshots_several_disks_at_one_instant(format: Format) {
+    let d = Daemon::start_in(format, &[("a", 8 * MIB), ("b", 8 * MIB)]);
     qemu_io(&d.uri("a"), &["write -P 0xa1 0 1M"]);
     qemu_io(&d.uri("b"), &["write -P 0xb1 0 1M"]);
     d.snapshot_create(&["a", "b"], "group", &[]);
@@ -181,9 +179,9 @@ fn consistency_group_snapshots_several_disks_at_one_instant() {
     );
 }
 
-#[test]
-fn several_snapshots_stay_exact_and_deleting_one_under_load_keeps_the_others() {
-    let d = Daemon::start(&[("disk", 32 * MIB)]);
+both_formats!(several_snapshots_stay_exact_and_deleting_one_under_load_keeps_the_others);
+fn several_snapshots_stay_exact_and_deleting_one_under_load_keeps_the_others(format: Format) {
+    let d = Daemon::start_in(format, &[("disk", 32 * MIB)]);
     fill_random(&d, "disk", "32M");
     let r1 = reference(&d, "disk", "r1.raw");
     d.snapshot_create(&["disk"], "one", &[]);
@@ -219,9 +217,9 @@ fn several_snapshots_stay_exact_and_deleting_one_under_load_keeps_the_others() {
     );
 }
 
-#[test]
-fn full_store_fails_the_guest_write_and_keeps_the_view_exact_by_default() {
-    let d = Daemon::start(&[("disk", 16 * MIB)]);
+both_formats!(full_store_fails_the_guest_write_and_keeps_the_view_exact_by_default);
+fn full_store_fails_the_guest_write_and_keeps_the_view_exact_by_default(format: Format) {
+    let d = Daemon::start_in(format, &[("disk", 16 * MIB)]);
     qemu_io(&d.uri("disk"), &["write -P 0x61 0 4M"]);
     d.snapshot_create(&["disk"], "s", &["--store-limit", "256K"]);
     // Fits: four 64 KiB clusters.
@@ -274,9 +272,9 @@ impl Tmpfs {
     }
 }
 
-#[test]
-fn store_on_a_full_tmpfs_fails_the_guest_write_by_default_and_keeps_both_disks_right() {
-    let d = Daemon::start(&[("disk", 16 * MIB)]);
+both_formats!(store_on_a_full_tmpfs_fails_the_guest_write_by_default_and_keeps_both_disks_right);
+fn store_on_a_full_tmpfs_fails_the_guest_write_by_default_and_keeps_both_disks_right(format: Format) {
+    let d = Daemon::start_in(format, &[("disk", 16 * MIB)]);
     let tiny = Tmpfs::mount(&d.path("tiny"), "512k");
     qemu_io(&d.uri("disk"), &["write -P 0x71 0 8M"]);
     let store = format!("file:{}", tiny.0.join("store.raw").display());
@@ -301,9 +299,9 @@ fn store_on_a_full_tmpfs_fails_the_guest_write_by_default_and_keeps_both_disks_r
     assert_eq!(tiny.used(), 0, "store space left behind");
 }
 
-#[test]
-fn store_on_a_full_tmpfs_breaks_the_snapshot_but_never_a_guest_write() {
-    let d = Daemon::start(&[("disk", 16 * MIB)]);
+both_formats!(store_on_a_full_tmpfs_breaks_the_snapshot_but_never_a_guest_write);
+fn store_on_a_full_tmpfs_breaks_the_snapshot_but_never_a_guest_write(format: Format) {
+    let d = Daemon::start_in(format, &[("disk", 16 * MIB)]);
     let tiny = Tmpfs::mount(&d.path("tiny"), "512k");
     qemu_io(&d.uri("disk"), &["write -P 0x71 0 8M"]);
     let store = format!("file:{}", tiny.0.join("store.raw").display());
@@ -342,9 +340,9 @@ fn store_on_a_full_tmpfs_breaks_the_snapshot_but_never_a_guest_write() {
     assert!(!tiny.0.join("store.raw").exists());
 }
 
-#[test]
-fn discard_on_the_view_frees_the_store_and_later_reads_fail() {
-    let d = Daemon::start(&[("disk", 8 * MIB)]);
+both_formats!(discard_on_the_view_frees_the_store_and_later_reads_fail);
+fn discard_on_the_view_frees_the_store_and_later_reads_fail(format: Format) {
+    let d = Daemon::start_in(format, &[("disk", 8 * MIB)]);
     qemu_io(&d.uri("disk"), &["write -P 0x31 0 2M"]);
     d.snapshot_create(&["disk"], "s", &[]);
     qemu_io(&d.uri("disk"), &["write -P 0x32 0 1M"]);
@@ -364,9 +362,9 @@ fn discard_on_the_view_frees_the_store_and_later_reads_fail() {
     assert_eq!(d.json(&["snapshot", "show", "disk@s"])["copied_clusters"], 16);
 }
 
-#[test]
-fn read_once_views_discard_what_each_read_returned() {
-    let d = Daemon::start(&[("disk", 8 * MIB)]);
+both_formats!(read_once_views_discard_what_each_read_returned);
+fn read_once_views_discard_what_each_read_returned(format: Format) {
+    let d = Daemon::start_in(format, &[("disk", 8 * MIB)]);
     qemu_io(&d.uri("disk"), &["write -P 0x41 0 8M"]);
     d.snapshot_create(&["disk"], "s", &["--read-once"]);
     qemu_io(&d.uri("disk"), &["write -P 0x42 0 1M"]);
@@ -381,9 +379,9 @@ fn read_once_views_discard_what_each_read_returned() {
     assert_eq!(d.json(&["snapshot", "show", "disk@s"])["copied_clusters"], 16);
 }
 
-#[test]
-fn bad_snapshot_requests_get_clear_errors() {
-    let d = Daemon::start(&[("disk", MIB)]);
+both_formats!(bad_snapshot_requests_get_clear_errors);
+fn bad_snapshot_requests_get_clear_errors(format: Format) {
+    let d = Daemon::start_in(format, &[("disk", MIB)]);
     for (args, needle) in [
         (
             vec!["snapshot", "create", "nope", "--name", "s"],
@@ -452,9 +450,9 @@ fn bad_snapshot_requests_get_clear_errors() {
     assert_eq!(d.json(&["snapshot", "list"]).as_array().unwrap().len(), 0);
 }
 
-#[test]
-fn store_usage_events_warn_at_80_and_95_percent_and_a_restart_drops_snapshots() {
-    let mut d = Daemon::start(&[("disk", 8 * MIB)]);
+both_formats!(store_usage_events_warn_at_80_and_95_percent_and_a_restart_drops_snapshots);
+fn store_usage_events_warn_at_80_and_95_percent_and_a_restart_drops_snapshots(format: Format) {
+    let mut d = Daemon::start_in(format, &[("disk", 8 * MIB)]);
     qemu_io(&d.uri("disk"), &["write -P 0x51 0 2M"]);
     d.snapshot_create(&["disk"], "s", &["--store-limit", "1M"]);
     let mut events = Command::new(BIN)

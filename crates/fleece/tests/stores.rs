@@ -1,6 +1,7 @@
 //! Snapshot stores are the daemon's own files: those a killed daemon left
 //! behind are removed at the next start wherever they are, and files it did
 //! not make are never removed.
+//! Every test runs on raw and on qcow2 disks (`both_formats!`).
 
 mod common;
 
@@ -18,9 +19,9 @@ fn names_in(dir: &std::path::Path) -> Vec<String> {
     v
 }
 
-#[test]
-fn a_store_outside_the_state_dir_is_removed_after_kill_9() {
-    let mut d = Daemon::start(&[("vm", 16 * MIB)]);
+both_formats!(a_store_outside_the_state_dir_is_removed_after_kill_9);
+fn a_store_outside_the_state_dir_is_removed_after_kill_9(format: Format) {
+    let mut d = Daemon::start_in(format, &[("vm", 16 * MIB)]);
     let other = d.path("elsewhere");
     std::fs::create_dir(&other).unwrap();
     let keep = other.join("notes.txt");
@@ -47,9 +48,9 @@ fn a_store_outside_the_state_dir_is_removed_after_kill_9() {
     qemu_io(&d.uri("vm"), &["read -P 0x32 0 4M"]);
 }
 
-#[test]
-fn a_user_file_at_the_store_path_is_refused_and_survives_a_restart() {
-    let mut d = Daemon::start(&[("vm", 16 * MIB)]);
+both_formats!(a_user_file_at_the_store_path_is_refused_and_survives_a_restart);
+fn a_user_file_at_the_store_path_is_refused_and_survives_a_restart(format: Format) {
+    let mut d = Daemon::start_in(format, &[("vm", 16 * MIB)]);
     let other = d.path("elsewhere");
     std::fs::create_dir(&other).unwrap();
     let mine = other.join("mine.store");

@@ -1,4 +1,5 @@
 //! The TCP listener: `--nbd tcp:HOST:PORT`, alone or next to a Unix socket.
+//! Every test runs on raw and on qcow2 disks (`both_formats!`).
 
 mod common;
 
@@ -12,10 +13,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[test]
-fn tcp_listener_serves_nbdinfo_and_qemu_io() {
+both_formats!(tcp_listener_serves_nbdinfo_and_qemu_io);
+fn tcp_listener_serves_nbdinfo_and_qemu_io(format: Format) {
     let port = free_port();
-    let mut d = Daemon::prepare(Server::Fleece, &[("t", 4 * MIB), ("u", MIB)]);
+    let mut d = Daemon::prepare_in(Server::Fleece, &[("t", 4 * MIB), ("u", MIB)], format);
     d.listeners = vec![format!("tcp:127.0.0.1:{port}")];
     d.spawn();
     let uri = format!("nbd://127.0.0.1:{port}/t");
@@ -28,7 +29,7 @@ fn tcp_listener_serves_nbdinfo_and_qemu_io() {
         "{list}"
     );
     qemu_io(&uri, &["write -P 7 0 64k", "read -P 7 0 64k"]);
-    assert_file_bytes(&d.image("t"), 0, 65536, 7);
+    assert_file_bytes(&d.image_as_raw("t"), 0, 65536, 7);
     let out = d.stdout();
     assert!(out.contains(&uri), "stdout does not print {uri}:\n{out}");
     let st = d.cli_json(&["status"]);
@@ -44,10 +45,10 @@ fn tcp_listener_serves_nbdinfo_and_qemu_io() {
     assert_eq!(disk["uri"], uri, "{disk}");
 }
 
-#[test]
-fn tcp_and_unix_listeners_serve_the_same_disk() {
+both_formats!(tcp_and_unix_listeners_serve_the_same_disk);
+fn tcp_and_unix_listeners_serve_the_same_disk(format: Format) {
     let port = free_port();
-    let mut d = Daemon::prepare(Server::Fleece, &[("disk", 8 * MIB)]);
+    let mut d = Daemon::prepare_in(Server::Fleece, &[("disk", 8 * MIB)], format);
     d.listeners.push(format!("tcp:127.0.0.1:{port}"));
     d.spawn();
     let tcp = format!("nbd://127.0.0.1:{port}/disk");

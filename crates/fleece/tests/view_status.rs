@@ -1,14 +1,15 @@
 //! Block status of snapshot views for ranges the view cannot read (trimmed
 //! from the view, or outside an incremental snapshot's bitmap): a backup
 //! tool must not take them for zeroes (`hole,zero`) nor for data.
+//! Every test runs on raw and on qcow2 disks (`both_formats!`).
 
 mod common;
 
 use common::*;
 
-#[test]
-fn a_range_trimmed_from_a_view_is_reported_as_a_hole_that_is_not_zero() {
-    let d = Daemon::start(&[("vm", 16 * MIB)]);
+both_formats!(a_range_trimmed_from_a_view_is_reported_as_a_hole_that_is_not_zero);
+fn a_range_trimmed_from_a_view_is_reported_as_a_hole_that_is_not_zero(format: Format) {
+    let d = Daemon::start_in(format, &[("vm", 16 * MIB)]);
     qemu_io(&d.uri("vm"), &["write -P 0x11 0 4M"]);
     d.snapshot_create(&["vm"], "s", &[]);
     let view = d.uri("vm@s");
@@ -21,9 +22,9 @@ fn a_range_trimmed_from_a_view_is_reported_as_a_hole_that_is_not_zero() {
     qemu_io(&view, &["read -P 0x11 0 1M", "read -P 0x11 2M 2M"]);
 }
 
-#[test]
-fn ranges_outside_an_incremental_snapshots_bitmap_are_reported_as_unreadable() {
-    let d = Daemon::start(&[("vm", 16 * MIB)]);
+both_formats!(ranges_outside_an_incremental_snapshots_bitmap_are_reported_as_unreadable);
+fn ranges_outside_an_incremental_snapshots_bitmap_are_reported_as_unreadable(format: Format) {
+    let d = Daemon::start_in(format, &[("vm", 16 * MIB)]);
     qemu_io(&d.uri("vm"), &["write -P 0x11 0 4M"]);
     d.cli_ok(&["bitmap", "add", "vm", "b0"]);
     qemu_io(&d.uri("vm"), &["write -P 0x22 8M 64k"]);

@@ -31,9 +31,12 @@ impl Qcow2Dev {
                 ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => {
                     (Mapping::Data, depth, l.max(1))
                 }
-                // Explicit zeroes are allocated where they are; unallocated
-                // zeroes end the chain.
-                ShallowMapping::Zero { explicit: true, .. } => (Mapping::Zero, depth, l.max(1)),
+                // Zero clusters are allocated where they are (they hide
+                // the backing chain: their depth counts) but hold no data:
+                // holes, as qemu-nbd reports them in `base:allocation` (a
+                // discard makes them; a write allocates a cluster).
+                // Unallocated zeroes end the chain.
+                ShallowMapping::Zero { explicit: true, .. } => (Mapping::Hole, depth, l.max(1)),
                 ShallowMapping::Zero { .. } => (Mapping::Hole, 0, l.max(1)),
                 // A backing file shorter than the image: zeroes past its end.
                 ShallowMapping::Eof { .. } => (Mapping::Hole, 0, len),

@@ -403,11 +403,9 @@ fn block_status(ctx: &Ctx, req: &Request, out: &mut Vec<u8>) {
                     .map(|e| Extent {
                         length: e.length,
                         flags: if depth {
-                            // Unallocated in the whole chain is 0, as qemu counts.
-                            match e.mapping {
-                                Mapping::Hole => 0,
-                                _ => e.depth.unwrap_or(0) as u64,
-                            }
+                            // Unallocated in the whole chain is 0, as qemu
+                            // counts (a zero cluster is a hole at its depth).
+                            e.depth.unwrap_or(0) as u64
                         } else {
                             match e.mapping {
                                 // Unknown may be data: claim nothing.

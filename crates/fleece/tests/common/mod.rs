@@ -59,6 +59,9 @@ pub enum Format {
 }
 
 impl Format {
+    /// Every format, in the order [`both_formats!`] runs them.
+    pub const ALL: [Format; 2] = [Format::Raw, Format::Qcow2];
+
     /// QEMU's name of it.
     pub fn name(self) -> &'static str {
         match self {
@@ -67,6 +70,42 @@ impl Format {
         }
     }
 }
+
+/// Runs test bodies on raw and on qcow2 disks: for each `NAME`, a
+/// function `fn NAME(format: Format)` of the test file, it makes a module
+/// `NAME` with two tests, `NAME::raw` and `NAME::qcow2`, that call it with
+/// [`Format::Raw`] and [`Format::Qcow2`]. Written just above the function,
+/// like an attribute; a body left out of it is dead code, which clippy
+/// refuses. `cargo nextest run qcow2` runs the qcow2 half.
+///
+/// ```ignore
+/// both_formats!(writes_read_back);
+/// /// What the test shows.
+/// fn writes_read_back(format: Format) {
+///     let d = Daemon::start_nbd_in(format, &[("disk", 8 * MIB)]);
+///     // ...
+/// }
+/// ```
+#[allow(unused_macros)]
+macro_rules! both_formats {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            use super::Format;
+
+            #[test]
+            fn raw() {
+                super::$name(Format::Raw)
+            }
+
+            #[test]
+            fn qcow2() {
+                super::$name(Format::Qcow2)
+            }
+        }
+    )+};
+}
+#[allow(unused_imports)]
+pub(crate) use both_formats;
 
 /// A running NBD server in its own temp dir; killed on drop (its log is
 /// printed when the test is failing).
@@ -91,6 +130,9 @@ pub struct Daemon {
     /// (`./fleece-state/...`); `sock`, `control` and `state_dir` point there.
     pub bare: bool,
     starts: u32,
+    /// Whether a run was ever ended by SIGKILL (qcow2 images may then
+    /// have leaked clusters).
+    killed: bool,
 }
 
 impl Daemon {
@@ -113,6 +155,21 @@ impl Daemon {
         d
     }
 
+    /// Starts fleece serving fresh images of `format`.
+    pub fn start_in(format: Format, disks: &[(&str, u64)]) -> Daemon {
+        let mut d = Daemon::prepare_in(Server::Fleece, disks, format);
+        d.spawn();
+        d
+    }
+
+    /// Starts the server chosen by `FLEECE_TEST_SERVER` on fresh images of
+    /// `format`, for tests that only speak NBD.
+    pub fn start_nbd_in(format: Format, disks: &[(&str, u64)]) -> Daemon {
+        let mut d = Daemon::prepare_in(Server::from_env(), disks, format);
+        d.spawn();
+        d
+    }
+
     /// Creates the temp dir and the images without starting anything; fill the
     /// images, then call [`Daemon::spawn`].
     pub fn prepare(server: Server, disks: &[(&str, u64)]) -> Daemon {
@@ -121,7 +178,13 @@ impl Daemon {
 
     /// [`Daemon::prepare`] with images of `format` (qcow2: empty images made
     /// by `qemu-img create`, 64 KiB clusters).
+    /// nbdkit's file plugin serves raw files only: with qcow2 images the
+    /// reference server is qemu-storage-daemon.
     pub fn prepare_in(server: Server, disks: &[(&str, u64)], format: Format) -> Daemon {
+        let server = match (server, format) {
+            (Server::Nbdkit, Format::Qcow2) => Server::QemuStorageDaemon,
+            _ => server,
+        };
         let dir = tempfile::Builder::new().prefix("fleece-test-").tempdir().unwrap();
         std::fs::create_dir(dir.path().join("disks")).unwrap();
         let disks = disks
@@ -161,6 +224,7 @@ impl Daemon {
             listeners: vec![format!("unix:{}", dir_sock.display())],
             bare: false,
             starts: 0,
+            killed: false,
         }
     }
 
@@ -350,6 +414,7 @@ impl Daemon {
     /// SIGKILL, and reap.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
+            self.killed = true;
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -412,6 +477,136 @@ impl Daemon {
     pub fn assert_alive(&mut self) {
         if !self.alive() {
             panic!("{:?} is no longer running; stderr:\n{}", self.server, self.log());
+        }
+    }
+
+    // ---- the images, whatever their format ----
+
+    /// Flushes a disk through NBD (a FLUSH on its export), so that what it
+    /// holds is on the image file for other readers: a qcow2 server keeps
+    /// metadata in memory until a flush. Nothing happens when no server runs.
+    pub fn flush_disk(&self, disk: &str) {
+        if self.child.is_none() {
+            return;
+        }
+        // Through the first listener: a test may serve TCP only.
+        let uri = match self.listeners.first().and_then(|l| l.strip_prefix("tcp:")) {
+            Some(addr) if self.is_fleece() && !self.bare => format!("nbd://{addr}/{disk}"),
+            _ => self.uri(disk),
+        };
+        qemu_io(&uri, &["flush"]);
+    }
+
+    /// A raw file with the disk's bytes as they are now: the image itself
+    /// for a raw disk (so it follows later writes), for qcow2 a raw copy
+    /// made by `qemu-img convert -U` after a flush (made anew on each call).
+    pub fn image_as_raw(&self, disk: &str) -> PathBuf {
+        let img = self.image(disk);
+        if !is_qcow2(&img) {
+            return img;
+        }
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.copy_image_as_raw(disk, &format!("{disk}.as-raw.{n}"))
+    }
+
+    /// A raw copy of the disk's bytes as they are now, at `path(name)`
+    /// (qcow2: flushed, then `qemu-img convert -U`). No write may be running.
+    pub fn copy_image_as_raw(&self, disk: &str, name: &str) -> PathBuf {
+        let img = self.image(disk);
+        let out = self.path(name);
+        if is_qcow2(&img) {
+            self.flush_disk(disk);
+            let _ = std::fs::remove_file(&out);
+            run(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-U",
+                    "-f",
+                    "qcow2",
+                    "-O",
+                    "raw",
+                    img.to_str().unwrap(),
+                    out.to_str().unwrap(),
+                ],
+            );
+        } else {
+            std::fs::copy(&img, &out).unwrap();
+        }
+        out
+    }
+
+    /// Writes `data` at `offset` of a disk's image while no server runs
+    /// (raw: into the file; qcow2: with qemu-io).
+    pub fn write_image(&self, disk: &str, offset: u64, data: &[u8]) {
+        assert!(self.child.is_none(), "write_image while the server runs");
+        let img = self.image(disk);
+        if !is_qcow2(&img) {
+            write_at(&img, offset, data);
+            return;
+        }
+        let src = tempfile::NamedTempFile::new_in(self.dir.path()).unwrap();
+        std::fs::write(src.path(), data).unwrap();
+        let cmd = format!("write -s {} {offset} {}", src.path().display(), data.len());
+        run("qemu-io", &["-f", "qcow2", "-c", &cmd, img.to_str().unwrap()]);
+    }
+
+    /// Asserts that the disk reads as the raw file `want` (`qemu-img compare`
+    /// of the image as QEMU reads it, after a flush).
+    pub fn assert_image_is(&self, disk: &str, want: &Path) {
+        let img = self.image(disk);
+        self.flush_disk(disk);
+        let fmt = if is_qcow2(&img) { "qcow2" } else { "raw" };
+        let out = run_any(
+            "qemu-img",
+            &[
+                "compare",
+                "-U",
+                "-f",
+                fmt,
+                "-F",
+                "raw",
+                img.to_str().unwrap(),
+                want.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "disk {disk} is not {}: {}{}",
+            want.display(),
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+
+    /// Stops the server if it runs and checks its qcow2 images, as every
+    /// test that wrote one must (it runs when the `Daemon` is dropped): the
+    /// server gets SIGTERM (it flushes) and must exit 0 (fleece), then
+    /// `qemu-img check` must find no corruption, and no leaked cluster
+    /// unless a run was ended by SIGKILL. Raw-only daemons are left to the
+    /// SIGKILL of the drop. A second call checks again.
+    pub fn stop_and_check_images(&mut self) {
+        let images: Vec<PathBuf> = self
+            .disks
+            .iter()
+            .map(|(_, p)| p.clone())
+            .filter(|p| is_qcow2(p))
+            .collect();
+        if images.is_empty() {
+            return;
+        }
+        if self.child.is_some() {
+            let status = self.sigterm(Duration::from_secs(30));
+            assert!(
+                status.success() || !self.is_fleece(),
+                "{:?} exited with {status} on SIGTERM; stderr:\n{}",
+                self.server,
+                self.log()
+            );
+        }
+        for img in images {
+            check_qcow2(&img, self.killed);
         }
     }
 
@@ -489,6 +684,9 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.stop_and_check_images();
+        }
         self.kill9();
         if std::thread::panicking() {
             for i in 1..=self.starts {
@@ -689,6 +887,7 @@ pub fn python_script(d: &Daemon, script: &str, export: &str) -> String {
         .env("NBD_EXPORT", export)
         .env("NBD_SERVER", format!("{:?}", d.server))
         .env("NBD_IMAGE", d.image(export))
+        .env("NBD_IMAGE_FORMAT", d.format.name())
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -749,6 +948,34 @@ pub fn wait_ok(child: Child, what: &str) -> String {
 }
 
 // ---- files ----
+
+/// True if the file starts with the qcow2 magic (`QFI\xfb`).
+pub fn is_qcow2(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"QFI\xfb"
+}
+
+/// `qemu-img check -U` of a qcow2 image no one writes: clean (exit 0), or
+/// only leaked clusters (exit 3) where `leaks_ok` (after a SIGKILL).
+pub fn check_qcow2(path: &Path, leaks_ok: bool) {
+    let out = run_any("qemu-img", &["check", "-U", path.to_str().unwrap()]);
+    let code = out.status.code();
+    assert!(
+        code == Some(0) || (leaks_ok && code == Some(3)),
+        "qemu-img check {} exited with {code:?}{}:\n{}{}",
+        path.display(),
+        if leaks_ok {
+            ""
+        } else {
+            " (no kill -9: leaks are not allowed either)"
+        },
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
 
 /// Writes `data` at `offset` of an existing file (without truncating it).
 pub fn write_at(path: &Path, offset: u64, data: &[u8]) {

@@ -1,22 +1,38 @@
 """FUA on writes, zeroes and trims is accepted; the data is in the image
 file when the reply arrives (NBD_IMAGE names the file, if given)."""
 import os
+import subprocess
+import tempfile
 
 import nbd
 
 from nbdtest import MIB, connect, done
 
 IMAGE = os.environ.get("NBD_IMAGE")
+FORMAT = os.environ.get("NBD_IMAGE_FORMAT", "raw")
 
 h = connect()
 assert h.can_fua() and h.can_flush()
 
 
-def in_file(off, want):
-    if IMAGE:
+def read_image(off, n):
+    """n bytes at off of the image as QEMU reads it (qcow2: qemu-img
+    convert -U of the file as it is, so imago's cached metadata counts only
+    if the FUA wrote it out)."""
+    if FORMAT == "raw":
         with open(IMAGE, "rb") as f:
             f.seek(off)
-            got = f.read(len(want))
+            return f.read(n)
+    with tempfile.NamedTemporaryFile() as out:
+        subprocess.run(["qemu-img", "convert", "-U", "-f", FORMAT, "-O", "raw", IMAGE, out.name],
+                       check=True)
+        out.seek(off)
+        return out.read(n)
+
+
+def in_file(off, want):
+    if IMAGE:
+        got = read_image(off, len(want))
         assert got == want, "FUA-acknowledged data at %d is not in %s" % (off, IMAGE)
 
 
@@ -36,8 +52,7 @@ while h.aio_in_flight() > 0:
     h.poll(-1)
 for c in cookies:
     assert h.aio_command_completed(c)
-for i in range(32):
-    in_file(5 * MIB + i * 4096, bytes([i + 1]) * 4096)
+in_file(5 * MIB, b"".join(bytes([i + 1]) * 4096 for i in range(32)))
 h.flush()
 h.shutdown()
 done()
