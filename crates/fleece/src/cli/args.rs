@@ -192,7 +192,9 @@ pub struct StartArgs {
     /// Disks to back up at one instant (or none, with --snapshot).
     pub disks: Vec<String>,
     /// Where each disk goes, in order: file:PATH (raw, created sparse if
-    /// missing), nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.
+    /// missing), qcow2:PATH (a new image; ,backing=PREV for an incremental
+    /// one), nbd://HOST:PORT/EXPORT (port optional) or
+    /// nbd+unix:///EXPORT?socket=PATH.
     #[arg(long = "target", value_name = "TARGET", required = true)]
     pub targets: Vec<String>,
     /// Job name [default: backup-N].
