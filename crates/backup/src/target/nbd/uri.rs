@@ -101,9 +101,11 @@ impl NbdUri {
                         "tls-verify-peer=false: this client always checks the server's certificate",
                     ))
                 }
-                k if k.starts_with("tls-") && !tls => return Err(invalid(&format!(
+                k if k.starts_with("tls-") && !tls => {
+                    return Err(invalid(&format!(
                     "{k} on a plain {scheme}:// URI would connect without TLS: write nbds:// or nbds+unix://"
-                ))),
+                )))
+                }
                 "tls-certificates" => {
                     certificates = Some(PathBuf::from(value)).filter(|p| !p.as_os_str().is_empty())
                 }
