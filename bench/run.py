@@ -20,10 +20,11 @@ Images, stores, pulled copies and Unix sockets live in one temp dir under
 starts a fresh server process. A step that fails is reported as "n/a" with
 its reason and the run goes on.
 
-Two sections: "raw" (everything above, on a raw image) and "qcow2" (fleece
+Sections: "raw" (everything above, on a raw image), "push" (bench/push.py:
+push backups against qemu-storage-daemon's blockdev-backup) and "qcow2" (fleece
 and qemu-storage-daemon serving the same qcow2 image, 64 KiB clusters: 4 KiB
 random writes and reads on an allocated image, allocating writes on a fresh
-one, writes during a fresh snapshot). --sections picks them (default both).
+one, writes during a fresh snapshot). --sections picks them (default all).
 
 Output: the report (Markdown tables, ratios, pass/fail targets) on stdout,
 bench/results/latest.json, and optionally --markdown FILE and
@@ -31,7 +32,7 @@ bench/results/latest.json, and optionally --markdown FILE and
 section that ran).
 
 usage: python3 bench/run.py [--quick] [--only fleece,qemu,nbdkit,null,limit]
-                            [--sections raw,qcow2] [--fleece-bin PATH]
+                            [--sections raw,qcow2,push] [--fleece-bin PATH]
                             [--rounds N] [--markdown FILE] [--update-benchmarks]
 """
 import argparse
@@ -60,7 +61,7 @@ SNAPSHOT_KINDS = ("fleece", "qemu")
 # nbdkit null serves no data (reads are zeroes): the plain fio steps only, no pulls
 PULL_KINDS = ("fleece", "qemu", "nbdkit", "limit")
 BEGIN, END = "<!-- bench/run.py: begin generated -->", "<!-- bench/run.py: end generated -->"
-SECTIONS = ("raw", "qcow2")
+SECTIONS = ("raw", "qcow2", "push")
 # generated blocks of BENCHMARKS.md, per section
 MARKERS = {"raw": (BEGIN, END),
            "qcow2": ("<!-- bench/run.py: begin generated qcow2 -->", "<!-- bench/run.py: end generated qcow2 -->")}
@@ -1555,6 +1556,20 @@ def main():
     rep = Report(results, opts, meta, b.notes)
     text = rep.render()
     print(text)
+    if "push" in opts.sections:
+        # Push backups (bench/push.py): its own servers and image, same run.
+        import push
+        popts = argparse.Namespace(rounds=opts.rounds, seconds=opts.runtime, size_mib=opts.size >> 20,
+                                   rate="50M", fleece_bin=opts.fleece_bin, update_benchmarks=False)
+        try:
+            prounds = push.measure(popts)
+        finally:
+            stop_all()
+        ptext = push.report(prounds, popts)
+        print(ptext)
+        data["push"] = {"rounds": prounds, "report_markdown": ptext}
+        if opts.update_benchmarks:
+            push.update_benchmarks(ptext)
     data["targets"], data["report_markdown"] = rep.targets(), text
     save()
     log("wrote %s (%.0f s in all)" % (opts.json, time.time() - T0))

@@ -2,10 +2,10 @@
 //! with several workers, in the order of [`crate::order`], under a speed
 //! limit, and survives a target that goes away.
 //!
-//! A job of several disks runs one [`Copy`] per disk under one shared
+//! A job of several disks runs one [`DiskCopy`] per disk under one shared
 //! [`Control`] (pause, resume, cancel, speed). The daemon owns the
 //! snapshot and the bitmaps; this module only copies, and says exactly
-//! which clusters the target acknowledged ([`Copy::acknowledged`]).
+//! which clusters the target acknowledged ([`DiskCopy::acknowledged`]).
 //!
 //! **What is sent again.** A task (a run of clusters) counts as done only
 //! when the target acknowledged all of it. A task that failed goes back to
@@ -14,10 +14,11 @@
 //! replaced (with backoff, for up to `retry_for`), and the snapshot, with
 //! its store, stays in place meanwhile: live writes go on as before.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use fleece_block::{AlignedBuf, Mapping, Snapshot, SnapshotEvent, Subscription};
+use fleece_block::{AlignedBuf, BlockDev, IoFlags, Mapping, Snapshot, SnapshotEvent, Subscription};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::order::{Bits, Order, Plan, Task};
@@ -271,7 +272,7 @@ struct Trouble {
 }
 
 /// Copies one snapshot view to one target. See the [module docs](self).
-pub struct Copy {
+pub struct DiskCopy {
     snap: Arc<Snapshot>,
     target: Arc<dyn Target>,
     opts: CopyOptions,
@@ -284,6 +285,9 @@ pub struct Copy {
     trouble_cv: Condvar,
     /// Wakes workers waiting for work that others may give back.
     work_cv: Condvar,
+    /// Kernel copies turned out impossible (another file system): use
+    /// buffers.
+    no_offload: AtomicBool,
     _events: Option<Subscription>,
 }
 
@@ -303,12 +307,12 @@ const MAX_ZERO_BYTES: u64 = 1 << 30;
 /// Longest wait between retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-impl Copy {
+impl DiskCopy {
     /// Plans the copy of `snap` to `target`: walks the view's block status
     /// once (holes and zeroes become zero tasks, or nothing on a target
     /// that reads as zeroes; clusters outside the snapshot's bitmap are
     /// skipped).
-    pub fn new(snap: Arc<Snapshot>, target: Arc<dyn Target>, opts: CopyOptions) -> Result<Arc<Copy>> {
+    pub fn new(snap: Arc<Snapshot>, target: Arc<dyn Target>, opts: CopyOptions) -> Result<Arc<DiskCopy>> {
         let size = snap.size();
         if target.size() != size {
             return Err(Error::new(
@@ -426,7 +430,7 @@ impl Copy {
                 }
             })
         });
-        Ok(Arc::new(Copy {
+        Ok(Arc::new(DiskCopy {
             snap,
             target,
             opts,
@@ -436,6 +440,7 @@ impl Copy {
             trouble: Mutex::new(Trouble::default()),
             trouble_cv: Condvar::new(),
             work_cv: Condvar::new(),
+            no_offload: AtomicBool::new(false),
             _events: events,
         }))
     }
@@ -591,30 +596,12 @@ impl Copy {
                     return Err(Failed::Stopped);
                 }
                 buf.ensure(len as usize);
-                let data = &mut buf[..len as usize];
-                self.snap.read_at(data, off).map_err(|e| {
-                    Failed::Source(Error::new(ErrorKind::Source, format!("at offset {off}: {e}")))
-                })?;
-                // Clusters that read as zeroes are not sent as data: a
-                // backup keeps holes where the disk reads as zeroes (raw
-                // images cannot tell allocated zeroes from data).
-                let c = self.opts.cluster as usize;
-                let mut i = 0usize;
-                while i < data.len() {
-                    let zero = is_zero(&data[i..(i + c).min(data.len())]);
-                    let mut j = i + c;
-                    while j < data.len() && is_zero(&data[j..(j + c).min(data.len())]) == zero {
-                        j += c;
-                    }
-                    let j = j.min(data.len());
-                    let at = off + i as u64;
-                    match (zero, self.target.known_zero()) {
-                        (false, _) => self.target.write(at, &data[i..j]),
-                        (true, false) => self.target.write_zeroes(at, (j - i) as u64),
-                        (true, true) => Ok(()),
-                    }
-                    .map_err(Failed::Target)?;
-                    i = j;
+                if self.target.device().is_some() && !self.no_offload.load(Ordering::Relaxed) {
+                    self.copy_pieces(off, len, buf)?;
+                } else {
+                    let data = &mut buf[..len as usize];
+                    self.snap.read_at(data, off).map_err(|e| source_err(off, e))?;
+                    self.write_data(off, data)?;
                 }
                 self.settle(first, count, len, true);
             }
@@ -625,6 +612,142 @@ impl Copy {
             }
         }
         Ok(())
+    }
+
+    /// Writes `data` (read from the view at `off`) to the target. Clusters
+    /// that read as zeroes are not sent as data: a backup keeps holes where
+    /// the disk reads as zeroes (raw images cannot tell allocated zeroes
+    /// from data).
+    fn write_data(&self, off: u64, data: &[u8]) -> std::result::Result<(), Failed> {
+        let c = self.opts.cluster as usize;
+        let mut i = 0usize;
+        while i < data.len() {
+            let zero = is_zero(&data[i..(i + c).min(data.len())]);
+            let mut j = i + c;
+            while j < data.len() && is_zero(&data[j..(j + c).min(data.len())]) == zero {
+                j += c;
+            }
+            let j = j.min(data.len());
+            let at = off + i as u64;
+            match (zero, self.target.known_zero()) {
+                (false, _) => self.target.write(at, &data[i..j]),
+                (true, false) => self.target.write_zeroes(at, (j - i) as u64),
+                (true, true) => Ok(()),
+            }
+            .map_err(Failed::Target)?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Copies `[off, off + len)` with the kernel where the view's bytes are
+    /// still on a raw live disk and the target is a file: `copy_file_range`,
+    /// one copy instead of a read and a write through user memory. Each
+    /// cluster's first 4 KiB is read first: a cluster that starts with
+    /// zeroes is read whole and checked, so zero clusters still stay holes.
+    /// Saved clusters, and devices that cannot, go through `buf`.
+    fn copy_pieces(&self, off: u64, len: u64, buf: &mut AlignedBuf) -> std::result::Result<(), Failed> {
+        let Some(tdev) = self.target.device() else {
+            unreachable!("checked by the caller")
+        };
+        let c = self.opts.cluster;
+        let mut failed: Option<Failed> = None;
+        let mut probe = [0u8; 4096];
+        let stop = || fleece_block::Error::new(fleece_block::ErrorKind::Broken, "stopped");
+        let r = self.snap.read_pieces(off, len, |live, lo, n| {
+            let data = &mut buf[(lo - off) as usize..(lo - off + n) as usize];
+            let Some(base) = live else {
+                self.snap.read_at(data, lo)?;
+                return self.write_data(lo, data).map_err(|f| {
+                    failed = Some(f);
+                    stop()
+                });
+            };
+            // Runs of clusters that start with data go to the kernel.
+            let mut run: Option<(u64, u64)> = None;
+            let mut pos = lo;
+            while pos < lo + n {
+                let clen = (c - pos % c).min(lo + n - pos);
+                let p = (clen as usize).min(probe.len());
+                base.read_at(&mut probe[..p], pos, IoFlags::NONE)?;
+                if !is_zero(&probe[..p]) {
+                    run = Some(match run {
+                        Some((a, l)) => (a, l + clen),
+                        None => (pos, clen),
+                    });
+                } else {
+                    if let Some((a, l)) = run.take() {
+                        self.kernel_copy(
+                            base,
+                            tdev,
+                            a,
+                            l,
+                            &mut data[(a - lo) as usize..(a - lo + l) as usize],
+                        )
+                        .map_err(|f| {
+                            failed = Some(f);
+                            stop()
+                        })?;
+                    }
+                    let whole = &mut data[(pos - lo) as usize..(pos - lo + clen) as usize];
+                    base.read_at(whole, pos, IoFlags::NONE)?;
+                    self.write_data(pos, whole).map_err(|f| {
+                        failed = Some(f);
+                        stop()
+                    })?;
+                }
+                pos += clen;
+            }
+            if let Some((a, l)) = run {
+                self.kernel_copy(
+                    base,
+                    tdev,
+                    a,
+                    l,
+                    &mut data[(a - lo) as usize..(a - lo + l) as usize],
+                )
+                .map_err(|f| {
+                    failed = Some(f);
+                    stop()
+                })?;
+            }
+            Ok(())
+        });
+        match (r, failed) {
+            (_, Some(f)) => Err(f),
+            (Err(e), None) => Err(source_err(off, e)),
+            (Ok(()), None) => Ok(()),
+        }
+    }
+
+    /// `base.copy_to(target)`, or through `scratch` if the kernel cannot
+    /// (then never tried again by this copy).
+    fn kernel_copy(
+        &self,
+        base: &dyn BlockDev,
+        tdev: &dyn BlockDev,
+        at: u64,
+        len: u64,
+        scratch: &mut [u8],
+    ) -> std::result::Result<(), Failed> {
+        match base.copy_to(at, tdev, at, len) {
+            Some(Ok(())) => return Ok(()),
+            Some(Err(e)) => {
+                // Which side failed is not known: the read side is the
+                // disk, so look there first.
+                if let Err(re) = base.read_at(&mut scratch[..len.min(4096) as usize], at, IoFlags::NONE) {
+                    return Err(source_err(at, re));
+                }
+                return Err(Failed::Target(Error::new(
+                    ErrorKind::Io,
+                    format!("{}: cannot copy to it: {e}", self.target.describe()),
+                )));
+            }
+            None => self.no_offload.store(true, Ordering::Relaxed),
+        }
+        base.read_at(scratch, at, IoFlags::NONE)
+            .map_err(|e| source_err(at, e))?;
+        self.target.write(at, scratch).map_err(Failed::Target)
     }
 
     /// Books an acknowledged task, and discards it from the view.
@@ -813,6 +936,10 @@ impl Copy {
         }
         Ok(())
     }
+}
+
+fn source_err(off: u64, e: fleece_block::Error) -> Failed {
+    Failed::Source(Error::new(ErrorKind::Source, format!("at offset {off}: {e}")))
 }
 
 /// True if `b` is all zero bytes.

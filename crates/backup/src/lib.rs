@@ -3,7 +3,7 @@
 //! - [`target`]: where a job writes, behind one trait ([`Target`]): a raw
 //!   file, or a remote NBD server through the blocking, multi-connection
 //!   NBD client ([`NbdTarget`]) built on `fleece-nbd`'s sans-IO engine.
-//! - [`job`]: the copy engine ([`Copy`], one per disk, under a shared
+//! - [`job`]: the copy engine ([`DiskCopy`], one per disk, under a shared
 //!   [`Control`]): workers, retries and resume, speed limit, verify.
 //! - [`order`]: copy order (seed 004, item 7), also served to pull clients
 //!   as the `fleece:copy-order` NBD meta context.
@@ -20,7 +20,7 @@ mod rate;
 pub mod target;
 
 pub use error::{Error, ErrorKind, Result};
-pub use job::{Control, ControlStatus, Copy, CopyOptions, CopyStats, OnSourceError, OnTargetError};
+pub use job::{Control, ControlStatus, CopyOptions, CopyStats, DiskCopy, OnSourceError, OnTargetError};
 pub use order::{Hint, Order};
 pub use rate::RateLimit;
 pub use target::nbd::{ConnectOptions, NbdTarget, Pending, TargetInfo};

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleece_backup::target::file::FileTarget;
-use fleece_backup::{Control, Copy, CopyOptions, Error, ErrorKind, OnTargetError, Order, Target};
+use fleece_backup::{Control, CopyOptions, DiskCopy, Error, ErrorKind, OnTargetError, Order, Target};
 use fleece_block::{
     BlockDev, DirtyBitmap, IoFlags, IoHints, LiveDisk, RamStore, RawFile, Snapshot, SnapshotOptions, Store,
 };
@@ -75,8 +75,12 @@ fn opts() -> CopyOptions {
     }
 }
 
-fn run(snap: &Arc<Snapshot>, target: Arc<dyn Target>, o: CopyOptions) -> fleece_backup::Result<Arc<Copy>> {
-    let copy = Copy::new(snap.clone(), target, o)?;
+fn run(
+    snap: &Arc<Snapshot>,
+    target: Arc<dyn Target>,
+    o: CopyOptions,
+) -> fleece_backup::Result<Arc<DiskCopy>> {
+    let copy = DiskCopy::new(snap.clone(), target, o)?;
     let ctl = Control::new(0);
     copy.run(&ctl).map(|_| copy)
 }
@@ -333,7 +337,7 @@ fn stop_pauses_the_job_until_it_is_resumed() {
     let snap = d.snapshot();
     let instant = d.read_all();
     let t = Arc::new(Flaky::new(&d.target_path(), 3, 1, 0));
-    let copy = Copy::new(
+    let copy = DiskCopy::new(
         snap.clone(),
         t.clone(),
         CopyOptions {
@@ -368,7 +372,7 @@ fn cancel_ends_the_copy_as_cancelled() {
     }
     let snap = d.snapshot();
     let target = Arc::new(FileTarget::open(&d.target_path(), SIZE).unwrap());
-    let copy = Copy::new(snap, target, opts()).unwrap();
+    let copy = DiskCopy::new(snap, target, opts()).unwrap();
     // A slow speed keeps it running until the cancel.
     let ctl = Control::new(C);
     std::thread::scope(|s| {
@@ -483,7 +487,7 @@ fn order_of(d: &Disk, snap: &Arc<Snapshot>, order: Order, saved_after_plan: &[u6
         0,
         0,
     ));
-    let copy = Copy::new(
+    let copy = DiskCopy::new(
         snap.clone(),
         t.clone(),
         CopyOptions {
@@ -537,7 +541,7 @@ fn a_target_of_another_size_or_a_cluster_the_target_cannot_take_is_refused() {
     let snap = d.snapshot();
     let small = Arc::new(FileTarget::open(&d.dir.path().join("small"), SIZE / 2).unwrap());
     assert_eq!(
-        Copy::new(snap.clone(), small, opts()).err().unwrap().kind(),
+        DiskCopy::new(snap.clone(), small, opts()).err().unwrap().kind(),
         ErrorKind::Invalid
     );
     std::fs::write(d.dir.path().join("wrong"), [0u8; 4096]).unwrap();
@@ -545,7 +549,7 @@ fn a_target_of_another_size_or_a_cluster_the_target_cannot_take_is_refused() {
     assert_eq!(e.kind(), ErrorKind::Invalid);
     assert!(e.to_string().contains("4096 bytes"), "{e}");
     let t = Arc::new(FileTarget::open(&d.target_path(), SIZE).unwrap());
-    let e = Copy::new(
+    let e = DiskCopy::new(
         snap,
         t,
         CopyOptions {
@@ -556,4 +560,36 @@ fn a_target_of_another_size_or_a_cluster_the_target_cannot_take_is_refused() {
     .err()
     .unwrap();
     assert_eq!(e.kind(), ErrorKind::Invalid);
+}
+
+#[test]
+fn kernel_copies_keep_clusters_that_start_with_zeroes_and_skip_written_zeroes() {
+    let d = disk();
+    for c in 0..8 {
+        d.write(c, 0x40 + c as u8);
+    }
+    // Data after 4 KiB of zeroes, and a cluster of written zeroes (data to
+    // SEEK_DATA, zeroes to a reader).
+    d.live.write_at(&[0u8; 4096], 2 * C, IoFlags::NONE).unwrap();
+    d.live
+        .write_at(&vec![0u8; C as usize], 5 * C, IoFlags::NONE)
+        .unwrap();
+    let snap = d.snapshot();
+    let instant = d.read_all();
+    let target = Arc::new(FileTarget::open(&d.target_path(), SIZE).unwrap());
+    run(
+        &snap,
+        target,
+        CopyOptions {
+            chunk: 8 * C,
+            ..opts()
+        },
+    )
+    .unwrap();
+    assert_eq!(file(&d.target_path()), instant);
+    let data: u64 = std::fs::metadata(d.target_path()).unwrap().blocks() * 512;
+    assert!(
+        data <= 7 * C,
+        "{data} bytes allocated: the zero cluster was written"
+    );
 }

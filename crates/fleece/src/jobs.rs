@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleece_backup::target::{self, OpenOptions, Target};
 use fleece_backup::{
-    Control, Copy, CopyOptions, CopyStats, ErrorKind as BackupKind, OnSourceError, OnTargetError, Order,
+    Control, CopyOptions, CopyStats, DiskCopy, ErrorKind as BackupKind, OnSourceError, OnTargetError, Order,
 };
 use fleece_block::{DirtyBitmap, NamedBitmap};
 use serde::{Deserialize, Serialize};
@@ -243,7 +243,7 @@ struct Part {
     owned: bool,
     /// The job's bitmap on this disk, and its successor.
     bitmap: Option<(Arc<NamedBitmap>, Arc<NamedBitmap>)>,
-    copy: Mutex<Option<Arc<Copy>>>,
+    copy: Mutex<Option<Arc<DiskCopy>>>,
     cluster: u64,
 }
 
@@ -1044,7 +1044,7 @@ impl Jobs {
                         OnTargetError::Report
                     });
                     s.spawn(move || {
-                        let copy = Copy::new(entry.snap.clone(), target, o)?;
+                        let copy = DiskCopy::new(entry.snap.clone(), target, o)?;
                         *lock(&p.copy) = Some(copy.clone());
                         let r = copy.run(&job.ctl);
                         if r.is_err() {

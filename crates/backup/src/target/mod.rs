@@ -13,6 +13,8 @@
 
 use std::time::Duration;
 
+use fleece_block::BlockDev;
+
 use crate::error::{Error, ErrorKind, Result};
 
 pub mod file;
@@ -53,6 +55,12 @@ pub trait Target: Send + Sync {
     /// True if failures are worth retrying by default (a network target).
     fn retries_by_default(&self) -> bool {
         false
+    }
+    /// The target as a device that holds its bytes at the same offsets in
+    /// a file ([`BlockDev::data_fd`]), so a copy from a raw disk can run in
+    /// the kernel (`copy_file_range`); `None` for others.
+    fn device(&self) -> Option<&dyn BlockDev> {
+        None
     }
     /// The job failed or was cancelled: a target made by the job may
     /// remove what it made, so no partial backup is mistaken for one.

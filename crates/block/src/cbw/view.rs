@@ -96,6 +96,59 @@ impl Snapshot {
         Ok(())
     }
 
+    /// Walks `[offset, offset + len)` of the view in runs, for a copy that
+    /// can move bytes without reading them: `f(Some(base), lo, n)` for a run
+    /// still on the live disk (its device, pinned like a read until `f`
+    /// returns, so no write changes it meanwhile: `f` may read it or
+    /// [`copy_to`](BlockDev::copy_to) it), `f(None, lo, n)` for the rest
+    /// (saved or zero: `f` reads it with [`read_at`](Self::read_at)). Fails
+    /// like a read on discarded or out-of-scope clusters, and after the
+    /// snapshot broke or was deleted (also during the walk).
+    pub fn read_pieces(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(Option<&dyn BlockDev>, u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        check_range(self.size, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (first, last) = self.clusters(offset, len);
+        let mut c = first;
+        while c <= last {
+            let mut g = self.lock();
+            if g.retired {
+                return Err(Error::new(ErrorKind::Broken, "this snapshot was deleted"));
+            }
+            if let Some(why) = &g.broken {
+                return Err(Error::new(
+                    ErrorKind::Broken,
+                    format!("snapshot is broken: {why}"),
+                ));
+            }
+            let src = self.source(c)?;
+            let live = src == Source::Live;
+            let mut end = c + 1;
+            while end <= last && (self.source(end).ok() == Some(Source::Live)) == live {
+                if !live && self.source(end).is_err() {
+                    break;
+                }
+                end += 1;
+            }
+            let pin = live.then(|| ReadPin::new(self, &mut g, c, end));
+            drop(g);
+            let lo = (c * self.cluster).max(offset);
+            let hi = (end * self.cluster).min(offset + len);
+            let r = f(pin.as_ref().map(|_| &*self.base as &dyn BlockDev), lo, hi - lo);
+            drop(pin);
+            r?;
+            c = end;
+        }
+        // A break during the walk may have let new data into what was copied.
+        self.check_readable()
+    }
+
     /// Where cluster `c` as of the instant is to be read from.
     pub(super) fn source(&self, c: u64) -> Result<Source> {
         match self.states.get(c) & MASK {

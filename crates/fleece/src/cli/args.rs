@@ -192,7 +192,8 @@ pub struct StartArgs {
     /// Disks to back up at one instant (or none, with --snapshot).
     pub disks: Vec<String>,
     /// Where each disk goes, in order: file:PATH (raw, created sparse if
-    /// missing), qcow2:PATH[,backing=PREV], nbd://HOST[:PORT]/EXPORT or
+    /// missing), qcow2:PATH (a new image; ,backing=PREV for an incremental
+    /// one), nbd://HOST:PORT/EXPORT (port optional) or
     /// nbd+unix:///EXPORT?socket=PATH; over TLS nbds://... or nbds+unix://...
     /// with ?tls-certificates=DIR (ca-cert.pem, client-cert.pem, client-key.pem).
     #[arg(long = "target", value_name = "TARGET", required = true)]
