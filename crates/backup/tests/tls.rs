@@ -118,6 +118,47 @@ fn a_push_over_tls_to_qemu_nbd_with_tls_authz_arrives_exact() {
 }
 
 #[test]
+fn one_tls_connection_carries_large_writes_and_reads_both_ways_at_once() {
+    // Both directions full at once: the reader must drain replies while
+    // writers are blocked sending, or client and server wait on each other.
+    let s = Setup::new(64 * MIB);
+    let creds = s.client("client", Some("backup"));
+    let img = s.img.clone();
+    let (server, _ca) = s.qemu_nbd(false);
+    let target = NbdTarget::connect(&server.tls_uri(&creds), &one_connection()).unwrap();
+    assert_eq!(target.info().connections, 1);
+    let block = 4 * MIB as usize;
+    std::thread::scope(|sc| {
+        for t in 0..4u64 {
+            let target = &target;
+            sc.spawn(move || {
+                for round in 0..4u64 {
+                    let at = (t * 4 + round) * block as u64;
+                    let data = pattern(t * 10 + round, block);
+                    let w = target.submit_write(at, &data).unwrap();
+                    // A read of what an earlier round wrote, in flight with the write.
+                    let r = (round > 0).then(|| target.submit_read(at - block as u64, block).unwrap());
+                    w.wait().unwrap();
+                    if let Some(r) = r {
+                        assert!(r.wait().unwrap() == pattern(t * 10 + round - 1, block));
+                    }
+                }
+            });
+        }
+    });
+    target.flush().unwrap();
+    target.close().unwrap();
+    let mut want = Vec::new();
+    for t in 0..4u64 {
+        for round in 0..4u64 {
+            want.extend(pattern(t * 10 + round, block));
+        }
+    }
+    let want = expected_file(server.dir.path(), &want);
+    compare(img.to_str().unwrap(), want.to_str().unwrap());
+}
+
+#[test]
 fn a_client_the_server_does_not_let_in_is_refused_saying_so() {
     let s = Setup::new(16 * MIB);
     let intruder = s.client("intruder", Some("intruder"));

@@ -336,7 +336,11 @@ impl Read for TlsReader {
                     // taken out: one record at a time.
                     while self.start < self.end && s.wants_read() {
                         let mut raw = &self.raw[self.start..self.end];
-                        self.start += s.read_tls(&mut raw)?;
+                        let n = s.read_tls(&mut raw)?;
+                        if n == 0 {
+                            break;
+                        }
+                        self.start += n;
                         if let Err(e) = s.process_new_packets() {
                             drop(s);
                             // The alert that says why, if the socket takes it.
