@@ -11,8 +11,9 @@ use fleece_nbd::ProtocolError;
 pub enum ErrorKind {
     /// The target's address cannot be parsed.
     InvalidTarget,
-    /// Something this client or the server cannot do: TLS (for now), a
-    /// command the server does not offer, a zeroing that would not be fast.
+    /// Something this client or the server cannot do: plain NBD to a
+    /// server that requires TLS, TLS-PSK, a command the server does not
+    /// offer, a zeroing that would not be fast.
     Unsupported,
     /// The server could not be reached.
     Connect,

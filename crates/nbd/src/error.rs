@@ -96,11 +96,7 @@ impl fmt::Display for Refusal {
             REP_ERR_POLICY => write!(f, "the server's policy forbids {opt}")?,
             REP_ERR_INVALID => write!(f, "the server found {opt} invalid")?,
             REP_ERR_PLATFORM => write!(f, "{opt} is not available on the server's platform")?,
-            REP_ERR_TLS_REQD => write!(
-                f,
-                "the server requires TLS for export '{}' ({opt}), which this client does not speak yet",
-                self.export
-            )?,
+            REP_ERR_TLS_REQD => write!(f, "the server requires TLS for export '{}' ({opt})", self.export)?,
             REP_ERR_UNKNOWN => write!(f, "the server has no export '{}'", self.export)?,
             REP_ERR_SHUTDOWN => write!(f, "the server is shutting down")?,
             REP_ERR_BLOCK_SIZE_REQD => write!(f, "the server requires block size negotiation before {opt}")?,

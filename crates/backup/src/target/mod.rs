@@ -6,7 +6,8 @@
 //! - [`qcow2::Qcow2Target`]: a new qcow2 image (`qcow2:PATH`), over the
 //!   previous backup for an incremental one (`qcow2:PATH,backing=PREV`);
 //! - [`remote::RemoteTarget`]: a remote NBD server (`nbd://`,
-//!   `nbd+unix://`) over [`nbd::NbdTarget`], which reconnects when asked.
+//!   `nbd+unix://`, over TLS `nbds://`, `nbds+unix://`) over
+//!   [`nbd::NbdTarget`], which reconnects when asked.
 //!
 //! [`open`] turns a target string into one of them.
 
@@ -83,8 +84,9 @@ impl Default for OpenOptions {
 
 /// Opens the target named `spec` for a disk of `size` bytes:
 /// `file:PATH`, `qcow2:PATH[,backing=PREV][,cluster-size=SIZE]`,
-/// `nbd://HOST[:PORT]/EXPORT` or
-/// `nbd+unix:///EXPORT?socket=PATH`.
+/// `nbd://HOST[:PORT]/EXPORT`,
+/// `nbd+unix:///EXPORT?socket=PATH`, or their TLS forms `nbds://` and
+/// `nbds+unix://` with `tls-certificates=DIR` (see [`nbd::TlsParams`]).
 pub fn open(spec: &str, size: u64, options: &OpenOptions) -> Result<Box<dyn Target>> {
     if let Some(path) = spec.strip_prefix("file:") {
         if path.is_empty() {
@@ -104,7 +106,7 @@ pub fn open(spec: &str, size: u64, options: &OpenOptions) -> Result<Box<dyn Targ
     Err(Error::new(
         ErrorKind::InvalidTarget,
         format!(
-            "target '{spec}' must be file:PATH, qcow2:PATH[,backing=PREV], nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"
+            "target '{spec}' must be file:PATH, qcow2:PATH[,backing=PREV], nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbds:// and nbds+unix:// for TLS)"
         ),
     ))
 }

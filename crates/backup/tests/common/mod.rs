@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::fs::File;
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,7 +21,22 @@ pub struct Server {
     pub dir: TempDir,
     pub socket: PathBuf,
     pub export: String,
+    /// The TCP port it listens on instead of `socket`, if any.
+    pub port: Option<u16>,
     name: &'static str,
+}
+
+/// How a qemu-nbd with TLS is set up.
+pub struct QemuTls<'a> {
+    /// Its credentials directory (`ca-cert.pem`, `server-cert.pem`,
+    /// `server-key.pem`).
+    pub creds: &'a Path,
+    /// Client certificates are required (`verify-peer=on`).
+    pub verify_peer: bool,
+    /// The one client identity `--tls-authz` lets in, a certificate's DN.
+    pub authz: Option<&'a str>,
+    /// Listen on 127.0.0.1 at this port, not on a Unix socket.
+    pub tcp_port: Option<u16>,
 }
 
 impl Server {
@@ -38,6 +54,44 @@ impl Server {
         }
         cmd.arg(image);
         Server::start("qemu-nbd", cmd, dir, socket, "")
+    }
+
+    /// `qemu-nbd` on a raw image with TLS (`--tls-creds`, and `--tls-authz`
+    /// when `tls.authz` says who may connect), several clients at once.
+    pub fn qemu_nbd_tls(dir: TempDir, image: &Path, tls: &QemuTls) -> Server {
+        let socket = dir.path().join("nbd.sock");
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.args([
+            "-t",
+            "-f",
+            "raw",
+            "--discard=unmap",
+            "--cache=writeback",
+            "--shared=4",
+        ]);
+        match tls.tcp_port {
+            Some(port) => cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]),
+            None => cmd.arg("-k").arg(&socket),
+        };
+        cmd.arg("--object").arg(format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer={}",
+            tls.creds.display(),
+            if tls.verify_peer { "on" } else { "off" }
+        ));
+        cmd.args(["--tls-creds", "tls0"]);
+        if let Some(identity) = tls.authz {
+            // QEMU's option syntax: a comma in a value is written twice.
+            cmd.arg("--object")
+                .arg(format!(
+                    "authz-simple,id=authz0,identity={}",
+                    identity.replace(',', ",,")
+                ))
+                .args(["--tls-authz", "authz0"]);
+        }
+        cmd.arg(image);
+        let mut s = Server::spawn("qemu-nbd", cmd, dir, socket, "", tls.tcp_port);
+        s.wait_until_accepting();
+        s
     }
 
     /// `qemu-storage-daemon` exporting a raw image as `export`, writable.
@@ -67,28 +121,44 @@ impl Server {
         Server::start("nbdkit", cmd, dir, socket, "")
     }
 
-    fn start(name: &'static str, mut cmd: Command, dir: TempDir, socket: PathBuf, export: &str) -> Server {
+    fn start(name: &'static str, cmd: Command, dir: TempDir, socket: PathBuf, export: &str) -> Server {
+        let mut server = Server::spawn(name, cmd, dir, socket, export, None);
+        server.wait_until_accepting();
+        server
+    }
+
+    fn spawn(
+        name: &'static str,
+        mut cmd: Command,
+        dir: TempDir,
+        socket: PathBuf,
+        export: &str,
+        port: Option<u16>,
+    ) -> Server {
         let log = File::create(dir.path().join("server.log")).unwrap();
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let mut server = Server {
+        Server {
             child,
             dir,
             socket,
             export: export.to_string(),
+            port,
             name,
-        };
-        server.wait_until_accepting();
-        server
+        }
     }
 
     /// Polls the socket until the server accepts (or dies, or 30 s pass).
     fn wait_until_accepting(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if UnixStream::connect(&self.socket).is_ok() {
+            let up = match self.port {
+                Some(port) => TcpStream::connect(("127.0.0.1", port)).is_ok(),
+                None => UnixStream::connect(&self.socket).is_ok(),
+            };
+            if up {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -112,6 +182,24 @@ impl Server {
         format!("nbd+unix:///{}?socket={}", self.export, self.socket.display())
     }
 
+    /// The TLS URI with the client credentials in `creds`: `nbds://` to
+    /// `localhost` for a TCP server, else `nbds+unix://`.
+    pub fn tls_uri(&self, creds: &Path) -> String {
+        match self.port {
+            Some(port) => format!(
+                "nbds://localhost:{port}/{}?tls-certificates={}",
+                self.export,
+                creds.display()
+            ),
+            None => format!(
+                "nbds+unix:///{}?socket={}&tls-certificates={}",
+                self.export,
+                self.socket.display(),
+                creds.display()
+            ),
+        }
+    }
+
     pub fn connect(&self, options: &ConnectOptions) -> NbdTarget {
         NbdTarget::connect(&self.uri(), options).unwrap_or_else(|e| panic!("{e}\n{}", self.log()))
     }
@@ -127,6 +215,15 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A TCP port on 127.0.0.1 that nothing listened on a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A sparse raw image of `size` bytes in a fresh temporary directory.

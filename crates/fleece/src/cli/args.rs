@@ -194,7 +194,8 @@ pub struct StartArgs {
     /// Where each disk goes, in order: file:PATH (raw, created sparse if
     /// missing), qcow2:PATH (a new image; ,backing=PREV for an incremental
     /// one), nbd://HOST:PORT/EXPORT (port optional) or
-    /// nbd+unix:///EXPORT?socket=PATH.
+    /// nbd+unix:///EXPORT?socket=PATH; over TLS nbds://... or nbds+unix://...
+    /// with ?tls-certificates=DIR (ca-cert.pem, client-cert.pem, client-key.pem).
     #[arg(long = "target", value_name = "TARGET", required = true)]
     pub targets: Vec<String>,
     /// Job name [default: backup-N].

@@ -6,6 +6,10 @@
 //! header, so the request is one system call). Each request's [`Entry`]
 //! goes to the connection's reader thread (`reader.rs`) before the request
 //! goes out, so its reply always finds it there.
+//!
+//! With TLS (`tls.rs`), the socket is wrapped after `NBD_OPT_STARTTLS`; the
+//! writers then send through the shared session ([`Sink::Tls`]) and the
+//! reader reads through it. The plain path is the socket itself.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -23,6 +27,7 @@ use fleece_nbd::{
 
 use super::flow::{Flow, Permit};
 use super::pending::Slot;
+use super::tls::{ClientTls, TlsReader, TlsSession};
 use super::uri::Address;
 use super::ConnectOptions;
 use crate::error::{Error, ErrorKind, Result};
@@ -108,20 +113,108 @@ impl Write for Stream {
     }
 }
 
-/// Connects and negotiates; returns the stream, what was agreed, and any
-/// bytes that came after the handshake.
+/// A negotiated connection, before its reader and writers are set up.
+pub(crate) enum Link {
+    Plain(Stream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Stream>>),
+}
+
+impl Link {
+    fn socket(&self) -> &Stream {
+        match self {
+            Link::Plain(s) => s,
+            Link::Tls(t) => &t.sock,
+        }
+    }
+
+    /// The reading side (for the reader thread), the writing side, and a
+    /// handle to shut the socket with.
+    pub(crate) fn split(self) -> io::Result<(Source, Sink, Stream)> {
+        match self {
+            Link::Plain(s) => Ok((Source::Plain(s.try_clone()?), Sink::Plain(s.try_clone()?), s)),
+            Link::Tls(t) => {
+                let t = *t;
+                let session = Arc::new(TlsSession::new(t.conn, t.sock.try_clone()?));
+                let reader = TlsReader::new(t.sock.try_clone()?, session.clone());
+                Ok((Source::Tls(Box::new(reader)), Sink::Tls(session), t.sock))
+            }
+        }
+    }
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.read(buf),
+            Link::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.write(buf),
+            Link::Tls(t) => t.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Link::Plain(_) => Ok(()),
+            Link::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// What the reader thread reads replies from.
+#[derive(Debug)]
+pub(crate) enum Source {
+    Plain(Stream),
+    Tls(Box<TlsReader>),
+}
+
+impl Read for Source {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Source::Plain(s) => s.read(buf),
+            Source::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+/// What requests are written to.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    Plain(Stream),
+    Tls(Arc<TlsSession>),
+}
+
+impl Sink {
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::Plain(s) => s.write_all(data),
+            Sink::Tls(t) => t.send(data),
+        }
+    }
+}
+
+/// Connects and negotiates (with TLS when `tls` is given); returns the
+/// connection, what was agreed, and any bytes that came after the
+/// handshake.
 pub(crate) fn open(
     label: &str,
     address: &Address,
     export: &str,
+    tls: Option<&ClientTls>,
     options: &ConnectOptions,
-) -> Result<(Stream, ClientNegotiated, Vec<u8>)> {
+) -> Result<(Link, ClientNegotiated, Vec<u8>)> {
     let connect_err = |e| Error::io(ErrorKind::Connect, format!("cannot connect to {label}"), e);
-    let mut stream = Stream::connect(address, options.handshake_timeout).map_err(connect_err)?;
+    let stream = Stream::connect(address, options.handshake_timeout).map_err(connect_err)?;
     // A server that accepts and then says nothing must not hang the caller.
     stream
         .set_read_timeout(options.handshake_timeout)
         .map_err(connect_err)?;
+    let mut stream = Link::Plain(stream);
     let mut hs = ClientHandshake::new(ClientOptions {
         export: export.to_string(),
         extended_headers: options.extended_headers,
@@ -131,43 +224,107 @@ pub(crate) fn open(
         } else {
             Vec::new()
         },
-        starttls: false,
+        starttls: tls.is_some(),
     })
     .map_err(|e| Error::protocol(ErrorKind::InvalidTarget, label, e))?;
     let context = format!("NBD handshake with {label}");
+    // Inside TLS and nothing heard yet: an end now is the server refusing
+    // this client (see REFUSED_CERTIFICATE).
+    let mut unheard = false;
+    let refused = |e: fleece_nbd::ProtocolError, unheard: bool| handshake_error(&context, e, unheard);
     let (mut input, mut out) = (Vec::with_capacity(4096), Vec::new());
     let mut chunk = [0u8; 4096];
     loop {
-        let (used, step) = hs
-            .process(&input, &mut out)
-            .map_err(|e| Error::protocol(ErrorKind::Handshake, &context, e))?;
+        let (used, step) = hs.process(&input, &mut out).map_err(|e| refused(e, unheard))?;
         input.drain(..used);
         if !out.is_empty() {
             stream
                 .write_all(&out)
-                .map_err(|e| Error::io(ErrorKind::Handshake, &context, e))?;
+                .map_err(|e| io_error(&context, e, unheard))?;
             out.clear();
         }
         match step {
             ClientStep::Ready(neg) => {
-                stream.set_read_timeout(None).map_err(connect_err)?;
+                stream.socket().set_read_timeout(None).map_err(connect_err)?;
                 return Ok((stream, *neg, input));
             }
             ClientStep::StartTls => {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!("{context}: TLS comes later"),
-                ))
+                let (Link::Plain(sock), Some(tls)) = (stream, tls) else {
+                    return Err(Error::new(
+                        ErrorKind::Handshake,
+                        format!("{context}: STARTTLS agreed twice"),
+                    ));
+                };
+                if !input.is_empty() {
+                    return Err(Error::new(
+                        ErrorKind::Handshake,
+                        format!("{context}: the server sent data in clear text after agreeing to STARTTLS"),
+                    ));
+                }
+                let t = tls
+                    .connect(sock)
+                    .map_err(|e| Error::io(ErrorKind::Handshake, format!("TLS handshake with {label}"), e))?;
+                stream = Link::Tls(Box::new(t));
+                unheard = true;
+                continue;
             }
             ClientStep::NeedMore => {}
         }
         let n = match stream.read(&mut chunk) {
-            Ok(0) => return Err(Error::protocol(ErrorKind::Handshake, &context, hs.closed())),
+            Ok(0) => return Err(refused(hs.closed(), unheard)),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::io(ErrorKind::Handshake, &context, e)),
+            Err(e) => return Err(io_error(&context, e, unheard)),
         };
+        unheard = false;
         input.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// What a server that refuses this client's certificate looks like from
+/// here: with TLS 1.3 the client's side of the handshake ends before the
+/// server has looked at its certificate, so the refusal comes as an alert
+/// or as the connection closing, at the first option inside TLS.
+const REFUSED_CERTIFICATE: &str = "the server ended the connection right after the TLS handshake: it does not accept this client (its certificate, or no certificate: see the server's CA, tls-authz or access list)";
+
+fn io_error(context: &str, e: io::Error, unheard: bool) -> Error {
+    let alert = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| matches!(r, rustls::Error::AlertReceived(_)));
+    let ended = matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof
+    );
+    if unheard && (alert || ended) {
+        return Error::io(
+            ErrorKind::Handshake,
+            format!("{context}: {REFUSED_CERTIFICATE}"),
+            e,
+        );
+    }
+    Error::io(ErrorKind::Handshake, context, e)
+}
+
+fn handshake_error(context: &str, e: fleece_nbd::ProtocolError, unheard: bool) -> Error {
+    use fleece_nbd::ProtocolError;
+    match &e {
+        ProtocolError::Refused(r) if r.reply == REP_ERR_TLS_REQD => Error::protocol(
+            ErrorKind::Handshake,
+            format!("{context}: plain NBD refused (use nbds:// or nbds+unix:// with ?tls-certificates=DIR)"),
+            e,
+        ),
+        ProtocolError::Refused(r) if r.option == OPT_STARTTLS => Error::protocol(
+            ErrorKind::Handshake,
+            format!("{context}: the server does not do TLS (it refused NBD_OPT_STARTTLS)"),
+            e,
+        ),
+        ProtocolError::ServerClosed(_) if unheard => Error::protocol(
+            ErrorKind::Handshake,
+            format!("{context}: {REFUSED_CERTIFICATE}"),
+            e,
+        ),
+        _ => Error::protocol(ErrorKind::Handshake, context, e),
     }
 }
 
@@ -239,7 +396,7 @@ pub(crate) fn describe(req: &Request) -> String {
 /// The sending side of one connection.
 #[derive(Debug)]
 pub(crate) struct Conn {
-    writer: Mutex<(Stream, Vec<u8>)>,
+    writer: Mutex<(Sink, Vec<u8>)>,
     /// To shut the socket without waiting for the writer lock.
     control: Stream,
     entries: Sender<Entry>,
@@ -252,23 +409,24 @@ pub(crate) struct Conn {
 
 impl Conn {
     pub(crate) fn new(
-        stream: Stream,
+        sink: Sink,
+        control: Stream,
         mode: ReplyMode,
         entries: Sender<Entry>,
         reader: JoinHandle<()>,
         flow: Arc<Flow>,
         label: Arc<str>,
-    ) -> io::Result<Conn> {
-        Ok(Conn {
-            control: stream.try_clone()?,
-            writer: Mutex::new((stream, Vec::with_capacity(EXTENDED_REQUEST_LEN + COALESCE))),
+    ) -> Conn {
+        Conn {
+            control,
+            writer: Mutex::new((sink, Vec::with_capacity(EXTENDED_REQUEST_LEN + COALESCE))),
             entries,
             reader: Mutex::new(Some(reader)),
             mode,
             next_cookie: AtomicU64::new(1),
             flow,
             label,
-        })
+        }
     }
 
     /// Sends one request; its outcome arrives in `slot`.
@@ -331,6 +489,9 @@ impl Conn {
         encode_request(buf, &disc, self.mode);
         // A connection already dead has nothing to say goodbye to.
         let _ = stream.write_all(buf);
+        if let Sink::Tls(t) = stream {
+            let _ = t.close();
+        }
         self.control.shutdown(Shutdown::Write);
         let _ = self.control.set_read_timeout(Some(patience));
     }

@@ -52,12 +52,13 @@ mod flow;
 mod info;
 mod pending;
 mod reader;
+mod tls;
 mod uri;
 
 pub use fleece_nbd::{BlockSizes, Extent, ReplyMode};
 pub use info::{ConnectOptions, TargetInfo};
 pub use pending::{Outcome, Pending};
-pub use uri::{Address, NbdUri, DEFAULT_PORT};
+pub use uri::{Address, NbdUri, TlsParams, DEFAULT_PORT};
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -95,12 +96,19 @@ pub struct NbdTarget {
 }
 
 impl NbdTarget {
-    /// Connects to `uri` (`nbd://HOST[:PORT]/EXPORT` or
-    /// `nbd+unix:///EXPORT?socket=PATH`) and negotiates.
+    /// Connects to `uri` (`nbd://HOST[:PORT]/EXPORT`,
+    /// `nbd+unix:///EXPORT?socket=PATH`, or the same over TLS:
+    /// `nbds://...?tls-certificates=DIR`, `nbds+unix://...`; see
+    /// [`TlsParams`]) and negotiates.
     pub fn connect(uri: &str, options: &ConnectOptions) -> Result<NbdTarget> {
         let parsed = NbdUri::parse(uri)?;
         let label: Arc<str> = Arc::from(uri);
-        let first = conn::open(&label, &parsed.address, &parsed.export, options)?;
+        let tls = match &parsed.tls {
+            Some(params) => Some(tls::ClientTls::load(params, &parsed.address)?),
+            None => None,
+        };
+        let open = || conn::open(&label, &parsed.address, &parsed.export, tls.as_ref(), options);
+        let first = open()?;
         let neg = first.1.clone();
         let wanted = if neg.flags & TF_CAN_MULTI_CONN != 0 {
             options.connections.max(1)
@@ -109,7 +117,7 @@ impl NbdTarget {
         };
         let mut opened = vec![first];
         while opened.len() < wanted {
-            let next = conn::open(&label, &parsed.address, &parsed.export, options)?;
+            let next = open()?;
             // Requests go to any connection, so they must all be the same.
             if (next.1.size, next.1.flags, next.1.mode) != (neg.size, neg.flags, neg.mode) {
                 return Err(Error::new(
@@ -126,11 +134,12 @@ impl NbdTarget {
         let max_io = max_io(&info.block_sizes);
         let flow = Flow::new(opened.len(), options.window);
         let mut conns = Vec::with_capacity(opened.len());
-        for (i, (stream, _, initial)) in opened.into_iter().enumerate() {
+        for (i, (link, _, initial)) in opened.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
             let io_err = |e| Error::io(ErrorKind::Connect, format!("{label}: connection {}", i + 1), e);
+            let (source, sink, control) = link.split().map_err(io_err)?;
             let reader = reader::Reader {
-                stream: stream.try_clone().map_err(io_err)?,
+                stream: source,
                 entries: rx,
                 // Data is streamed, not buffered; the bound is for the rest.
                 decoder: ReplyDecoder::with_limit(neg.mode, DEFAULT_REPLY_LIMIT.max(max_io + 8)),
@@ -141,7 +150,15 @@ impl NbdTarget {
                 .name(format!("nbd-reader-{i}"))
                 .spawn(move || reader.run())
                 .map_err(io_err)?;
-            conns.push(Conn::new(stream, neg.mode, tx, thread, flow.clone(), label.clone()).map_err(io_err)?);
+            conns.push(Conn::new(
+                sink,
+                control,
+                neg.mode,
+                tx,
+                thread,
+                flow.clone(),
+                label.clone(),
+            ));
         }
         Ok(NbdTarget {
             label,

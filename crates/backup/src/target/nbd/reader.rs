@@ -15,7 +15,7 @@ use std::sync::Arc;
 use fleece_nbd::consts::*;
 use fleece_nbd::{ReplyDecoder, ReplyEvent, Request};
 
-use super::conn::{describe, Entry, Expect, Stream};
+use super::conn::{describe, Entry, Expect, Source};
 use super::flow::Flow;
 use super::pending::Output;
 use crate::error::{Error, ErrorKind};
@@ -23,7 +23,7 @@ use crate::error::{Error, ErrorKind};
 const BUFFER: usize = 256 * 1024;
 
 pub(crate) struct Reader {
-    pub(crate) stream: Stream,
+    pub(crate) stream: Source,
     pub(crate) entries: Receiver<Entry>,
     pub(crate) decoder: ReplyDecoder,
     pub(crate) flow: Arc<Flow>,
@@ -68,7 +68,7 @@ impl Reader {
 /// Reads and settles replies until the connection ends: `Ok` at a clean end
 /// (nothing in flight, between messages), else why it ended.
 fn serve(
-    stream: &mut Stream,
+    stream: &mut Source,
     entries: &Receiver<Entry>,
     in_flight: &mut HashMap<u64, Entry>,
     decoder: &mut ReplyDecoder,
