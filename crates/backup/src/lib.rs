@@ -13,14 +13,16 @@
 //! exactly what the target acknowledged.
 #![warn(missing_docs)]
 
+mod control;
 mod error;
 pub mod job;
 pub mod order;
 mod rate;
 pub mod target;
 
+pub use control::{Control, ControlStatus};
 pub use error::{Error, ErrorKind, Result};
-pub use job::{Control, ControlStatus, CopyOptions, CopyStats, DiskCopy, OnSourceError, OnTargetError};
+pub use job::{CopyOptions, CopyStats, DiskCopy, OnSourceError, OnTargetError};
 pub use order::{Hint, Order};
 pub use rate::RateLimit;
 pub use target::nbd::{ConnectOptions, NbdTarget, Pending, TargetInfo};
