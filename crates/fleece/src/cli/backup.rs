@@ -13,7 +13,7 @@ use crate::error::{Error, Kind, Result};
 use crate::units::human;
 
 /// How often `watch` asks the daemon.
-const POLL: Duration = Duration::from_millis(250);
+const POLL: Duration = Duration::from_millis(100);
 
 /// Runs a `fleece backup` subcommand.
 pub fn run(ctx: &Ctx, action: BackupCommand) -> Result<()> {

@@ -107,6 +107,9 @@ pub struct Job {
     pub(super) order: Order,
     pub(super) verify: bool,
     pub(super) started: u64,
+    /// When it started, and (set once) how long it ran.
+    pub(super) clock: Instant,
+    pub(super) ran: Mutex<Option<std::time::Duration>>,
     pub(super) parts: Vec<Part>,
     pub(super) ctl: Arc<Control>,
     pub(super) status: Mutex<Status>,
@@ -213,6 +216,12 @@ impl Job {
             error: st.error.clone().or(c.pause_reason),
             retrying: c.retrying,
             started: self.started,
+            elapsed_secs: ((*lock(&self.ran))
+                .unwrap_or_else(|| self.clock.elapsed())
+                .as_secs_f64()
+                * 1000.0)
+                .round()
+                / 1000.0,
             finished: st.finished,
         }
     }

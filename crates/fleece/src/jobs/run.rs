@@ -108,6 +108,7 @@ impl Jobs {
             st.end = Some(end);
             st.error = error.clone();
             st.finished = Some(now_secs());
+            *lock(&job.ran) = Some(job.clock.elapsed());
         }
         let (done, total) = job.done_total();
         match end {

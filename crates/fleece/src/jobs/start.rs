@@ -466,6 +466,8 @@ impl Jobs {
             order: plan.order,
             verify: req.verify,
             started: now_secs(),
+            clock: Instant::now(),
+            ran: Mutex::new(None),
             parts,
             ctl: Control::new(plan.speed),
             status: Mutex::new(Status {

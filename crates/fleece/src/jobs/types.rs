@@ -118,6 +118,8 @@ pub struct JobInfo {
     pub retrying: Option<String>,
     /// Seconds since the epoch at the start.
     pub started: u64,
+    /// Seconds it has run (until it ended), to the millisecond.
+    pub elapsed_secs: f64,
     /// Seconds since the epoch at the end.
     pub finished: Option<u64>,
 }
