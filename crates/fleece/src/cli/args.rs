@@ -233,7 +233,7 @@ pub struct StartArgs {
     /// hinted (saves the guest the most copies) or offset (ascending).
     #[arg(long, default_value = "hinted")]
     pub order: String,
-    /// Requests in flight per disk [default: 8].
+    /// Requests in flight per disk [default: 8 to an NBD target, 4 to a file].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
     /// Bytes per write request [default: 1M].

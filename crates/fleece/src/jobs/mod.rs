@@ -52,8 +52,12 @@ const MIN_CLUSTER: u64 = 64 << 10;
 const MAX_CLUSTER: u64 = 64 << 20;
 /// Default bytes per write request.
 const DEFAULT_CHUNK: u64 = 1 << 20;
-/// Default requests in flight per disk.
+/// Default requests in flight per disk, to a network target (they hide
+/// its latency).
 const DEFAULT_WORKERS: usize = 8;
+/// Default for a local target (a file): more only contend for the file's
+/// lock (measured: 4 finish a 1 GiB push to tmpfs in 0.61 s, 8 in 0.61-0.82 s).
+const DEFAULT_LOCAL_WORKERS: usize = 4;
 /// How long `retry` keeps trying by default: a target that comes back
 /// after minutes (a reboot) is still caught.
 const DEFAULT_RETRY_SECS: f64 = 600.0;

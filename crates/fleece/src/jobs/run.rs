@@ -9,7 +9,7 @@ use fleece_backup::{CopyOptions, DiskCopy, ErrorKind as BackupKind, OnTargetErro
 use serde_json::json;
 
 use super::job::{lock, now_secs, End, Job};
-use super::{settle, Jobs};
+use super::{settle, Jobs, DEFAULT_LOCAL_WORKERS, DEFAULT_WORKERS};
 use crate::error::Kind;
 
 impl Jobs {
@@ -31,6 +31,13 @@ impl Jobs {
                             ))
                         });
                     };
+                    if o.workers == 0 {
+                        o.workers = if target.retries_by_default() {
+                            DEFAULT_WORKERS
+                        } else {
+                            DEFAULT_LOCAL_WORKERS
+                        };
+                    }
                     o.on_target_error = policy.unwrap_or(if target.retries_by_default() {
                         OnTargetError::Retry
                     } else {

@@ -13,8 +13,7 @@ use serde_json::json;
 
 use super::job::{lock, now_secs, BitmapMode, Job, Part, Running, Status};
 use super::{
-    Jobs, StartBackup, DEFAULT_CHUNK, DEFAULT_RETRY_SECS, DEFAULT_WORKERS, MAX_CLUSTER, MIN_CLUSTER,
-    SUCCESSOR_PREFIX,
+    Jobs, StartBackup, DEFAULT_CHUNK, DEFAULT_RETRY_SECS, MAX_CLUSTER, MIN_CLUSTER, SUCCESSOR_PREFIX,
 };
 use crate::bitmaps::{new_bitmap, DEFAULT_GRANULARITY};
 use crate::error::{Error, Kind, Result};
@@ -103,8 +102,9 @@ impl Jobs {
             Some("offset") => Order::Offset,
             Some(o) => return Err(Error::invalid(format!("order '{o}' must be hinted or offset"))),
         };
-        let workers = req.workers.unwrap_or(DEFAULT_WORKERS);
-        if !(1..=256).contains(&workers) {
+        // 0: the default of each target's kind, settled per disk.
+        let workers = req.workers.unwrap_or(0);
+        if req.workers.is_some() && !(1..=256).contains(&workers) {
             return Err(Error::invalid(format!("workers {workers} must be from 1 to 256")));
         }
         let chunk = req.chunk_size.map_or(DEFAULT_CHUNK, Size::bytes);
