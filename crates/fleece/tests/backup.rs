@@ -714,6 +714,34 @@ fn bad_requests_are_refused_with_what_to_do() {
         "has 4096 bytes",
     );
     fails(&["vm", "--target", &t, "--snapshot", "vm@x"], "not both");
+    // One running job per bitmap and disk.
+    write(&d, "vm", &["write -P 1 0 4M"]);
+    let slow = start(
+        &d,
+        &[
+            "vm",
+            "--target",
+            &file_arg(&d.path("slow.raw")),
+            "--bitmap",
+            "b",
+            "--speed",
+            "64K",
+        ],
+    );
+    fails(
+        &[
+            "vm",
+            "--target",
+            &file_arg(&d.path("second.raw")),
+            "--bitmap",
+            "b",
+        ],
+        "in use by backup job",
+    );
+    d.cli_ok(&["backup", "cancel", &slow]);
+    assert_eq!(wait_job(&d, &slow)["state"], "cancelled");
+    d.cli_ok(&["backup", "dismiss", &slow]);
+    d.cli_ok(&["bitmap", "remove", "vm", "b"]);
     // Nothing was left behind: no snapshot, no job, no target file.
     assert_eq!(d.json(&["snapshot", "list"]).as_array().unwrap().len(), 0);
     assert_eq!(d.json(&["backup", "list"]).as_array().unwrap().len(), 0);

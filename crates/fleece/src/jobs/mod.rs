@@ -72,6 +72,9 @@ pub struct Jobs {
     events: Events,
     jobs: Mutex<BTreeMap<String, Arc<Job>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Held from a start's checks to its job's registration: two starts
+    /// with one bitmap cannot both pass the check.
+    starting: Mutex<()>,
     seq: AtomicU64,
 }
 
@@ -85,6 +88,7 @@ impl Jobs {
             events,
             jobs: Mutex::new(BTreeMap::new()),
             threads: Mutex::new(Vec::new()),
+            starting: Mutex::new(()),
             seq: AtomicU64::new(1),
         }
     }

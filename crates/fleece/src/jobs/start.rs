@@ -293,6 +293,30 @@ impl Jobs {
                 human(MAX_CLUSTER)
             )));
         }
+        let _starting = lock(&self.starting);
+        // One running job per bitmap and disk: two would each settle it to
+        // their own successor (QEMU refuses a busy bitmap too).
+        if let Some(name) = &req.bitmap {
+            for j in self
+                .list()
+                .iter()
+                .filter(|j| !j.finished() && j.bitmap.as_deref() == Some(name))
+            {
+                if let Some(p) = j
+                    .parts
+                    .iter()
+                    .find(|p| disks.iter().any(|d| d.name == p.disk.name))
+                {
+                    return Err(Error::new(
+                        Kind::Busy,
+                        format!(
+                            "dirty bitmap '{name}' of disk '{}' is in use by backup job '{}': wait for it, or cancel it",
+                            p.disk.name, j.name
+                        ),
+                    ));
+                }
+            }
+        }
         let owned = entries.is_empty();
         let successors: Vec<Option<(Arc<NamedBitmap>, Arc<NamedBitmap>)>>;
         if owned {
