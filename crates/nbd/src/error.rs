@@ -48,6 +48,12 @@ pub enum ProtocolError {
     /// since 2012 and not spoken here.
     #[error("the server speaks oldstyle NBD, which this client does not support")]
     OldstyleServer,
+    /// TLS was asked for, but the server's greeting lacks fixed newstyle,
+    /// without which there is no `NBD_OPT_STARTTLS`; going on would send
+    /// the export name in clear text (and anyone on the path can clear
+    /// that flag to make it so).
+    #[error("TLS was asked for, but the server does not speak fixed newstyle NBD, which STARTTLS needs")]
+    NoTlsWithoutFixedNewstyle,
     /// The server refused an option the client could not do without.
     #[error("{0}")]
     Refused(Box<Refusal>),

@@ -56,6 +56,7 @@ type Handler = fn(Arc<Daemon>, Call) -> Pin<Box<dyn Future<Output = Reply> + Sen
 
 /// One route: a method and an OpenAPI path template (`{x}` matches one
 /// segment) and what answers it.
+#[derive(Debug)]
 pub struct Route {
     /// `GET`, `POST`, `DELETE`.
     pub method: &'static str,
@@ -128,6 +129,55 @@ impl Route {
     }
 }
 
+/// What the route table makes of a request's method, path and query.
+#[derive(Debug)]
+pub enum Routed {
+    /// The route that answers it.
+    Found {
+        /// The route.
+        route: &'static Route,
+        /// The path's `{...}` segments by name, percent-decoded.
+        params: Vec<(&'static str, String)>,
+        /// Query pairs, percent-decoded.
+        query: Vec<(String, String)>,
+    },
+    /// A known path, but not with this method (405).
+    WrongMethod,
+    /// No route has this path (404).
+    Unknown,
+}
+
+/// Decodes a request's target: the route that answers `method` on `path`,
+/// with its parameters and `query` decoded. Errors are bad escapes. Kept
+/// apart from `dispatch` so that a fuzz target can run it without a
+/// daemon.
+pub fn route(method: &str, path: &str, query: &str) -> Result<Routed> {
+    // Names travel percent-encoded (`vm1%40snap` is `vm1@snap`): decode
+    // each segment after splitting, so an encoded '/' stays inside its name.
+    let segs: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect::<Result<_>>()?;
+    let query = parse_query(query)?;
+    let mut known = false;
+    for route in ROUTES {
+        let Some(params) = route.matches(&segs) else {
+            continue;
+        };
+        if route.method != method {
+            known = true;
+            continue;
+        }
+        return Ok(Routed::Found { route, params, query });
+    }
+    Ok(if known {
+        Routed::WrongMethod
+    } else {
+        Routed::Unknown
+    })
+}
+
 /// Answers one request: 405 for a known path with another method, 404 for
 /// an unknown path.
 pub async fn dispatch(
@@ -138,47 +188,29 @@ pub async fn dispatch(
     body: Bytes,
     stop: watch::Receiver<bool>,
 ) -> Response<ApiBody> {
-    // Names travel percent-encoded (`vm1%40snap` is `vm1@snap`): decode
-    // each segment after splitting, so an encoded '/' stays inside its name.
-    let segs: Vec<String> = match path.trim_matches('/').split('/').map(percent_decode).collect() {
-        Ok(s) => s,
-        Err(e) => return error(e),
-    };
-    let query = match parse_query(query) {
-        Ok(q) => q,
-        Err(e) => return error(e),
-    };
-    let mut known = false;
-    for route in ROUTES {
-        let Some(params) = route.matches(&segs) else {
-            continue;
-        };
-        if route.method != method.as_str() {
-            known = true;
-            continue;
+    match route(method.as_str(), path, query) {
+        Err(e) => error(e),
+        Ok(Routed::Found { route, params, query }) => {
+            let call = Call {
+                params,
+                query,
+                body,
+                stop,
+            };
+            (route.handler)(d, call).await.unwrap_or_else(error)
         }
-        let call = Call {
-            params,
-            query,
-            body,
-            stop,
-        };
-        return (route.handler)(d, call).await.unwrap_or_else(error);
-    }
-    if known {
-        error_with(
+        Ok(Routed::WrongMethod) => error_with(
             StatusCode::METHOD_NOT_ALLOWED,
             Error::invalid(format!("method {method} is not allowed on {path}")),
-        )
-    } else {
-        error(Error::not_found(format!(
+        ),
+        Ok(Routed::Unknown) => error(Error::not_found(format!(
             "no such API path: {method} {path} (see docs/openapi.json)"
-        )))
+        ))),
     }
 }
 
 /// Decodes `%XX` escapes of one path segment or query value.
-fn percent_decode(s: &str) -> Result<String> {
+pub fn percent_decode(s: &str) -> Result<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -200,7 +232,7 @@ fn percent_decode(s: &str) -> Result<String> {
 }
 
 /// `a=1&b=x%40y` as decoded pairs (`+` is a space, as in forms).
-fn parse_query(q: &str) -> Result<Vec<(String, String)>> {
+pub fn parse_query(q: &str) -> Result<Vec<(String, String)>> {
     q.split('&')
         .filter(|kv| !kv.is_empty())
         .map(|kv| {

@@ -256,6 +256,11 @@ impl ClientHandshake {
         let flags = get_u16(&g[16..]);
         self.fixed = flags & FLAG_FIXED_NEWSTYLE != 0;
         self.no_zeroes = flags & FLAG_NO_ZEROES != 0;
+        if self.options.starttls && !self.fixed {
+            // Plain newstyle goes straight to EXPORT_NAME: in clear text.
+            self.state = State::Finished;
+            return Err(ProtocolError::NoTlsWithoutFixedNewstyle);
+        }
         let mut client = 0;
         if self.fixed {
             client |= CLIENT_FIXED_NEWSTYLE;

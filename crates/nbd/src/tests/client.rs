@@ -258,6 +258,20 @@ fn a_plain_newstyle_server_gets_export_name_at_once() {
 }
 
 #[test]
+fn a_client_asking_for_tls_stops_at_a_greeting_without_fixed_newstyle() {
+    // Found by the handshake_client fuzz target: plain newstyle has no
+    // STARTTLS, and the client went on to EXPORT_NAME in clear text.
+    let mut opts = ClientOptions::new("d");
+    opts.starttls = true;
+    let mut c = ClientHandshake::new(opts).unwrap();
+    let mut out = Vec::new();
+    let err = c.process(&greeting(FLAG_NO_ZEROES), &mut out).unwrap_err();
+    assert_eq!(err, ProtocolError::NoTlsWithoutFixedNewstyle);
+    assert!(out.is_empty(), "sent {out:?}");
+    assert!(c.process(&[], &mut out).is_err());
+}
+
+#[test]
 fn no_export_name_fallback_after_extended_headers() {
     let mut c = ClientHandshake::new(ClientOptions::new("disk")).unwrap();
     feed(&mut c, &greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
