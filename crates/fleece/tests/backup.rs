@@ -951,3 +951,53 @@ fn a_qcow2_chain_of_a_full_and_three_incrementals_restores_each_instant() {
         );
     }
 }
+
+#[test]
+fn with_bitmap_mode_always_a_cancelled_job_keeps_its_target_for_the_next_incremental() {
+    let d = Daemon::start(&[("vm", 16 * MIB)]);
+    write(&d, "vm", &["write -P 7 0 12M"]);
+    let t = d.path("b.raw");
+    let job = start(
+        &d,
+        &[
+            "vm",
+            "--target",
+            &file_arg(&t),
+            "--bitmap",
+            "b",
+            "--bitmap-mode",
+            "always",
+            "--speed",
+            "2M",
+        ],
+    );
+    wait_for(&d, &job, "progress", |j| j["done_bytes"].as_u64().unwrap() >= MIB);
+    write(&d, "vm", &["write -P 8 14M 1M"]);
+    d.cli_ok(&["backup", "cancel", &job]);
+    let j = wait_job(&d, &job);
+    assert_eq!(j["state"], "cancelled");
+    let done = j["done_bytes"].as_u64().unwrap();
+    // The bitmap dropped what the target holds (the data acknowledged, and
+    // the holes a new file reads as already, but not the 1 MiB written
+    // since); the target it went to stays.
+    assert!(t.exists(), "the partial target of an `always` job was removed");
+    assert_eq!(
+        dirty_bytes(&d, "vm", "b"),
+        16 * MIB - done - 3 * MIB,
+        "done {done}"
+    );
+    let now = image_now(&d, "vm", "now.raw");
+    backup(
+        &d,
+        &[
+            "vm",
+            "--target",
+            &file_arg(&t),
+            "--sync",
+            "incremental",
+            "--bitmap",
+            "b",
+        ],
+    );
+    assert_same(&t, &now);
+}

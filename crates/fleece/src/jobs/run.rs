@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use fleece_backup::{CopyOptions, DiskCopy, ErrorKind as BackupKind, OnTargetError};
 use serde_json::json;
 
-use super::job::{lock, now_secs, End, Job};
+use super::job::{lock, now_secs, BitmapMode, End, Job};
 use super::{settle, Jobs, DEFAULT_LOCAL_WORKERS, DEFAULT_WORKERS};
 use crate::error::Kind;
 
@@ -102,7 +102,10 @@ impl Jobs {
                     }
                 }
             }
-            if end != End::Completed {
+            // A partial backup the job made goes, so it is not mistaken
+            // for one; except with `always`, whose bitmap dropped what the
+            // target holds: the next incremental backup goes onto it.
+            if end != End::Completed && job.mode != BitmapMode::Always {
                 if let Some(t) = p.target() {
                     t.abandon();
                 }
