@@ -113,8 +113,6 @@ pub struct Job {
     pub(super) parts: Vec<Part>,
     pub(super) ctl: Arc<Control>,
     pub(super) status: Mutex<Status>,
-    /// Tells the monitor the copies ended.
-    pub(super) copies_ended: std::sync::atomic::AtomicBool,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -1,7 +1,6 @@
 //! A job's thread: the copies, then bitmaps and snapshots settled; and the
 //! monitor that keeps its rate and sends its events.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,9 @@ impl Jobs {
     /// snapshots.
     pub(super) fn run(&self, job: &Arc<Job>, opts: CopyOptions, policy: Option<OnTargetError>) {
         let results: Vec<fleece_backup::Result<()>> = std::thread::scope(|s| {
-            let monitor = s.spawn(|| self.monitor(job));
+            // Dropped when the copies end: the monitor stops at once.
+            let (ended, ends) = std::sync::mpsc::channel::<()>();
+            let monitor = s.spawn(move || self.monitor(job, &ends));
             let handles: Vec<_> = job
                 .parts
                 .iter()
@@ -65,7 +66,7 @@ impl Jobs {
                     })
                 })
                 .collect();
-            job.copies_ended.store(true, Ordering::Release);
+            drop(ended);
             let _ = monitor.join();
             results
         });
@@ -138,13 +139,14 @@ impl Jobs {
 
     /// Once a second while the job runs: the rate, a progress event, and
     /// events for pauses and retries.
-    fn monitor(&self, job: &Job) {
+    fn monitor(&self, job: &Job, ends: &std::sync::mpsc::Receiver<()>) {
         let mut last_state = "running";
         let mut last_emit = Instant::now();
         let mut last_done = u64::MAX;
         loop {
-            std::thread::sleep(Duration::from_millis(200));
-            if job.copies_ended.load(Ordering::Acquire) {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
+                ends.recv_timeout(Duration::from_millis(200))
+            {
                 return;
             }
             let (done, total) = job.done_total();

@@ -501,7 +501,6 @@ impl Jobs {
                 sample: (Instant::now(), 0),
                 rate: 0,
             }),
-            copies_ended: std::sync::atomic::AtomicBool::new(false),
         });
         {
             let mut jobs = lock(&self.jobs);
