@@ -1001,3 +1001,35 @@ fn with_bitmap_mode_always_a_cancelled_job_keeps_its_target_for_the_next_increme
     );
     assert_same(&t, &now);
 }
+
+#[test]
+fn a_finished_job_lets_go_of_its_disk_target_and_snapshot() {
+    let d = Daemon::start(&[("vm", 8 * MIB)]);
+    write(&d, "vm", &["write -P 3 0 1M"]);
+    let t = d.path("b.qcow2");
+    backup(
+        &d,
+        &[
+            "vm",
+            "--target",
+            &format!("qcow2:{}", t.display()),
+            "--bitmap",
+            "b",
+        ],
+    );
+    // Still listed, but the target image is unlocked (qemu-img without -U),
+    // and a removed disk's image can be served again at once.
+    assert_eq!(d.json(&["backup", "list"]).as_array().unwrap().len(), 1);
+    run("qemu-img", &["check", t.to_str().unwrap()]);
+    d.cli_ok(&["disk", "remove", "vm"]);
+    // Nothing keeps the removed disk's image (or the target) open.
+    let open: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .filter(|p| p == d.image("vm").to_str().unwrap() || p == t.to_str().unwrap())
+        .collect();
+    assert!(open.is_empty(), "still open: {open:?}");
+    run("qemu-img", &["info", d.image("vm").to_str().unwrap()]);
+    d.cli_ok(&["disk", "add", "again", d.image("vm").to_str().unwrap()]);
+}

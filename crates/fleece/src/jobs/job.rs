@@ -35,11 +35,11 @@ pub(super) enum End {
     Cancelled,
 }
 
-/// One disk of a job. What holds resources (the target's connections or
-/// image lock, the snapshot and its store) is let go when the job ends;
-/// the counters stay for the listing.
+/// One disk of a job. What holds resources (the disk and its image, the
+/// target's connections or image lock, the snapshot and its store, the
+/// bitmaps) is let go when the job ends; the counters stay for the listing.
 pub(super) struct Part {
-    pub(super) disk: Arc<Disk>,
+    pub(super) disk_name: String,
     pub(super) spec: String,
     /// `DISK@NAME` and `NAME` of the snapshot pushed.
     pub(super) snapshot_id: String,
@@ -49,19 +49,26 @@ pub(super) struct Part {
     pub(super) last: Mutex<Option<(CopyStats, u64)>>,
     /// The job made the snapshot (and deletes it).
     pub(super) owned: bool,
-    /// The job's bitmap on this disk, and its successor.
-    pub(super) bitmap: Option<(Arc<NamedBitmap>, Arc<NamedBitmap>)>,
     pub(super) copy: Mutex<Option<Arc<DiskCopy>>>,
     pub(super) cluster: u64,
 }
 
 /// What a part holds while its job runs.
+#[derive(Clone)]
 pub(super) struct Running {
+    pub(super) disk: Arc<Disk>,
     pub(super) target: Arc<dyn Target>,
     pub(super) entry: Arc<SnapshotEntry>,
+    /// The job's bitmap on this disk, and its successor.
+    pub(super) bitmap: Option<(Arc<NamedBitmap>, Arc<NamedBitmap>)>,
 }
 
 impl Part {
+    /// What it holds, while the job runs.
+    pub(super) fn held(&self) -> Option<Running> {
+        lock(&self.running).clone()
+    }
+
     pub(super) fn target(&self) -> Option<Arc<dyn Target>> {
         lock(&self.running).as_ref().map(|r| r.target.clone())
     }
@@ -183,7 +190,7 @@ impl Job {
                 .map(|p| {
                     let (s, used) = p.stats();
                     JobDiskInfo {
-                        disk: p.disk.name.clone(),
+                        disk: p.disk_name.clone(),
                         target: p.spec.clone(),
                         snapshot: p.snapshot_id.clone(),
                         cluster_size: p.cluster,

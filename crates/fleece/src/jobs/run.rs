@@ -78,7 +78,7 @@ impl Jobs {
             .zip(&job.parts)
             .filter_map(|(r, p)| r.as_ref().err().map(|e| (e, p)))
             .find(|(e, _)| e.kind() != BackupKind::Cancelled)
-            .map(|(e, p)| format!("disk '{}' to {}: {e}", p.disk.name, p.spec));
+            .map(|(e, p)| format!("disk '{}' to {}: {e}", p.disk_name, p.spec));
         let ok = results.iter().all(|r| r.is_ok());
         let mut end = if ok {
             End::Completed
@@ -97,7 +97,7 @@ impl Jobs {
         }
         for p in &job.parts {
             if p.owned {
-                if let Err(e) = self.snapshots.delete(&p.disk.name, &p.snapshot_name, true) {
+                if let Err(e) = self.snapshots.delete(&p.disk_name, &p.snapshot_name, true) {
                     if e.kind != Kind::NotFound {
                         tracing::warn!(job = %job.name, error = %e, "cannot delete the job's snapshot");
                     }

@@ -12,8 +12,9 @@ use crate::error::{Error, Kind, Result};
 pub(super) fn bitmaps(job: &Job, ok: bool) -> Result<()> {
     let mut first_err = None;
     for p in &job.parts {
-        let Some((b, s)) = &p.bitmap else { continue };
-        let _frozen = p.disk.live.freeze();
+        let Some(held) = p.held() else { continue };
+        let Some((b, s)) = &held.bitmap else { continue };
+        let _frozen = held.disk.live.freeze();
         let r = (|| -> fleece_block::Result<()> {
             match (job.mode, ok) {
                 (BitmapMode::Never, _) => Ok(()),
@@ -32,12 +33,12 @@ pub(super) fn bitmaps(job: &Job, ok: bool) -> Result<()> {
                 }
             }
         })();
-        p.disk.live.remove_bitmap(s.name());
+        held.disk.live.remove_bitmap(s.name());
         if let Err(e) = r {
             tracing::error!(job = %job.name, bitmap = b.name(), error = %e, "cannot update the bitmap after the backup");
             first_err.get_or_insert(Error::new(
                 Kind::Internal,
-                format!("bitmap '{}' of disk '{}': {e}", b.name(), p.disk.name),
+                format!("bitmap '{}' of disk '{}': {e}", b.name(), p.disk_name),
             ));
         }
     }

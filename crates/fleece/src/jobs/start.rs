@@ -305,13 +305,13 @@ impl Jobs {
                 if let Some(p) = j
                     .parts
                     .iter()
-                    .find(|p| disks.iter().any(|d| d.name == p.disk.name))
+                    .find(|p| disks.iter().any(|d| d.name == p.disk_name))
                 {
                     return Err(Error::new(
                         Kind::Busy,
                         format!(
                             "dirty bitmap '{name}' of disk '{}' is in use by backup job '{}': wait for it, or cancel it",
-                            p.disk.name, j.name
+                            p.disk_name, j.name
                         ),
                     ));
                 }
@@ -470,14 +470,18 @@ impl Jobs {
             .zip(successors)
             .zip(&req.targets)
             .map(|((((disk, entry), target), bitmap), spec)| Part {
-                disk,
+                disk_name: disk.name.clone(),
                 spec: spec.clone(),
                 snapshot_id: entry.export.name.clone(),
                 snapshot_name: entry.name.clone(),
-                running: Mutex::new(Some(Running { target, entry })),
+                running: Mutex::new(Some(Running {
+                    disk,
+                    target,
+                    entry,
+                    bitmap,
+                })),
                 last: Mutex::new(None),
                 owned,
-                bitmap,
                 copy: Mutex::new(None),
                 cluster,
             })
@@ -516,7 +520,7 @@ impl Jobs {
         }
         self.events.emit(
             "job_started",
-            json!({ "job": job.name, "disks": job.parts.iter().map(|p| p.disk.name.clone()).collect::<Vec<_>>() }),
+            json!({ "job": job.name, "disks": job.parts.iter().map(|p| p.disk_name.clone()).collect::<Vec<_>>() }),
         );
         let (me, j) = (self.clone(), job.clone());
         let opts = CopyOptions {
@@ -536,11 +540,16 @@ impl Jobs {
     /// Takes back what a job that never ran made: its snapshot, successors.
     fn undo(&self, job: &Job) {
         for p in &job.parts {
-            if let Some((_, s)) = &p.bitmap {
-                p.disk.live.remove_bitmap(s.name());
+            if let Some(Running {
+                disk,
+                bitmap: Some((_, s)),
+                ..
+            }) = p.held()
+            {
+                disk.live.remove_bitmap(s.name());
             }
             if p.owned {
-                let _ = self.snapshots.delete(&p.disk.name, &p.snapshot_name, true);
+                let _ = self.snapshots.delete(&p.disk_name, &p.snapshot_name, true);
             }
         }
     }
