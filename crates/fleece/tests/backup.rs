@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::jobs::*;
 use common::*;
 use serde_json::Value;
 
@@ -104,83 +105,8 @@ fn disk_uri(d: &Daemon, disk: &str) -> String {
     d.uri(disk)
 }
 
-/// The disk's bytes now, as a raw file (a copy of the image).
-fn image_now(d: &Daemon, disk: &str, name: &str) -> PathBuf {
-    let out = d.path(name);
-    match d.format {
-        Format::Raw => {
-            std::fs::copy(d.image(disk), &out).unwrap();
-        }
-        Format::Qcow2 => {
-            run(
-                "qemu-img",
-                &[
-                    "convert",
-                    "-U",
-                    "-f",
-                    "qcow2",
-                    "-O",
-                    "raw",
-                    d.image(disk).to_str().unwrap(),
-                    out.to_str().unwrap(),
-                ],
-            );
-        }
-    }
-    out
-}
-
 fn assert_same(a: &Path, b: &Path) {
     assert!(same_file(a, b), "{} and {} differ", a.display(), b.display());
-}
-
-/// Polls a job until it ends; returns its last JSON.
-fn wait_job(d: &Daemon, job: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let j = d.json(&["backup", "show", job]);
-        if ["completed", "failed", "cancelled"].contains(&j["state"].as_str().unwrap()) {
-            return j;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job {job} did not end: {j}\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Polls a job until `pred` holds.
-fn wait_for(d: &Daemon, job: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let j = d.json(&["backup", "show", job]);
-        if pred(&j) {
-            return j;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job {job}: waited for {what}: {j}\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Starts a job and returns its name.
-fn start(d: &Daemon, args: &[&str]) -> String {
-    let mut a = vec!["backup", "start"];
-    a.extend_from_slice(args);
-    d.cli_ok(&a).trim().to_string()
-}
-
-/// Starts a job, waits for it, asserts it completed.
-fn backup(d: &Daemon, args: &[&str]) -> Value {
-    let name = start(d, args);
-    let j = wait_job(d, &name);
-    assert_eq!(j["state"], "completed", "{j}\n{}", d.log());
-    j
 }
 
 fn dirty_bytes(d: &Daemon, disk: &str, bitmap: &str) -> u64 {
@@ -213,7 +139,7 @@ fn a_full_backup_and_three_incrementals_to_files_restore_each_instant() {
             &["write -P 0x11 0 4M", "write -P 0x22 20M 1M", "write -z 8M 1M"],
         );
         let full = d.path("full.raw");
-        let want = image_now(&d, "vm", "at0.raw");
+        let want = d.copy_image_as_raw("vm", "at0.raw");
         let j = backup(&d, &["vm", "--target", &file_arg(&full), "--bitmap", "b"]);
         assert_eq!(j["sync"], "full");
         assert_same(&full, &want);
@@ -238,7 +164,7 @@ fn a_full_backup_and_three_incrementals_to_files_restore_each_instant() {
             );
             let inc = d.path(&format!("inc{round}.raw"));
             std::fs::copy(&prev, &inc).unwrap();
-            let want = image_now(&d, "vm", &format!("at{round}.raw"));
+            let want = d.copy_image_as_raw("vm", &format!("at{round}.raw"));
             let j = backup(
                 &d,
                 &[
@@ -268,7 +194,7 @@ fn a_push_while_fio_writes_is_the_disk_at_the_instant() {
     let d = Daemon::start(&[("vm", 64 * MIB)]);
     let uri = disk_uri(&d, "vm");
     wait_ok(fio_writer(&uri, 1, "64M"), "fio");
-    let want = image_now(&d, "vm", "at.raw");
+    let want = d.copy_image_as_raw("vm", "at.raw");
     let target = d.path("b.raw");
     // Slow enough that fio writes all through it.
     let job = start(
@@ -296,7 +222,7 @@ fn a_push_while_fio_writes_is_the_disk_at_the_instant() {
 fn pushes_to_qemu_nbd_nbdkit_and_another_fleece_are_exact() {
     let d = Daemon::start(&[("vm", 16 * MIB)]);
     write(&d, "vm", &["write -P 0x5a 1M 3M", "write -P 0x6b 12M 64k"]);
-    let want = image_now(&d, "vm", "at.raw");
+    let want = d.copy_image_as_raw("vm", "at.raw");
 
     // qemu-nbd over a raw file.
     let img = d.path("qnbd.raw");
@@ -325,7 +251,7 @@ fn pushes_to_qemu_nbd_nbdkit_and_another_fleece_are_exact() {
 fn a_target_killed_mid_job_and_restarted_is_resumed_and_exact() {
     let d = Daemon::start(&[("vm", 32 * MIB)]);
     write(&d, "vm", &["write -P 0x33 0 24M"]);
-    let want = image_now(&d, "vm", "at.raw");
+    let want = d.copy_image_as_raw("vm", "at.raw");
     let img = d.path("t.raw");
     std::fs::File::create(&img).unwrap().set_len(32 * MIB).unwrap();
     let mut q = Target::qemu_nbd(&img);
@@ -341,11 +267,11 @@ fn a_target_killed_mid_job_and_restarted_is_resumed_and_exact() {
             "256K",
         ],
     );
-    wait_for(&d, &job, "some progress", |j| {
+    wait_job_for(&d, &job, "some progress", |j| {
         j["done_bytes"].as_u64().unwrap() > 2 * MIB
     });
     q.kill();
-    let j = wait_for(&d, &job, "retrying", |j| j["state"] == "retrying");
+    let j = wait_job_for(&d, &job, "retrying", |j| j["state"] == "retrying");
     assert!(j["retrying"].as_str().unwrap().contains("reconnect"), "{j}");
     // The guest does not notice: writes go on meanwhile.
     write(&d, "vm", &["write -P 0x44 4M 1M"]);
@@ -374,10 +300,10 @@ fn pause_resume_speed_and_cancel() {
             "slow",
         ],
     );
-    wait_for(&d, &job, "progress", |j| j["done_bytes"].as_u64().unwrap() > 0);
+    wait_job_for(&d, &job, "progress", |j| j["done_bytes"].as_u64().unwrap() > 0);
     let j = d.json(&["backup", "pause", &job]);
     assert_eq!(j["state"], "paused");
-    let held = wait_for(&d, &job, "a settled pause", |j| j["state"] == "paused")["done_bytes"]
+    let held = wait_job_for(&d, &job, "a settled pause", |j| j["state"] == "paused")["done_bytes"]
         .as_u64()
         .unwrap();
     std::thread::sleep(Duration::from_millis(600));
@@ -414,7 +340,7 @@ fn pause_resume_speed_and_cancel() {
     // Cancel: the job ends as cancelled, its snapshot and target file go.
     let t3 = d.path("d.raw");
     let job = start(&d, &["vm", "--target", &file_arg(&t3), "--speed", "1M"]);
-    wait_for(&d, &job, "progress", |j| j["done_bytes"].as_u64().unwrap() > 0);
+    wait_job_for(&d, &job, "progress", |j| j["done_bytes"].as_u64().unwrap() > 0);
     d.cli_ok(&["backup", "cancel", &job]);
     let j = wait_job(&d, &job);
     assert_eq!(j["state"], "cancelled");
@@ -496,7 +422,7 @@ fn bitmap_case(mode: &str, outcome: Outcome) {
         "1",
     ];
     let job = start(&d, &args);
-    wait_for(&d, &job, "progress", |j| j["done_bytes"].as_u64().unwrap() >= MIB);
+    wait_job_for(&d, &job, "progress", |j| j["done_bytes"].as_u64().unwrap() >= MIB);
     // Region N: 2 MiB written during the job, half inside A.
     write(&d, "vm", &["write -P 3 11M 2M"]);
     let n_new = MIB; // the part of N outside A
@@ -535,7 +461,7 @@ fn bitmap_case(mode: &str, outcome: Outcome) {
     assert_eq!(dirty, want, "{what}: dirty bytes (done {done})");
     let _ = std::fs::remove_file(&trigger);
     // Whatever happened, the next incremental backup restores the disk.
-    let now = image_now(&d, "vm", "now.raw");
+    let now = d.copy_image_as_raw("vm", "now.raw");
     backup(
         &d,
         &[
@@ -631,14 +557,14 @@ fn after_kill_9_during_a_job_the_next_incremental_is_exact() {
             "2M",
         ],
     );
-    wait_for(&d, &job, "progress", |j| j["done_bytes"].as_u64().unwrap() > 0);
+    wait_job_for(&d, &job, "progress", |j| j["done_bytes"].as_u64().unwrap() > 0);
     write(&d, "vm", &["write -P 3 20M 1M"]);
     d.kill9();
     d.restart_after_kill9();
     // The job is gone with the daemon; its bitmap kept everything.
     assert_eq!(d.json(&["backup", "list"]).as_array().unwrap().len(), 0);
     assert_eq!(dirty_bytes(&d, "vm", "b"), 7 * MIB);
-    let now = image_now(&d, "vm", "now.raw");
+    let now = d.copy_image_as_raw("vm", "now.raw");
     backup(
         &d,
         &[
@@ -755,7 +681,7 @@ fn an_existing_snapshot_is_pushed_and_left_in_place() {
     let d = Daemon::start(&[("vm", 8 * MIB)]);
     write(&d, "vm", &["write -P 9 0 1M"]);
     d.snapshot_create(&["vm"], "s1", &[]);
-    let want = image_now(&d, "vm", "at.raw");
+    let want = d.copy_image_as_raw("vm", "at.raw");
     write(&d, "vm", &["write -P 8 0 512k"]);
     let t = d.path("b.raw");
     backup(
@@ -853,7 +779,7 @@ fn a_qcow2_chain_of_a_full_and_three_incrementals_restores_each_instant() {
             "vm",
             &["write -P 0x11 0 4M", "write -P 0x22 20M 1M", "write -z 8M 1M"],
         );
-        let mut wants = vec![image_now(&d, "vm", "at0.raw")];
+        let mut wants = vec![d.copy_image_as_raw("vm", "at0.raw")];
         let full = d.path("b0.qcow2");
         let j = backup(
             &d,
@@ -879,7 +805,7 @@ fn a_qcow2_chain_of_a_full_and_three_incrementals_restores_each_instant() {
                     &format!("discard {}M 128k", 20),
                 ],
             );
-            wants.push(image_now(&d, "vm", &format!("at{round}.raw")));
+            wants.push(d.copy_image_as_raw("vm", &format!("at{round}.raw")));
             let inc = d.path(&format!("b{round}.qcow2"));
             let prev = chain
                 .last()
@@ -971,7 +897,7 @@ fn with_bitmap_mode_always_a_cancelled_job_keeps_its_target_for_the_next_increme
             "2M",
         ],
     );
-    wait_for(&d, &job, "progress", |j| j["done_bytes"].as_u64().unwrap() >= MIB);
+    wait_job_for(&d, &job, "progress", |j| j["done_bytes"].as_u64().unwrap() >= MIB);
     write(&d, "vm", &["write -P 8 14M 1M"]);
     d.cli_ok(&["backup", "cancel", &job]);
     let j = wait_job(&d, &job);
@@ -986,7 +912,7 @@ fn with_bitmap_mode_always_a_cancelled_job_keeps_its_target_for_the_next_increme
         16 * MIB - done - 3 * MIB,
         "done {done}"
     );
-    let now = image_now(&d, "vm", "now.raw");
+    let now = d.copy_image_as_raw("vm", "now.raw");
     backup(
         &d,
         &[

@@ -12,8 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::certs::{self, Ca};
+use common::jobs::*;
 use common::*;
-use serde_json::Value;
 
 /// qemu-nbd over a raw image on a private Unix socket, with TLS: client
 /// certificates required, and only the identity `O=fleece test,CN=backup`
@@ -105,56 +105,11 @@ fn empty_image(d: &Daemon, name: &str, size: u64) -> PathBuf {
     p
 }
 
-/// The disk's bytes now (a copy of its raw image).
-fn image_now(d: &Daemon, disk: &str, name: &str) -> PathBuf {
-    let out = d.path(name);
-    std::fs::copy(d.image(disk), &out).unwrap();
-    out
-}
-
-fn start(d: &Daemon, args: &[&str]) -> String {
-    let mut a = vec!["backup", "start"];
-    a.extend_from_slice(args);
-    d.cli_ok(&a).trim().to_string()
-}
-
-/// Polls a job until `pred` holds.
-fn wait_for(d: &Daemon, job: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let j = d.json(&["backup", "show", job]);
-        if pred(&j) {
-            return j;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job {job}: waited for {what}: {j}\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wait_job(d: &Daemon, job: &str) -> Value {
-    wait_for(d, job, "its end", |j| {
-        ["completed", "failed", "cancelled"].contains(&j["state"].as_str().unwrap())
-    })
-}
-
-/// `backup start` that must fail; its stderr.
-fn start_fails(d: &Daemon, args: &[&str]) -> String {
-    let mut a = vec!["backup", "start"];
-    a.extend_from_slice(args);
-    let out = d.cli(&a);
-    assert!(!out.status.success(), "fleece {a:?} succeeded");
-    text(&out.stderr)
-}
-
 #[test]
 fn a_backup_pushed_over_tls_to_qemu_nbd_with_tls_authz_is_exact() {
     let d = Daemon::start(&[("vm", 16 * MIB)]);
     qemu_io(&d.uri("vm"), &["write -P 0x5a 1M 3M", "write -P 0x6b 12M 64k"]);
-    let want = image_now(&d, "vm", "at.raw");
+    let want = d.copy_image_as_raw("vm", "at.raw");
     let (ca, server_pki, creds) = pki(&d);
     let img = empty_image(&d, "t.raw", 16 * MIB);
     let q = TlsQemuNbd::start(&img, &server_pki);
@@ -184,7 +139,7 @@ fn a_backup_pushed_over_tls_to_qemu_nbd_with_tls_authz_is_exact() {
 fn a_backup_pushed_over_tls_to_another_fleece_with_mutual_tls_is_exact() {
     let d = Daemon::start(&[("vm", 16 * MIB)]);
     qemu_io(&d.uri("vm"), &["write -P 0x3c 0 5M", "write -P 0x4d 15M 1M"]);
-    let want = image_now(&d, "vm", "at.raw");
+    let want = d.copy_image_as_raw("vm", "at.raw");
     let (_ca, server_pki, creds) = pki(&d);
 
     let mut other = Daemon::prepare(Server::Fleece, &[("copy", 16 * MIB)]);
@@ -219,7 +174,7 @@ fn a_backup_pushed_over_tls_to_another_fleece_with_mutual_tls_is_exact() {
 fn a_tls_target_killed_mid_job_and_restarted_is_resumed_and_exact() {
     let d = Daemon::start(&[("vm", 32 * MIB)]);
     qemu_io(&d.uri("vm"), &["write -P 0x33 0 24M"]);
-    let want = image_now(&d, "vm", "at.raw");
+    let want = d.copy_image_as_raw("vm", "at.raw");
     let (_ca, server_pki, creds) = pki(&d);
     let img = empty_image(&d, "t.raw", 32 * MIB);
     let mut q = TlsQemuNbd::start(&img, &server_pki);
@@ -235,11 +190,11 @@ fn a_tls_target_killed_mid_job_and_restarted_is_resumed_and_exact() {
             "256K",
         ],
     );
-    wait_for(&d, &job, "some progress", |j| {
+    wait_job_for(&d, &job, "some progress", |j| {
         j["done_bytes"].as_u64().unwrap() > 2 * MIB
     });
     q.kill();
-    let j = wait_for(&d, &job, "retrying", |j| j["state"] == "retrying");
+    let j = wait_job_for(&d, &job, "retrying", |j| j["state"] == "retrying");
     assert!(j["retrying"].as_str().unwrap().contains("reconnect"), "{j}");
     // The guest does not notice: writes go on meanwhile.
     qemu_io(&d.uri("vm"), &["write -P 0x44 4M 1M"]);

@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod jobs;
 
 use std::ffi::OsString;
 use std::fs::File;
