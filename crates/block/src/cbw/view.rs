@@ -39,31 +39,9 @@ impl Snapshot {
         if buf.is_empty() {
             return Ok(());
         }
-        let (first, last) = self.clusters(offset, buf.len() as u64);
-        let mut c = first;
-        while c <= last {
-            // Classify a run of clusters with the same source under the lock.
-            let mut g = self.lock();
-            if g.retired {
-                return Err(Error::new(ErrorKind::Broken, "this snapshot was deleted"));
-            }
-            if let Some(why) = &g.broken {
-                return Err(Error::new(
-                    ErrorKind::Broken,
-                    format!("snapshot is broken: {why}"),
-                ));
-            }
-            let src = self.source(c)?;
-            let mut end = c + 1;
-            while end <= last && self.source(end).ok() == Some(src) {
-                end += 1;
-            }
-            let pin = (src == Source::Live).then(|| ReadPin::new(self, &mut g, c, end));
-            drop(g);
-            let lo = (c * self.cluster).max(offset);
-            let hi = (end * self.cluster).min(offset + buf.len() as u64);
+        self.runs(offset, buf.len() as u64, |src, pin, c, end, lo, hi| {
             let part = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
-            let res = if let Some(pin) = pin {
+            if let Some(pin) = pin {
                 let r = read_split(&*self.base, part, lo, IoFlags::NONE, self.base_max);
                 drop(pin);
                 r
@@ -84,10 +62,8 @@ impl Snapshot {
                         Ok(())
                     }
                 })
-            };
-            res?;
-            c = end;
-        }
+            }
+        })?;
         // A break during the read may have let new data into what we read.
         self.check_readable()?;
         if self.opts.read_once {
@@ -114,6 +90,27 @@ impl Snapshot {
         if len == 0 {
             return Ok(());
         }
+        self.runs(offset, len, |_, pin, _, _, lo, hi| {
+            let r = f(pin.as_ref().map(|_| &*self.base as &dyn BlockDev), lo, hi - lo);
+            drop(pin);
+            r
+        })?;
+        // A break during the walk may have let new data into what was copied.
+        self.check_readable()
+    }
+
+    /// Walks the clusters of the non-empty range `[offset, offset + len)` in
+    /// runs of one source, each classified under the snapshot's lock with a
+    /// read's checks (deleted, broken, discarded, outside the scope), and
+    /// calls `f(source, pin, first, end, lo, hi)` for clusters
+    /// `[first, end)`, bytes `[lo, hi)`. Runs still on the live disk come
+    /// pinned; `f` drops the pin when done with the live disk.
+    fn runs(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(Source, Option<ReadPin<'_>>, u64, u64, u64, u64) -> Result<()>,
+    ) -> Result<()> {
         let (first, last) = self.clusters(offset, len);
         let mut c = first;
         while c <= last {
@@ -128,25 +125,18 @@ impl Snapshot {
                 ));
             }
             let src = self.source(c)?;
-            let live = src == Source::Live;
             let mut end = c + 1;
-            while end <= last && (self.source(end).ok() == Some(Source::Live)) == live {
-                if !live && self.source(end).is_err() {
-                    break;
-                }
+            while end <= last && self.source(end).ok() == Some(src) {
                 end += 1;
             }
-            let pin = live.then(|| ReadPin::new(self, &mut g, c, end));
+            let pin = (src == Source::Live).then(|| ReadPin::new(self, &mut g, c, end));
             drop(g);
             let lo = (c * self.cluster).max(offset);
             let hi = (end * self.cluster).min(offset + len);
-            let r = f(pin.as_ref().map(|_| &*self.base as &dyn BlockDev), lo, hi - lo);
-            drop(pin);
-            r?;
+            f(src, pin, c, end, lo, hi)?;
             c = end;
         }
-        // A break during the walk may have let new data into what was copied.
-        self.check_readable()
+        Ok(())
     }
 
     /// Where cluster `c` as of the instant is to be read from.
