@@ -497,74 +497,71 @@ impl DiskCopy {
         let Some(tdev) = self.target.device() else {
             unreachable!("checked by the caller")
         };
-        let c = self.opts.cluster;
+        // `read_pieces` speaks block errors: a failure of ours stops it
+        // with a stand-in and is kept here.
         let mut failed: Option<Failed> = None;
-        let mut probe = [0u8; 4096];
-        let stop = || fleece_block::Error::new(fleece_block::ErrorKind::Broken, "stopped");
         let r = self.snap.read_pieces(off, len, |live, lo, n| {
             let data = &mut buf[(lo - off) as usize..(lo - off + n) as usize];
-            let Some(base) = live else {
-                self.snap.read_at(data, lo)?;
-                return self.write_data(lo, data).map_err(|f| {
-                    failed = Some(f);
-                    stop()
-                });
-            };
-            // Runs of clusters that start with data go to the kernel.
-            let mut run: Option<(u64, u64)> = None;
-            let mut pos = lo;
-            while pos < lo + n {
-                let clen = (c - pos % c).min(lo + n - pos);
-                let p = (clen as usize).min(probe.len());
-                base.read_at(&mut probe[..p], pos, IoFlags::NONE)?;
-                if !is_zero(&probe[..p]) {
-                    run = Some(match run {
-                        Some((a, l)) => (a, l + clen),
-                        None => (pos, clen),
-                    });
-                } else {
-                    if let Some((a, l)) = run.take() {
-                        self.kernel_copy(
-                            base,
-                            tdev,
-                            a,
-                            l,
-                            &mut data[(a - lo) as usize..(a - lo + l) as usize],
-                        )
-                        .map_err(|f| {
-                            failed = Some(f);
-                            stop()
-                        })?;
-                    }
-                    let whole = &mut data[(pos - lo) as usize..(pos - lo + clen) as usize];
-                    base.read_at(whole, pos, IoFlags::NONE)?;
-                    self.write_data(pos, whole).map_err(|f| {
-                        failed = Some(f);
-                        stop()
-                    })?;
-                }
-                pos += clen;
+            match live {
+                Some(base) => self.copy_live_run(base, tdev, lo, data),
+                None => self
+                    .snap
+                    .read_at(data, lo)
+                    .map_err(|e| source_err(lo, e))
+                    .and_then(|_| self.write_data(lo, data)),
             }
-            if let Some((a, l)) = run {
-                self.kernel_copy(
-                    base,
-                    tdev,
-                    a,
-                    l,
-                    &mut data[(a - lo) as usize..(a - lo + l) as usize],
-                )
-                .map_err(|f| {
-                    failed = Some(f);
-                    stop()
-                })?;
-            }
-            Ok(())
+            .map_err(|f| {
+                failed = Some(f);
+                fleece_block::Error::new(fleece_block::ErrorKind::Broken, "stopped")
+            })
         });
         match (r, failed) {
             (_, Some(f)) => Err(f),
             (Err(e), None) => Err(source_err(off, e)),
             (Ok(()), None) => Ok(()),
         }
+    }
+
+    /// One pinned run at `lo` still on the live disk `base`: runs of
+    /// clusters that start with data go to the kernel; a cluster whose
+    /// first 4 KiB read as zeroes is read whole into `data` and written
+    /// (or skipped) by [`write_data`](Self::write_data).
+    fn copy_live_run(
+        &self,
+        base: &dyn BlockDev,
+        tdev: &dyn BlockDev,
+        lo: u64,
+        data: &mut [u8],
+    ) -> std::result::Result<(), Failed> {
+        let c = self.opts.cluster;
+        let end = lo + data.len() as u64;
+        let mut probe = [0u8; 4096];
+        let mut run: Option<(u64, u64)> = None;
+        let mut pos = lo;
+        while pos < end {
+            let clen = (c - pos % c).min(end - pos);
+            let p = (clen as usize).min(probe.len());
+            base.read_at(&mut probe[..p], pos, IoFlags::NONE)
+                .map_err(|e| source_err(pos, e))?;
+            if !is_zero(&probe[..p]) {
+                run = Some(run.map_or((pos, clen), |(a, l)| (a, l + clen)));
+            } else {
+                if let Some((a, l)) = run.take() {
+                    let scratch = &mut data[(a - lo) as usize..(a - lo + l) as usize];
+                    self.kernel_copy(base, tdev, a, l, scratch)?;
+                }
+                let whole = &mut data[(pos - lo) as usize..(pos - lo + clen) as usize];
+                base.read_at(whole, pos, IoFlags::NONE)
+                    .map_err(|e| source_err(pos, e))?;
+                self.write_data(pos, whole)?;
+            }
+            pos += clen;
+        }
+        if let Some((a, l)) = run {
+            let scratch = &mut data[(a - lo) as usize..(a - lo + l) as usize];
+            self.kernel_copy(base, tdev, a, l, scratch)?;
+        }
+        Ok(())
     }
 
     /// `base.copy_to(target)`, or through `scratch` if the kernel cannot
